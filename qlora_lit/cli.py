@@ -1,0 +1,65 @@
+"""The command line: `python -m qlora_lit fit|validate|test|predict --config configs/X.yaml [--key value ...]`."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from qlora_lit.callbacks import AdapterExport
+from qlora_lit.data import KoAlpacaDataModule
+from qlora_lit.errors import ConfigError
+from qlora_lit.module import QLoRAModule
+
+
+def trainer_defaults() -> dict:
+    return {
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "runs", "name": "qlora_lit"},
+        },
+        # Always present: the adapter is the run's product; the learning rate is worth seeing in every run.
+        "callbacks": [AdapterExport(), LearningRateMonitor(logging_interval="step")],
+    }
+
+
+class QLoRACLI(LightningCLI):
+    """LightningCLI with the tokenizer linked to the model and a configurable checkpoint policy."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val_loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_top_k": 3,
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "step{step:06d}-val_loss{val_loss:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> QLoRACLI:
+    """Run the CLI; user mistakes end with one message on stderr and exit status 2.
+
+    Args:
+        args: command-line arguments (default: sys.argv[1:]).
+        run: run the subcommand; False only parses and instantiates (then `args` has no subcommand).
+    """
+    try:
+        return QLoRACLI(
+            QLoRAModule,
+            KoAlpacaDataModule,
+            trainer_defaults=trainer_defaults(),
+            seed_everything_default=42,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+    except ConfigError as err:
+        print(f"qlora_lit: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

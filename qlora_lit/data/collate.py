@@ -1,0 +1,36 @@
+"""Batching: pad to the longest example and build labels that train only on what should be learned."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PaddingCollator:
+    """Right-pads `input_ids` and masks labels by position, never by token id (pad may equal EOS).
+
+    Labels are -100 on padding and, unless `train_on_prompt`, on the prompt; the EOS that ends a response stays.
+    """
+
+    pad_id: int
+    train_on_prompt: bool = False
+    pad_to_multiple_of: int = 8
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(example["input_ids"]) for example in examples]
+        multiple = self.pad_to_multiple_of
+        width = -(-max(lengths) // multiple) * multiple
+        input_ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (example, length) in enumerate(zip(examples, lengths, strict=True)):
+            ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
+            input_ids[row, :length] = ids
+            attention_mask[row, :length] = 1
+            first_label = 0 if self.train_on_prompt else example["prompt_length"]
+            labels[row, first_label:length] = ids[first_label:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

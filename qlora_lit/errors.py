@@ -1,0 +1,16 @@
+"""User-facing errors: one clear message, printed without a traceback by the CLI."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A setting, file or name given by the user cannot work; the message says which and why."""
+
+
+def not_found_message(kind: str, name: str, err: Exception) -> str:
+    return (
+        f"could not load the {kind} {name!r}: {err}\n"
+        f"It is neither a local folder/file nor reachable on the Hugging Face hub from here. Fix it by giving a local "
+        f"path, setting HF_HOME to a cache that already holds it (with HF_HUB_OFFLINE=1 when offline), or logging in "
+        f"(`hf auth login`) if it is gated."
+    )

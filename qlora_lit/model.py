@@ -1,0 +1,168 @@
+"""Build the trainable model: a causal LM with 4-bit (NF4) base weights and LoRA adapters.
+
+No Lightning here: `build_qlora_model` is plain transformers + bitsandbytes + peft, usable from a notebook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+
+from qlora_lit.assets import resolve_asset
+from qlora_lit.errors import ConfigError, not_found_message
+
+DTypeName = Literal["bfloat16", "float16", "float32"]
+
+
+def to_dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}[name]
+
+
+@dataclass
+class QuantizationArgs:
+    """How the frozen base weights are stored (bitsandbytes)."""
+
+    load_in_4bit: bool = True
+    """Store the base model's linear layers in 4 bits (QLoRA)."""
+    load_in_8bit: bool = False
+    """Store them in 8 bits instead (LLM.int8). Exclusive with `load_in_4bit`."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: NormalFloat4 (the QLoRA paper's) or plain FP4."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves about 0.4 bits per weight)."""
+    compute_dtype: DTypeName = "bfloat16"
+    """Dtype the 4-bit weights are dequantized to for the matrix products."""
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    """Container dtype of the packed 4-bit weights; set it to the compute dtype for FSDP."""
+
+    def __post_init__(self) -> None:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("quantization: load_in_4bit and load_in_8bit are both true; choose one")
+
+    @property
+    def enabled(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
+
+    def to_bnb_config(self) -> BitsAndBytesConfig | None:
+        if self.load_in_8bit:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        if not self.load_in_4bit:
+            return None
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=to_dtype(self.compute_dtype),
+            bnb_4bit_quant_storage=to_dtype(self.quant_storage),
+        )
+
+
+@dataclass
+class LoraArgs:
+    """The low-rank adapters that are trained (peft)."""
+
+    r: int = 8
+    """Rank of the update matrices: trainable parameters grow linearly with it."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input, in [0, 1)."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]) or "all-linear" for every linear layer but the output head."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases are trained along with the adapters."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Extra modules trained in full and saved with the adapter (e.g. [lm_head])."""
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"lora.r must be a positive integer, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError('lora.target_modules is empty; list module names or use "all-linear"')
+
+    def to_peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            bias=self.bias,
+            modules_to_save=self.modules_to_save or None,
+            task_type="CAUSAL_LM",
+        )
+
+
+def load_base_model(
+    name_or_path: str,
+    quantization: QuantizationArgs,
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load the base causal LM onto one device, quantized if asked (never `device_map="auto"`: it breaks DDP)."""
+    path = resolve_asset(name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=quantization.to_bnb_config(),
+            dtype=to_dtype(quantization.compute_dtype),
+            device_map={"": torch.device(device)},
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as err:
+        raise ConfigError(not_found_message("model", name_or_path, err)) from err
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the linear layers LoRA can adapt (bitsandbytes layers subclass nn.Linear)."""
+    linear = (name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear))
+    return sorted({name.rsplit(".", 1)[-1] for name in linear})
+
+
+def check_target_modules(model: torch.nn.Module, lora: LoraArgs) -> None:
+    if isinstance(lora.target_modules, str):
+        return
+    available = linear_layer_names(model)
+    missing = [name for name in lora.target_modules if name not in available]
+    if missing:
+        raise ConfigError(f"lora.target_modules {missing} are not linear layers of this model; it has {available}")
+
+
+def attach_lora(
+    model: PreTrainedModel,
+    lora: LoraArgs,
+    gradient_checkpointing: bool = True,
+    upcast_to_fp32: bool = True,
+) -> PeftModel:
+    """Prepare a (quantized) model for training and wrap it with LoRA adapters.
+
+    Args:
+        model: the loaded base model.
+        lora: adapter settings.
+        gradient_checkpointing: recompute activations in the backward pass (non-reentrant, so DDP works).
+        upcast_to_fp32: cast the non-quantized parameters (norms, embeddings, head) to fp32 as
+            `prepare_model_for_kbit_training` does. Costs speed and memory; off keeps them in the compute dtype.
+    """
+    check_target_modules(model, lora)
+    is_quantized = getattr(model, "is_quantized", False)
+    if is_quantized and upcast_to_fp32:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    peft_model = get_peft_model(model, lora.to_peft_config())
+    peft_model.train()  # from_pretrained returns eval mode: LoRA dropout and checkpointing would be off
+    return peft_model

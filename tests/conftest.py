@@ -1,0 +1,27 @@
+"""Shared fixtures: everything offline, on the CPU, with the tiny model and sample data the package ships."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_MODEL = "builtin:tiny-llama"
+SAMPLE_DATA = "builtin:koalpaca_sample.jsonl"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session gets its own data cache, never the user's ~/.cache."""
+    monkeypatch.setenv("QLORA_LIT_CACHE", str(tmp_path_factory.getbasetemp() / "qlora_lit_cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from qlora_lit.data.datamodule import load_tokenizer
+
+    return load_tokenizer(TINY_MODEL)

@@ -1,0 +1,92 @@
+"""The command line: every shipped config parses, mistakes get one clear message, the demo trains end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qlora_lit.cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["qlora_lit"])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "model_name_or_path:" in printed
+
+
+def test_tokenizer_follows_the_model():
+    cli = cli_main(["--config", str(ROOT / "configs/demo.yaml"), "--model.model_name_or_path", "some/model"], run=False)
+    assert cli.datamodule.tokenizer_name == "some/model"
+
+
+def test_overrides_reach_the_resolved_config(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--model.lora.r", "16", "--print_config"])
+    assert "r: 16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--model.lora.rank", "4"], "rank"),
+        (["--model.lora.r", "0"], "lora.r must be a positive integer"),
+        (["--model.lora.dropout", "1.5"], "lora.dropout must be in [0, 1)"),
+        (["--model.quantization.load_in_8bit", "true"], "load_in_4bit and load_in_8bit are both true"),
+    ],
+)
+def test_bad_settings_fail_while_parsing_with_a_message(override, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(ROOT / "configs/demo.yaml"), *override])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_file_is_one_clear_message(tmp_path):
+    result = run_cli("fit", "--config", "configs/demo.yaml", "--data.path", str(tmp_path / "missing.jsonl"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"qlora_lit: error: data file '{tmp_path / 'missing.jsonl'}' does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [str(ROOT / a) if a.startswith("configs/") else a for a in args]
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_lit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def scalars(log_dir: Path, tag: str) -> list[float]:
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return [event.value for event in events.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_demo_fit_end_to_end(tmp_path):
+    result = run_cli("fit", "--config", "configs/demo.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "demo" / "version_0"
+    adapter = {p.name for p in (run / "adapter").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "qlora_lit_config.yaml"} <= adapter
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    val_loss = scalars(run, "val_loss")
+    assert len(val_loss) == 3  # validations at 20, 40 and 60 steps
+    assert val_loss[-1] < val_loss[0]
+    assert scalars(run, "train_loss") and scalars(run, "lr-PagedAdamW8bit")

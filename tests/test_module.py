@@ -1,0 +1,131 @@
+"""The LightningModule on the real 4-bit pipeline (bitsandbytes on the CPU): structure, checkpoints, adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bitsandbytes as bnb
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from qlora_lit.assets import resolve_asset
+from qlora_lit.callbacks import AdapterExport
+from qlora_lit.data import KoAlpacaDataModule
+from qlora_lit.errors import ConfigError
+from qlora_lit.model import LoraArgs, QuantizationArgs
+from qlora_lit.module import QLoRAModule
+from qlora_lit.optim import OptimizerArgs
+
+from conftest import SAMPLE_DATA, TINY_MODEL
+
+FP32 = QuantizationArgs(compute_dtype="float32")
+
+
+def make_module(r: int = 8) -> QLoRAModule:
+    return QLoRAModule(
+        TINY_MODEL, quantization=FP32, lora=LoraArgs(r=r, alpha=2 * r), optimizer=OptimizerArgs(lr=5e-3)
+    )
+
+
+def make_trainer(root: Path, max_steps: int) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        default_root_dir=root,
+        logger=L.pytorch.loggers.TensorBoardLogger(root, name="t"),
+        callbacks=[AdapterExport(), ModelCheckpoint(dirpath=root / "ckpt", save_last=True)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def lora_state(module: QLoRAModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def datamodule():
+    data = KoAlpacaDataModule(SAMPLE_DATA, TINY_MODEL, max_length=128, batch_size=4, val_size=8)
+    data.setup()
+    return data
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, datamodule):
+    root = tmp_path_factory.mktemp("run")
+    module = make_module()
+    trainer = make_trainer(root, max_steps=4)
+    trainer.fit(module, datamodule)
+    return root, trainer, module
+
+
+def test_base_is_4bit_with_lora_and_only_lora_trains():
+    module = make_module()
+    module.configure_model()
+    four_bit = [m for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 2 * 7  # seven projections in each of the two layers
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    assert len(trainable) == 2 * len(four_bit)
+    assert module.model.training  # from_pretrained returns eval mode; LoRA dropout needs train mode
+    module.configure_model()  # a second call must not rebuild the model
+    assert len([m for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]) == 14
+
+
+def test_unknown_target_module_lists_the_linear_layers():
+    module = QLoRAModule(TINY_MODEL, quantization=FP32, lora=LoraArgs(target_modules=["query", "v_proj"]))
+    with pytest.raises(ConfigError, match=r"\['query'\] are not linear layers.*'down_proj'"):
+        module.configure_model()
+
+
+def test_training_changes_only_lora_and_checkpoint_excludes_the_base(trained):
+    root, trainer, module = trained
+    checkpoint = torch.load(root / "ckpt" / "last.ckpt", weights_only=True)
+    keys = set(checkpoint["state_dict"])
+    assert keys == module.trainable_keys()
+    assert all(".lora_" in key for key in keys)
+    assert checkpoint["optimizer_states"] and checkpoint["loops"]
+    base_bytes = sum(p.stat().st_size for p in Path(resolve_asset(TINY_MODEL)).glob("*.safetensors"))
+    adapter_bytes = sum(v.numel() * v.element_size() for v in checkpoint["state_dict"].values())
+    assert adapter_bytes < base_bytes / 2
+    assert any(v.abs().sum() > 0 for k, v in checkpoint["state_dict"].items() if "lora_B" in k)  # B starts at 0
+
+
+def test_resume_restores_the_trained_adapters(trained, datamodule, tmp_path):
+    root, _, module = trained
+    resumed = make_module()
+    trainer = make_trainer(tmp_path, max_steps=4)  # already reached: fit restores and stops
+    trainer.fit(resumed, datamodule, ckpt_path=root / "ckpt" / "last.ckpt")
+    assert trainer.global_step == 4
+    expected, got = lora_state(module), lora_state(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_checkpoint_of_another_lora_shape_is_refused(trained, datamodule, tmp_path):
+    root, _, _ = trained
+    with pytest.raises(ConfigError, match="does not match this model's adapters"):
+        make_trainer(tmp_path, max_steps=4).fit(make_module(r=4), datamodule, ckpt_path=root / "ckpt" / "last.ckpt")
+
+
+def test_adapter_loads_in_plain_peft_with_the_same_logits(trained, datamodule):
+    root, trainer, module = trained
+    adapter = root / "t" / "version_0" / "adapter"
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {p.name for p in adapter.iterdir()}
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_asset(TINY_MODEL), quantization_config=FP32.to_bnb_config(), dtype=torch.float32, device_map="cpu"
+    )
+    plain = PeftModel.from_pretrained(base, adapter).eval()
+    batch = next(iter(datamodule.val_dataloader()))
+    module.model.eval()
+    with torch.no_grad():
+        expected = module(batch["input_ids"], batch["attention_mask"]).logits
+        got = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
