@@ -1,9 +1,16 @@
-"""The command line: `python -m qlora_lit fit|validate|test|predict --config configs/X.yaml [--key value ...]`."""
+"""The command line.
+
+python -m qlora_lit fit|validate|test|predict --config configs/X.yaml [--key value ...]   (LightningCLI)
+python -m qlora_lit <plain command> [--key value ...]                                     (PLAIN_COMMANDS)
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
+from typing import Any
 
+from jsonargparse import auto_cli
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -24,6 +31,10 @@ def trainer_defaults() -> dict:
     }
 
 
+# Commands outside Lightning's loop: plain functions whose typed, documented arguments are the command line.
+PLAIN_COMMANDS: dict[str, str] = {}
+
+
 class QLoRACLI(LightningCLI):
     """LightningCLI with the tokenizer linked to the model and a configurable checkpoint policy."""
 
@@ -42,14 +53,23 @@ class QLoRACLI(LightningCLI):
         )
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> QLoRACLI:
+def run_plain_command(name: str, args: list[str]) -> Any:
+    module_name, function_name = PLAIN_COMMANDS[name].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    return auto_cli(function, args=args, prog=f"python -m qlora_lit {name}")
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
     """Run the CLI; user mistakes end with one message on stderr and exit status 2.
 
     Args:
         args: command-line arguments (default: sys.argv[1:]).
         run: run the subcommand; False only parses and instantiates (then `args` has no subcommand).
     """
+    argv = sys.argv[1:] if args is None else list(args)
     try:
+        if argv and argv[0] in PLAIN_COMMANDS:
+            return run_plain_command(argv[0], argv[1:])
         return QLoRACLI(
             QLoRAModule,
             KoAlpacaDataModule,

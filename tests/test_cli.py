@@ -58,7 +58,8 @@ def test_bad_settings_fail_while_parsing_with_a_message(override, message, capsy
 
 
 def test_missing_data_file_is_one_clear_message(tmp_path):
-    result = run_cli("fit", "--config", "configs/demo.yaml", "--data.path", str(tmp_path / "missing.jsonl"), cwd=tmp_path)
+    missing = str(tmp_path / "missing.jsonl")
+    result = run_cli("fit", "--config", "configs/demo.yaml", "--data.path", missing, cwd=tmp_path)
     assert result.returncode == 2
     assert f"qlora_lit: error: data file '{tmp_path / 'missing.jsonl'}' does not exist" in result.stderr
     assert "Traceback" not in result.stderr

@@ -8,6 +8,7 @@ import bitsandbytes as bnb
 import lightning as L
 import pytest
 import torch
+from conftest import SAMPLE_DATA, TINY_MODEL
 from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -20,15 +21,11 @@ from qlora_lit.model import LoraArgs, QuantizationArgs
 from qlora_lit.module import QLoRAModule
 from qlora_lit.optim import OptimizerArgs
 
-from conftest import SAMPLE_DATA, TINY_MODEL
-
 FP32 = QuantizationArgs(compute_dtype="float32")
 
 
 def make_module(r: int = 8) -> QLoRAModule:
-    return QLoRAModule(
-        TINY_MODEL, quantization=FP32, lora=LoraArgs(r=r, alpha=2 * r), optimizer=OptimizerArgs(lr=5e-3)
-    )
+    return QLoRAModule(TINY_MODEL, quantization=FP32, lora=LoraArgs(r=r, alpha=2 * r), optimizer=OptimizerArgs(lr=5e-3))
 
 
 def make_trainer(root: Path, max_steps: int) -> L.Trainer:

@@ -8,7 +8,7 @@ from qlora_lit.data.sources import clean_table, load_table
 from qlora_lit.errors import ConfigError
 
 ROWS = [
-    {"instruction": "김치찌개 끓이는 법을 알려줘.", "output": "김치와 돼지고기를 볶은 뒤 물을 붓고 끓입니다.", "url": "u1"},
+    {"instruction": "김치찌개 끓이는 법을 알려줘.", "output": "김치와 고기를 볶고 물을 부어 끓입니다.", "url": "u1"},
     {"instruction": "다음 문장을 요약해줘.", "input": "오늘은 비가 온다.", "output": "비가 옵니다.", "url": "u2"},
 ]
 

@@ -1,0 +1,204 @@
+"""Real-Slurm tests: srun rank layout, SIGUSR1 delivery to srun tasks, self-requeue.
+
+They run against a private single-node cluster started by the ``slurm_cluster`` fixture
+(tests/slurm_cluster.py) and skip when Slurm/munge are not installed (.ci/install-slurm.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slurm_cluster import slurm_cluster_fixture  # noqa: E402,F401  (the `slurm_cluster` fixture)
+
+pytestmark = pytest.mark.slurm
+
+
+def _script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/bash\n" + textwrap.dedent(body).lstrip())
+    path.chmod(0o755)
+    return path
+
+
+def test_srun_two_ranks(slurm_cluster, tmp_path):
+    script = _script(
+        tmp_path / "ranks.sbatch",
+        """
+        #SBATCH --job-name=ranks
+        #SBATCH --nodes=1
+        #SBATCH --ntasks=2
+        #SBATCH --output=ranks-%j.out
+        set -euo pipefail
+        echo "python=$(command -v python)"
+        srun --ntasks=2 python -c "import os, sys; print('rank', os.environ['SLURM_PROCID'], sys.prefix, flush=True)"
+    """,
+    )
+    job = slurm_cluster.submit(script, cwd=tmp_path)
+    slurm_cluster.wait_for(job, "COMPLETED", timeout=60)
+    out = slurm_cluster.read_output(job)
+    assert slurm_cluster.output_path(job) == tmp_path / f"ranks-{job}.out"
+    ranks = sorted(line.split()[1] for line in out.splitlines() if line.startswith("rank "))
+    assert ranks == ["0", "1"], out
+    # Jobs inherit the submitting environment: `python` is the interpreter running pytest.
+    assert f"python={Path(sys.executable).parent}/python" in out, out
+    assert all(line.split()[2] == sys.prefix for line in out.splitlines() if line.startswith("rank ")), out
+
+
+SIGNAL_TASK = """
+import os, signal, subprocess, sys, time
+
+rank = os.environ["SLURM_PROCID"]
+restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+print(f"rank {rank} start restart_count={restarts}", flush=True)
+if restarts != "0":
+    print(f"rank {rank} resumed", flush=True)
+    sys.exit(0)
+
+def on_usr1(signum, frame):
+    print(f"rank {rank} got SIGUSR1", flush=True)
+    if rank == "0":  # what Lightning's SLURMEnvironment(auto_requeue=True) does on rank 0
+        r = subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]],
+                           capture_output=True, text=True)
+        print(f"rank {rank} requeue rc={r.returncode} {r.stderr.strip()}", flush=True)
+
+signal.signal(signal.SIGUSR1, on_usr1)
+print(f"rank {rank} ready", flush=True)
+time.sleep(120)
+print(f"rank {rank} was not requeued", flush=True)
+sys.exit(3)
+"""
+
+
+def test_sigusr1_reaches_srun_tasks_and_job_requeues_itself(slurm_cluster, tmp_path):
+    (tmp_path / "task.py").write_text(SIGNAL_TASK)
+    script = _script(
+        tmp_path / "requeue.sbatch",
+        """
+        #SBATCH --job-name=requeue
+        #SBATCH --nodes=1
+        #SBATCH --ntasks=2
+        #SBATCH --requeue
+        #SBATCH --open-mode=append
+        #SBATCH --output=requeue-%j.out
+        trap 'echo "batch shell got SIGUSR1"' USR1
+        echo "batch start restart_count=${SLURM_RESTART_COUNT:-0}"
+        srun python task.py
+        echo "batch end rc=$?"
+    """,
+    )
+    job = slurm_cluster.submit(script, cwd=tmp_path)
+    slurm_cluster.wait_for(job, "RUNNING", timeout=30)
+    out = slurm_cluster.wait_for_output(job, "rank 1 ready", timeout=30)
+    slurm_cluster.wait_for_output(job, "rank 0 ready", timeout=10)
+
+    # No --batch / --full: the signal goes to the tasks of the job steps (what
+    # `#SBATCH --signal=SIGUSR1@90` without `B:` does too), not to the batch shell.
+    slurm_cluster.cancel(job, "USR1")
+    slurm_cluster.wait_for(job, "COMPLETED", timeout=50)  # requeue delay ~10-15 s here
+    out = slurm_cluster.read_output(job)
+
+    assert "rank 0 got SIGUSR1" in out and "rank 1 got SIGUSR1" in out, out
+    assert "rank 0 requeue rc=0" in out, out
+    assert "batch shell got SIGUSR1" not in out, out
+    assert "was not requeued" not in out, out
+    assert slurm_cluster.job_info(job)["Restarts"] == "1"
+    # Second run: same job id, SLURM_RESTART_COUNT=1, both ranks finish.
+    assert "batch start restart_count=1" in out, out
+    assert "rank 0 resumed" in out and "rank 1 resumed" in out, out
+    assert out.rstrip().endswith("batch end rc=0"), out
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Stands in for `python -m qlora_lit` (the job's cwd comes first on sys.path for `-m`): prints
+# what it was started with, then behaves like Lightning's SLURM auto-requeue on SIGUSR1.
+STUB_MAIN = """
+import json, os, signal, subprocess, sys, time
+
+rank = os.environ["SLURM_PROCID"]
+restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+keys = ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "SLURM_CPUS_PER_TASK")
+info = {"argv": sys.argv[1:], "restarts": restarts, "prefix": sys.prefix, **{k: os.environ.get(k) for k in keys}}
+print(f"STUB rank {rank} " + json.dumps(info), flush=True)
+if restarts != "0":
+    sys.exit(0)
+
+def on_usr1(signum, frame):
+    print(f"STUB rank {rank} got SIGUSR1", flush=True)
+    if rank == "0":
+        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True)
+
+signal.signal(signal.SIGUSR1, on_usr1)
+print(f"STUB rank {rank} ready", flush=True)
+time.sleep(120)
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize(
+    "script, extra",
+    [
+        ("train.sbatch", []),
+        ("train-multinode.sbatch", ["--nodes=1"]),  # one node is all the test cluster has
+    ],
+)
+def test_train_sbatch_cpu_override_args_and_requeue(slurm_cluster, tmp_path, script, extra):
+    (tmp_path / "qlora_lit").mkdir()
+    (tmp_path / "qlora_lit" / "__init__.py").write_text("")
+    (tmp_path / "qlora_lit" / "__main__.py").write_text(STUB_MAIN)
+    (tmp_path / "cfg.yaml").write_text("trainer: {}\n")
+    # The documented CPU override: --gres=none clears the script's `--gres=gpu:8`.
+    sbatch_args = [*extra, "--gres=none", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:10:00"]
+    job = slurm_cluster.submit(
+        REPO / "slurm" / script,
+        "cfg.yaml",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.max_steps",
+        "5",
+        sbatch_args=sbatch_args,
+        cwd=tmp_path,
+    )
+    assert slurm_cluster.output_path(job) == tmp_path / f"slurm-{job}.out"
+    slurm_cluster.wait_for_output(job, "STUB rank 0 ready", timeout=40)
+    slurm_cluster.wait_for_output(job, "STUB rank 1 ready", timeout=10)
+    slurm_cluster.cancel(job, "USR1")
+    slurm_cluster.wait_for(job, "COMPLETED", timeout=50)
+    out = slurm_cluster.read_output(job)
+
+    runs = [
+        json.loads(line.split(" ", 3)[3])
+        for line in out.splitlines()
+        if line.startswith("STUB rank ") and line.split()[3].startswith("{")
+    ]
+    assert len(runs) == 4, out  # 2 ranks x (first run + requeued run)
+    for info in runs:
+        assert info["argv"] == [
+            "fit",
+            "--config",
+            "cfg.yaml",
+            "--trainer.num_nodes",
+            "1",
+            "--trainer.devices",
+            "2",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.max_steps",
+            "5",
+        ], out
+        # What Lightning's SLURMEnvironment checks inside each rank.
+        assert (info["SLURM_NTASKS"], info["SLURM_NTASKS_PER_NODE"], info["SLURM_NNODES"]) == ("2", "2", "1"), out
+        assert info["SLURM_CPUS_PER_TASK"] == "1", out
+        assert info["prefix"] == sys.prefix, out
+    assert sorted(i["restarts"] for i in runs) == ["0", "0", "1", "1"], out
+    assert "STUB rank 0 got SIGUSR1" in out and "STUB rank 1 got SIGUSR1" in out, out
+    assert "restart 1:" in out, out  # the script's banner of the second run, appended to the log
