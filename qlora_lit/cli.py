@@ -26,6 +26,8 @@ def trainer_defaults() -> dict:
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "runs", "name": "qlora_lit"},
         },
+        # The data module's own sampler splits batches across ranks and resumes mid-epoch.
+        "use_distributed_sampler": False,
         # Always present: the adapter is the run's product; the learning rate is worth seeing in every run.
         "callbacks": [AdapterExport(), LearningRateMonitor(logging_interval="step")],
     }

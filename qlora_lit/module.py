@@ -119,8 +119,20 @@ class QLoRAModule(L.LightningModule):
         keep = {prefix + key for key in self.trainable_keys()}
         return type(full)((key, value) for key, value in full.items() if key in keep)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The random stream (LoRA dropout) goes along, so a resumed run continues exactly as an uninterrupted one.
+        # Torch generators only (tensors), so the checkpoint still loads with weights_only=True.
+        checkpoint["torch_rng"] = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """With strict loading off, check ourselves that every trained tensor is in the checkpoint, shape for shape."""
+        if "torch_rng" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng"]["cpu"])
+            if checkpoint["torch_rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(checkpoint["torch_rng"]["cuda"])
         saved = checkpoint["state_dict"]
         params = dict(self.named_parameters())
         missing = sorted(self.trainable_keys() - saved.keys())

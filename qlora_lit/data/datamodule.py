@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -17,10 +18,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from qlora_lit.assets import resolve_asset
 from qlora_lit.data.collate import PaddingCollator
 from qlora_lit.data.prompts import build_prompt, encode_example
+from qlora_lit.data.sampler import EpochBatchSampler
 from qlora_lit.data.sources import clean_table, load_table
 from qlora_lit.errors import ConfigError, not_found_message
 
 log = logging.getLogger(__name__)
+# Lightning warns on mid-epoch resume unless the DataLoader is stateful; here the DataModule carries the position
+# (state_dict below) and the sampler skips what was trained, so the warning would be wrong.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def default_cache_dir() -> Path:
@@ -51,6 +56,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         val_size: validation share of the rows (a float in (0, 1)) or a row count (an int >= 1).
         seed: seed of the train/validation split and of the shuffling.
         train_on_prompt: also train on the prompt tokens, as the walkthrough did; by default only the response is.
+        group_by_length: put examples of similar length in the same batch (less padding, same examples per epoch).
         pad_to_multiple_of: pad batch width to a multiple of this (tensor-core friendly shapes).
         num_workers: DataLoader worker processes.
         cache_dir: where the cleaned copy of the data is kept (default `$QLORA_LIT_CACHE` or ~/.cache/qlora_lit).
@@ -65,6 +71,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         val_size: float = 0.05,
         seed: int = 42,
         train_on_prompt: bool = False,
+        group_by_length: bool = False,
         pad_to_multiple_of: int = 8,
         num_workers: int = 0,
         cache_dir: str | None = None,
@@ -84,6 +91,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         self.val_size = val_size
         self.seed = seed
         self.train_on_prompt = train_on_prompt
+        self.group_by_length = group_by_length
         self.pad_to_multiple_of = pad_to_multiple_of
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -91,6 +99,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
         self.stats: dict[str, int] = {}
+        self.resume_position: dict[str, int] = {}
 
     @property
     def clean_path(self) -> Path:
@@ -144,16 +153,37 @@ class KoAlpacaDataModule(L.LightningDataModule):
         return PaddingCollator(self.tokenizer.pad_token_id, self.train_on_prompt, self.pad_to_multiple_of)
 
     def train_dataloader(self) -> DataLoader:
+        sampler = EpochBatchSampler(
+            [len(example["input_ids"]) for example in self.train_set],
+            self.batch_size,
+            seed=self.seed,
+            group_by_length=self.group_by_length,
+        )
+        if self.resume_position and self.trainer is not None:
+            if self.resume_position["epoch"] == self.trainer.current_epoch:
+                sampler.skip_batches = self.resume_position["batches_done"]
+            self.resume_position = {}
         return DataLoader(
             self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
+            batch_sampler=sampler,
             collate_fn=self.collator(),
             num_workers=self.num_workers,
+            # Its own generator: creating the iterator must not draw from the global stream (LoRA dropout),
+            # or a resumed run would diverge from an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
             self.val_set, batch_size=self.batch_size, collate_fn=self.collator(), num_workers=self.num_workers
         )
+
+    def state_dict(self) -> dict[str, int]:
+        """The data position, saved in checkpoints: a resumed run skips the batches this epoch already trained."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.resume_position = dict(state_dict)

@@ -1,0 +1,87 @@
+"""Which examples go into which batch, on which rank, in which order — reproducibly and resumably."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Shuffled batches of indices, the same on every run with the same seed, split evenly across ranks.
+
+    The order of epoch `e` depends only on `(seed, e)`, so a resumed run can skip exactly the batches it already
+    trained (`skip_batches`), mid-epoch. With `group_by_length`, indices are sorted by length within windows of
+    `group_window` batches, so each batch holds examples of similar length (less padding) while the batch order
+    stays random. Every rank gets the same number of batches: the last few batches that do not divide evenly are
+    dropped, counted in `dropped_batches`.
+
+    Args:
+        lengths: token count of each example.
+        batch_size: examples per batch on each rank.
+        seed: base seed of the shuffling.
+        shuffle: shuffle per epoch; False keeps the dataset order (validation).
+        group_by_length: batch examples of similar length together.
+        group_window: batches per length-sorting window.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        group_by_length: bool = False,
+        group_window: int = 64,
+    ) -> None:
+        self.lengths = torch.as_tensor(list(lengths))
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.group_by_length = group_by_length
+        self.group_window = group_window
+        self.epoch = 0
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of each epoch."""
+        self.epoch = epoch
+
+    @staticmethod
+    def world() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def all_batches(self) -> list[list[int]]:
+        """This epoch's batches for all ranks together, before the split."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        count = len(self.lengths)
+        order = torch.randperm(count, generator=generator) if self.shuffle else torch.arange(count)
+        if self.group_by_length:
+            window = self.batch_size * self.group_window
+            chunks = [order[i : i + window] for i in range(0, len(order), window)]
+            order = torch.cat([chunk[self.lengths[chunk].argsort(descending=True, stable=True)] for chunk in chunks])
+        batches = [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        if self.group_by_length and self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return batches
+
+    def rank_batches(self) -> list[list[int]]:
+        rank, world_size = self.world()
+        batches = self.all_batches()
+        usable = len(batches) // world_size * world_size
+        return batches[rank:usable:world_size]
+
+    @property
+    def dropped_batches(self) -> int:
+        return len(self.all_batches()) % self.world()[1]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip_batches = self.skip_batches, 0  # skipping applies to the resumed epoch only
+        yield from self.rank_batches()[skip:]
+
+    def __len__(self) -> int:
+        rank, world_size = self.world()
+        return -(-len(self.lengths) // self.batch_size) // world_size
