@@ -45,8 +45,12 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.skip_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of each epoch."""
         self.epoch = epoch
+
+    @property
+    def sampler(self) -> EpochBatchSampler:
+        """Lightning calls `set_epoch` on `dataloader.batch_sampler.sampler` (not on the batch sampler itself)."""
+        return self
 
     @staticmethod
     def world() -> tuple[int, int]:

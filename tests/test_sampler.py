@@ -1,0 +1,59 @@
+from unittest import mock
+
+import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
+
+from qlora_lit.data.sampler import EpochBatchSampler
+
+LENGTHS = [(i * 37) % 101 + 1 for i in range(50)]
+
+
+def flat(batches):
+    return [i for batch in batches for i in batch]
+
+
+def test_same_seed_same_order_and_each_epoch_differs():
+    a, b = EpochBatchSampler(LENGTHS, 4, seed=1), EpochBatchSampler(LENGTHS, 4, seed=1)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first
+    assert sorted(flat(list(a))) == list(range(50))  # every example once per epoch
+    assert len(a) == len(first) == 13
+
+
+def test_lightning_advances_the_epoch():
+    sampler = EpochBatchSampler(LENGTHS, 4)
+    loader = torch.utils.data.DataLoader(range(50), batch_sampler=sampler)
+    _set_sampler_epoch(loader, 3)
+    assert sampler.epoch == 3
+
+
+def test_skip_resumes_mid_epoch_once():
+    sampler = EpochBatchSampler(LENGTHS, 4, seed=2)
+    full = list(sampler)
+    sampler.skip_batches = 5
+    assert list(sampler) == full[5:]
+    assert list(sampler) == full  # the next pass is a whole epoch again
+
+
+def test_ranks_split_the_batches_evenly_and_disjointly():
+    batches = {}
+    for rank in (0, 1):
+        with mock.patch.object(EpochBatchSampler, "world", return_value=(rank, 2)):
+            sampler = EpochBatchSampler(LENGTHS, 4, seed=3)
+            batches[rank] = list(sampler)
+            assert len(batches[rank]) == len(sampler) == 6
+            assert sampler.dropped_batches == 1  # 13 batches: one cannot be split evenly
+    assert not set(flat(batches[0])) & set(flat(batches[1]))
+
+
+def test_group_by_length_reduces_padding_with_the_same_examples():
+    def padding(batches):
+        return sum(max(LENGTHS[i] for i in b) * len(b) - sum(LENGTHS[i] for i in b) for b in batches)
+
+    plain = list(EpochBatchSampler(LENGTHS, 4, seed=4))
+    grouped = list(EpochBatchSampler(LENGTHS, 4, seed=4, group_by_length=True, group_window=4))
+    assert sorted(flat(grouped)) == sorted(flat(plain))
+    assert padding(grouped) < padding(plain) / 2
+    assert grouped == list(EpochBatchSampler(LENGTHS, 4, seed=4, group_by_length=True, group_window=4))
