@@ -83,9 +83,22 @@ class QLoRAModule(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        """Loss per label token of the whole optimizer step, over all ranks and accumulated micro-batches.
+
+        A mean per micro-batch (HF's default) weighs a token in a short batch more than one in a long batch, and DDP
+        averaging weighs ranks equally whatever their token counts. Here the sampler tells each batch how many label
+        tokens its optimizer step has (`step_label_tokens`); the summed loss over that count, times the world size and
+        accumulation that DDP and Lightning divide by, gives exactly the gradient of one big batch.
+        """
+        step_tokens = batch.pop("step_label_tokens", None)
+        if step_tokens is None:
+            loss = self(**batch).loss
+            self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+            return loss
+        loss_sum = self.model(**batch, num_items_in_batch=step_tokens).loss * step_tokens
+        label_tokens = (batch["labels"][:, 1:] != -100).sum()
+        self.log("train_loss", loss_sum.detach() / label_tokens.clamp(min=1), prog_bar=True, batch_size=1)
+        return loss_sum / step_tokens * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = self(**batch).loss

@@ -33,4 +33,27 @@ class PaddingCollator:
             attention_mask[row, :length] = 1
             first_label = 0 if self.train_on_prompt else example["prompt_length"]
             labels[row, first_label:length] = ids[first_label:]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if "step_label_tokens" in examples[0]:
+            batch["step_label_tokens"] = torch.tensor(examples[0]["step_label_tokens"])
+        return batch
+
+
+def label_count(example: dict, train_on_prompt: bool = False) -> int:
+    """Label tokens the loss sees for one example (the model predicts token t+1 from t, so the first never counts)."""
+    first_label = 0 if train_on_prompt else example["prompt_length"]
+    return len(example["input_ids"]) - max(first_label, 1)
+
+
+class StepTaggedDataset(torch.utils.data.Dataset):
+    """Looks examples up by `(index, step_label_tokens)` keys from EpochBatchSampler and attaches the count."""
+
+    def __init__(self, examples: list[dict]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, step_label_tokens = key
+        return {**self.examples[index], "step_label_tokens": step_label_tokens}

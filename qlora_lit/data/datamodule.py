@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qlora_lit.assets import resolve_asset
-from qlora_lit.data.collate import PaddingCollator
+from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count
 from qlora_lit.data.prompts import build_prompt, encode_example
 from qlora_lit.data.sampler import EpochBatchSampler
 from qlora_lit.data.sources import clean_table, load_table
@@ -158,13 +158,15 @@ class KoAlpacaDataModule(L.LightningDataModule):
             self.batch_size,
             seed=self.seed,
             group_by_length=self.group_by_length,
+            label_counts=[label_count(example, self.train_on_prompt) for example in self.train_set],
+            accumulate=self.trainer.accumulate_grad_batches if self.trainer is not None else 1,
         )
         if self.resume_position and self.trainer is not None:
             if self.resume_position["epoch"] == self.trainer.current_epoch:
                 sampler.skip_batches = self.resume_position["batches_done"]
             self.resume_position = {}
         return DataLoader(
-            self.train_set,
+            StepTaggedDataset(self.train_set),
             batch_sampler=sampler,
             collate_fn=self.collator(),
             num_workers=self.num_workers,

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 
-class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
+class EpochBatchSampler(torch.utils.data.Sampler[list]):
     """Shuffled batches of indices, the same on every run with the same seed, split evenly across ranks.
 
     The order of epoch `e` depends only on `(seed, e)`, so a resumed run can skip exactly the batches it already
@@ -17,6 +17,10 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     stays random. Every rank gets the same number of batches: the last few batches that do not divide evenly are
     dropped, counted in `dropped_batches`.
 
+    With `label_counts`, each index comes as `(index, step_label_tokens)`: the number of label tokens in the whole
+    optimizer step it belongs to, over all ranks and all `accumulate` micro-batches. Every rank knows every batch,
+    so the loss can be normalised per label token of the step with no communication (see QLoRAModule).
+
     Args:
         lengths: token count of each example.
         batch_size: examples per batch on each rank.
@@ -24,6 +28,8 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         shuffle: shuffle per epoch; False keeps the dataset order (validation).
         group_by_length: batch examples of similar length together.
         group_window: batches per length-sorting window.
+        label_counts: label tokens of each example; switches on the `(index, step_label_tokens)` items.
+        accumulate: micro-batches per optimizer step on each rank (the trainer's `accumulate_grad_batches`).
     """
 
     def __init__(
@@ -34,6 +40,8 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         shuffle: bool = True,
         group_by_length: bool = False,
         group_window: int = 64,
+        label_counts: Sequence[int] | None = None,
+        accumulate: int = 1,
     ) -> None:
         self.lengths = torch.as_tensor(list(lengths))
         self.batch_size = batch_size
@@ -41,6 +49,8 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.shuffle = shuffle
         self.group_by_length = group_by_length
         self.group_window = group_window
+        self.label_counts = None if label_counts is None else torch.as_tensor(list(label_counts))
+        self.accumulate = accumulate
         self.epoch = 0
         self.skip_batches = 0
 
@@ -72,17 +82,29 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         return batches
 
-    def rank_batches(self) -> list[list[int]]:
+    def rank_batches(self) -> list[list]:
         rank, world_size = self.world()
         batches = self.all_batches()
-        usable = len(batches) // world_size * world_size
-        return batches[rank:usable:world_size]
+        batches = batches[: len(batches) // world_size * world_size]
+        if self.label_counts is not None:
+            batches = self.with_step_label_tokens(batches, world_size)
+        return batches[rank::world_size]
+
+    def with_step_label_tokens(self, batches: list[list[int]], world_size: int) -> list[list[tuple[int, int]]]:
+        """Rank r's k-th batch is global batch k * world_size + r, so optimizer step s spans a contiguous slice."""
+        span = self.accumulate * world_size
+        tagged = []
+        for start in range(0, len(batches), span):
+            step = batches[start : start + span]
+            tokens = int(sum(self.label_counts[batch].sum() for batch in step))
+            tagged += [[(index, tokens) for index in batch] for batch in step]
+        return tagged
 
     @property
     def dropped_batches(self) -> int:
         return len(self.all_batches()) % self.world()[1]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         skip, self.skip_batches = self.skip_batches, 0  # skipping applies to the resumed epoch only
         yield from self.rank_batches()[skip:]
 
