@@ -11,7 +11,8 @@ import sys
 from typing import Any
 
 from jsonargparse import auto_cli
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from qlora_lit.callbacks import AdapterExport
@@ -38,7 +39,7 @@ PLAIN_COMMANDS: dict[str, str] = {}
 
 
 class QLoRACLI(LightningCLI):
-    """LightningCLI with the tokenizer linked to the model and a configurable checkpoint policy."""
+    """LightningCLI with the tokenizer linked to the model, a configurable checkpoint policy and a rich progress bar."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
@@ -53,6 +54,16 @@ class QLoRACLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Add a rich progress bar unless the config has another or turns it off (Lightning refuses both at once)."""
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer_config.get("callbacks") or []
+        wants_bar = trainer_config.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
+            trainer_config["callbacks"] = [*callbacks, RichProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def run_plain_command(name: str, args: list[str]) -> Any:
