@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Baseline half of the issue-7 benchmark: prepare model + data, then run named variants.
+#
+#   bash bench/run_baselines.sh SHAPE MAX_LENGTH OUT.jsonl VARIANT...
+#   e.g. bash bench/run_baselines.sh llama-3.1-8b 512 "$OUT/baselines.jsonl" prep walkthrough trl-pack-nogc
+#
+# Variants: prep (build model folder + data only), walkthrough, trl-pad, trl-pad-liger,
+# trl-pack, trl-pack-liger, trl-pack-nogc, trl-pack-nogc-liger, trl-pf-nogc, trl-pf-nogc-liger,
+# and qlora_lit's own: qlit-<variant> with a variant of bench/run_qlora_lit.py (qlit-fast, qlit-lowmem, ...).
+# Each run prints one JSON line and appends it to OUT.jsonl. Extra args for every runner: $BENCH_ARGS
+# (e.g. BENCH_ARGS="--max_steps 12"); BENCH_DEVICE=cpu builds the model on the CPU. Each variant is a
+# separate process (clean peak-memory stats).
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+shape=$1; len=$2; out=$3; shift 3
+py=${PYTHON:-python}
+args=(--shape "$shape" --max_length "$len" --out "$out" ${BENCH_ARGS:-})
+status=0
+for v in "$@"; do
+  echo "=== $v ($shape, max_length $len) $(date -u +%H:%M:%S)" >&2
+  case $v in
+    prep) $py "$here/shapes.py" --shape "$shape" --model_dir "$here/.cache/models/$shape" --device "${BENCH_DEVICE:-cuda}" &&
+          $py "$here/data.py" --out "$here/.cache/data/n4096-l$len" --n 4096 --max_length "$len" ;;
+    walkthrough) $py "$here/run_walkthrough.py" "${args[@]}" ;;
+    trl-pad) $py "$here/run_trl.py" "${args[@]}" --mode padding ;;
+    trl-pad-liger) $py "$here/run_trl.py" "${args[@]}" --mode padding --liger ;;
+    trl-pack) $py "$here/run_trl.py" "${args[@]}" --mode packing ;;
+    trl-pack-liger) $py "$here/run_trl.py" "${args[@]}" --mode packing --liger ;;
+    trl-pack-nogc) $py "$here/run_trl.py" "${args[@]}" --mode packing --no_gc ;;
+    trl-pack-nogc-liger) $py "$here/run_trl.py" "${args[@]}" --mode packing --no_gc --liger ;;
+    trl-pf-nogc) $py "$here/run_trl.py" "${args[@]}" --mode padding_free --no_gc ;;
+    trl-pf-nogc-liger) $py "$here/run_trl.py" "${args[@]}" --mode padding_free --no_gc --liger ;;
+    qlit-*) PYTHONPATH="$here/..:${PYTHONPATH:-}" $py "$here/run_qlora_lit.py" "${args[@]}" --variant "${v#qlit-}" ;;
+    *) echo "unknown variant $v" >&2; status=2; continue ;;
+  esac
+  rc=$?; [ $rc -ne 0 ] && { echo "=== $v failed (rc $rc)" >&2; status=1; }
+done
+exit $status

@@ -1,0 +1,128 @@
+"""Benchmark qlora_lit's own training stack (QLoRAModule + EpochBatchSampler + PaddingCollator under a Lightning
+Trainer) on the shared synthetic data and random-initialised model.
+
+    PYTHONPATH=.:$PYTHONPATH python bench/run_qlora_lit.py --shape llama-3.1-8b --variant fast --out results.jsonl
+
+Variants (every one trains on about 64 examples per optimizer step, like the baselines):
+    walkthrough-settings  batch 2 x 32 accumulation, gradient checkpointing, fp32 upcast (the walkthrough's recipe,
+                          with qlora_lit's correct masking and per-token loss)
+    fast                  batch 8 x 8, length-grouped batches, no checkpointing, no fp32 upcast
+    fast-b16              batch 16 x 4, length-grouped, no checkpointing, no fp32 upcast
+    lowmem                batch 8 x 8, length-grouped, checkpointing, no fp32 upcast
+The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import data as bench_data  # noqa: E402
+import lightning as L  # noqa: E402
+import shapes  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count  # noqa: E402
+from qlora_lit.data.sampler import EpochBatchSampler  # noqa: E402
+from qlora_lit.model import LoraArgs, QuantizationArgs  # noqa: E402
+from qlora_lit.module import QLoRAModule  # noqa: E402
+from qlora_lit.optim import OptimizerArgs  # noqa: E402
+
+VARIANTS = {
+    "walkthrough-settings": {"batch": 2, "accum": 32, "group": False, "gc": True, "upcast": True},
+    "fast": {"batch": 8, "accum": 8, "group": True, "gc": False, "upcast": False},
+    "fast-b16": {"batch": 16, "accum": 4, "group": True, "gc": False, "upcast": False},
+    "lowmem": {"batch": 8, "accum": 8, "group": True, "gc": True, "upcast": False},
+}
+
+
+class LightningStepTimer(L.Callback):
+    """Adapts the baselines' HF-Trainer step timer to Lightning's hooks (one record per micro-batch)."""
+
+    def __init__(self, counter: common.CountingCollator, warmup_steps: int, accumulate: int) -> None:
+        self.accumulate = accumulate
+        self.timer = common.make_timing_callback(counter, warmup_steps, "cuda")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.timer.on_train_begin(None, None, None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % self.accumulate:
+            self.timer.on_substep_end(None, None, None)
+        else:
+            self.timer.on_step_end(None, SimpleNamespace(global_step=trainer.global_step), None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(shapes.SHAPES))
+    p.add_argument("--variant", default="fast", choices=sorted(VARIANTS))
+    p.add_argument("--max_length", type=int, default=512)
+    p.add_argument("--n_examples", type=int, default=4096)
+    p.add_argument("--max_steps", type=int, default=22)
+    p.add_argument("--warmup_steps", type=int, default=2)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    v = VARIANTS[a.variant]
+    model_dir = os.path.join(common.CACHE, "models", a.shape)
+    rows = bench_data.load(os.path.join(common.CACHE, "data", f"n{a.n_examples}-l{a.max_length}"))
+    pairs = zip(rows["input_ids"], rows["completion_mask"], strict=True)
+    examples = [{"input_ids": ids, "prompt_length": mask.index(1)} for ids, mask in pairs]
+    sampler = EpochBatchSampler(
+        [len(e["input_ids"]) for e in examples],
+        v["batch"],
+        seed=0,
+        group_by_length=v["group"],
+        label_counts=[label_count(e) for e in examples],
+        accumulate=v["accum"],
+    )
+    counter = common.CountingCollator(PaddingCollator(pad_id=128001))
+    loader = DataLoader(StepTaggedDataset(examples), batch_sampler=sampler, collate_fn=counter)
+    on_gpu = a.device == "cuda"
+    module = QLoRAModule(
+        model_dir,
+        quantization=QuantizationArgs(compute_dtype="bfloat16" if on_gpu else "float32"),
+        lora=LoraArgs(r=4, alpha=8, dropout=0.05, target_modules=list(common.LORA_TARGETS)),
+        optimizer=OptimizerArgs(name="paged_adamw_8bit", lr=2e-4, warmup_steps=1, schedule="linear"),
+        gradient_checkpointing=v["gc"],
+        upcast_to_fp32=v["upcast"],
+    )
+    timer = LightningStepTimer(counter, a.warmup_steps, v["accum"])
+    trainer = L.Trainer(
+        accelerator="gpu" if on_gpu else "cpu",
+        devices=1,
+        precision="bf16-mixed" if on_gpu else "32-true",
+        max_steps=a.max_steps,
+        accumulate_grad_batches=v["accum"],
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[timer],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    settings = {
+        **v,
+        "lora": "r=4 alpha=8 dropout=0.05, 7 projections",
+        "optim": "paged_adamw_8bit",
+        "lr": 2e-4,
+        "precision": "bf16-mixed",
+        "loss": "per label token of the optimizer step, prompt masked",
+        "attn_implementation": "sdpa",
+    }
+    line = common.result_line("qlora_lit", a.variant, a.shape, a.max_length, timer.timer.result(), a.device, settings)
+    common.emit(line, a.out)
+
+
+if __name__ == "__main__":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    main()
