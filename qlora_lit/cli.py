@@ -55,7 +55,6 @@ class QLoRACLI(LightningCLI):
             }
         )
 
-
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add a rich progress bar unless the config has another or turns it off (Lightning refuses both at once)."""
         trainer_config = self._get(self.config_init, "trainer", default={})

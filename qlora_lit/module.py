@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from peft import PeftModel
 
 from qlora_lit.errors import ConfigError
+from qlora_lit.loss import chunked_lm_loss_sum, supports_chunked_loss
 from qlora_lit.model import LoraArgs, QuantizationArgs, attach_lora, load_base_model
 from qlora_lit.optim import OptimizerArgs, build_optimizer, build_scheduler
 
@@ -26,6 +27,8 @@ class QLoRAModule(L.LightningModule):
         gradient_checkpointing: recompute activations in backward to save memory (non-reentrant).
         upcast_to_fp32: cast norms, embeddings and the output head to fp32 (peft's k-bit preparation).
         trust_remote_code: run modeling code shipped with the model repository. Only for models you trust.
+        loss_chunk_tokens: compute logits only at labelled positions, this many at a time, recomputed in backward
+            (saves the largest activation with big vocabularies); 0 uses the model's own loss over full logits.
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class QLoRAModule(L.LightningModule):
         gradient_checkpointing: bool = True,
         upcast_to_fp32: bool = True,
         trust_remote_code: bool = False,
+        loss_chunk_tokens: int = 4096,
     ) -> None:
         super().__init__()
         # Plain dicts, so checkpoints load with torch.load(weights_only=True).
@@ -49,6 +53,7 @@ class QLoRAModule(L.LightningModule):
                 "gradient_checkpointing": gradient_checkpointing,
                 "upcast_to_fp32": upcast_to_fp32,
                 "trust_remote_code": trust_remote_code,
+                "loss_chunk_tokens": loss_chunk_tokens,
             }
         )
         self.model_name_or_path = model_name_or_path
@@ -58,6 +63,9 @@ class QLoRAModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.upcast_to_fp32 = upcast_to_fp32
         self.trust_remote_code = trust_remote_code
+        if loss_chunk_tokens < 0:
+            raise ConfigError(f"model.loss_chunk_tokens must be >= 0, got {loss_chunk_tokens}")
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.model: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self._val_loss_sum = torch.zeros(())
@@ -82,6 +90,14 @@ class QLoRAModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token loss over the labelled positions of `batch`, and how many there are."""
+        causal_lm = self.model.get_base_model()
+        if self.loss_chunk_tokens and supports_chunked_loss(causal_lm):
+            return chunked_lm_loss_sum(causal_lm, batch, self.loss_chunk_tokens)
+        label_tokens = (batch["labels"][:, 1:] != -100).sum()  # the model shifts labels by one
+        return self.model(**batch).loss * label_tokens, label_tokens
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Loss per label token of the whole optimizer step, over all ranks and accumulated micro-batches.
 
@@ -91,19 +107,15 @@ class QLoRAModule(L.LightningModule):
         accumulation that DDP and Lightning divide by, gives exactly the gradient of one big batch.
         """
         step_tokens = batch.pop("step_label_tokens", None)
-        if step_tokens is None:
-            loss = self(**batch).loss
-            self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-            return loss
-        loss_sum = self.model(**batch, num_items_in_batch=step_tokens).loss * step_tokens
-        label_tokens = (batch["labels"][:, 1:] != -100).sum()
+        loss_sum, label_tokens = self.loss_sum(batch)
         self.log("train_loss", loss_sum.detach() / label_tokens.clamp(min=1), prog_bar=True, batch_size=1)
+        if step_tokens is None:
+            return loss_sum / label_tokens.clamp(min=1)
         return loss_sum / step_tokens * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self(**batch).loss
-        label_tokens = (batch["labels"][:, 1:] != -100).sum()  # the model shifts labels by one
-        self._val_loss_sum += loss.detach().float().cpu() * label_tokens.cpu()
+        loss_sum, label_tokens = self.loss_sum(batch)
+        self._val_loss_sum += loss_sum.detach().float().cpu()
         self._val_tokens += label_tokens.cpu()
 
     def on_validation_epoch_end(self) -> None:

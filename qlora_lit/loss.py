@@ -1,0 +1,50 @@
+"""Causal-LM loss that computes logits only where there is a label, a chunk at a time.
+
+With a 128k vocabulary the logits are the largest activation of a QLoRA step (tokens x vocabulary, upcast to fp32
+for the softmax). Prompt and padding positions need no logits at all, and the rest are computed in chunks whose
+logits are recomputed in the backward pass instead of stored, so memory holds one chunk of logits at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def supports_chunked_loss(model: torch.nn.Module) -> bool:
+    """Plain decoder + linear head models only: no logit soft-capping or scaling between the head and the softmax."""
+    config = model.config
+    scaled = getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
+    return not scaled and model.get_output_embeddings() is not None
+
+
+def chunked_lm_loss_sum(
+    causal_lm: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy over the labelled positions, and their count.
+
+    Args:
+        causal_lm: the Hugging Face causal LM (under peft: `peft_model.get_base_model()`; its decoder layers carry
+            the LoRA adapters, so they train as usual).
+        batch: `input_ids`, `labels` (-100 = ignored) and whatever else the decoder takes (attention mask,
+            position ids).
+        chunk_tokens: labelled positions per logits chunk.
+    """
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    hidden, targets = hidden[:, :-1][keep], targets[keep]
+    head = causal_lm.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_tokens):
+        chunk = slice(start, start + chunk_tokens)
+        total = total + checkpoint(_chunk_loss_sum, hidden[chunk], head, targets[chunk], use_reentrant=False)
+    return total, keep.sum()
