@@ -29,8 +29,14 @@ class AdapterExport(Callback):
     def __init__(self, dirname: str = "adapter") -> None:
         self.dirname = dirname
 
+    @staticmethod
+    def run_dir(trainer: L.Trainer) -> Path:
+        """The run's log directory, read from the logger: `trainer.log_dir` broadcasts, and only rank 0 gets here."""
+        logger_dir = trainer.loggers[0].log_dir if trainer.loggers else None
+        return Path(logger_dir or trainer.default_root_dir)
+
     def adapter_dir(self, trainer: L.Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
+        return self.run_dir(trainer) / self.dirname
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self.export(trainer, pl_module)
@@ -47,7 +53,7 @@ class AdapterExport(Callback):
         pl_module.model.save_pretrained(partial, safe_serialization=True)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.model_name_or_path)
         tokenizer.save_pretrained(partial)
-        run_config = Path(trainer.log_dir or "") / "config.yaml"
+        run_config = self.run_dir(trainer) / "config.yaml"
         if run_config.is_file():
             shutil.copyfile(run_config, partial / CONFIG_NAME)
         progress = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}

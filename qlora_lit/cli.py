@@ -19,6 +19,7 @@ from qlora_lit.callbacks import AdapterExport
 from qlora_lit.data import KoAlpacaDataModule
 from qlora_lit.errors import ConfigError
 from qlora_lit.module import QLoRAModule
+from qlora_lit.preemption import PreemptionCheckpoint
 
 
 def trainer_defaults() -> dict:
@@ -29,8 +30,9 @@ def trainer_defaults() -> dict:
         },
         # The data module's own sampler splits batches across ranks and resumes mid-epoch.
         "use_distributed_sampler": False,
-        # Always present: the adapter is the run's product; the learning rate is worth seeing in every run.
-        "callbacks": [AdapterExport(), LearningRateMonitor(logging_interval="step")],
+        # Always present: the adapter is the run's product, the learning rate is worth seeing in every run, and a
+        # kill signal must end in a resumable checkpoint.
+        "callbacks": [AdapterExport(), LearningRateMonitor(logging_interval="step"), PreemptionCheckpoint()],
     }
 
 

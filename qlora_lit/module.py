@@ -123,8 +123,10 @@ class QLoRAModule(L.LightningModule):
         totals = self.all_gather(torch.stack([self._val_loss_sum, self._val_tokens]).to(self.device))
         loss_sum, tokens = totals.reshape(-1, 2).sum(0)
         val_loss = loss_sum / tokens.clamp(min=1)
-        self.log("val_loss", val_loss, prog_bar=True, rank_zero_only=True)
-        self.log("val_ppl", torch.exp(val_loss), rank_zero_only=True)
+        # Logged on every rank (the values are already global): a metric that ModelCheckpoint monitors must exist on
+        # all ranks, or rank 0 waits in the checkpoint barrier for ranks that skipped it.
+        self.log("val_loss", val_loss, prog_bar=True, sync_dist=True)
+        self.log("val_ppl", torch.exp(val_loss), sync_dist=True)
         self._val_loss_sum.zero_()
         self._val_tokens.zero_()
 

@@ -7,8 +7,10 @@ They run against a private single-node cluster started by the ``slurm_cluster`` 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -188,6 +190,10 @@ def test_train_sbatch_cpu_override_args_and_requeue(slurm_cluster, tmp_path, scr
             "1",
             "--trainer.devices",
             "2",
+            "--trainer.logger.init_args.version",
+            f"slurm-{job}",
+            "--ckpt_path",
+            "last",
             "--trainer.accelerator",
             "cpu",
             "--trainer.strategy",
@@ -202,3 +208,51 @@ def test_train_sbatch_cpu_override_args_and_requeue(slurm_cluster, tmp_path, scr
     assert sorted(i["restarts"] for i in runs) == ["0", "0", "1", "1"], out
     assert "STUB rank 0 got SIGUSR1" in out and "STUB rank 1 got SIGUSR1" in out, out
     assert "restart 1:" in out, out  # the script's banner of the second run, appended to the log
+
+
+def _submit_demo(slurm_cluster, tmp_path, *overrides: str) -> str:
+    """slurm/train.sbatch with the demo config and CPU overrides on the command line, two ranks (DDP over gloo)."""
+    sbatch_args = ["--gres=none", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:10:00"]
+    cpu = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false"]
+    return slurm_cluster.submit(
+        REPO / "slurm" / "train.sbatch",
+        str(REPO / "configs" / "demo.yaml"),
+        *cpu,
+        *overrides,
+        sbatch_args=sbatch_args,
+        cwd=tmp_path,
+    )
+
+
+def _last_checkpoint(tmp_path: Path, job: str) -> dict:
+    import torch
+
+    path = tmp_path / "runs" / "demo" / f"slurm-{job}" / "checkpoints" / "last.ckpt"
+    return torch.load(path, weights_only=True)
+
+
+def test_demo_trains_under_slurm_with_two_ranks(slurm_cluster, tmp_path):
+    job = _submit_demo(slurm_cluster, tmp_path, "--trainer.max_steps", "6", "--trainer.val_check_interval", "3")
+    slurm_cluster.wait_for(job, "COMPLETED", timeout=240)
+    run = tmp_path / "runs" / "demo" / f"slurm-{job}"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file(), slurm_cluster.read_output(job)
+    assert _last_checkpoint(tmp_path, job)["global_step"] == 6
+
+
+def test_preempted_job_requeues_and_resumes_where_it_stopped(slurm_cluster, tmp_path):
+    job = _submit_demo(slurm_cluster, tmp_path, "--trainer.max_steps", "24", "--trainer.val_check_interval", "12")
+    slurm_cluster.wait_for_output(job, "trainable parameters", timeout=180)
+    time.sleep(4)  # a few optimizer steps into the first epoch
+    slurm_cluster.cancel(job, "USR1")
+    slurm_cluster.wait_for(job, "COMPLETED", timeout=300)
+    out = slurm_cluster.read_output(job)
+    saved = re.search(r"received SIGUSR1: saving .*last\.ckpt at step (\d+)", out)
+    assert saved, out
+    stopped_at = int(saved.group(1))
+    assert 0 < stopped_at < 24, out
+    assert "requeued Slurm job" in out and "restart 1:" in out, out
+    assert re.search(r"resuming the data at epoch \d+ after \d+ batches", out), out
+    assert _last_checkpoint(tmp_path, job)["global_step"] == 24  # no step lost or repeated in the total
+    assert slurm_cluster.job_info(job)["Restarts"] == "1"
+    versions = list((tmp_path / "runs" / "demo").iterdir())
+    assert [v.name for v in versions] == [f"slurm-{job}"]  # both attempts logged into the same TensorBoard run

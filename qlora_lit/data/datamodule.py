@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pandas as pd
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -22,7 +22,6 @@ from qlora_lit.data.sampler import EpochBatchSampler
 from qlora_lit.data.sources import clean_table, load_table
 from qlora_lit.errors import ConfigError, not_found_message
 
-log = logging.getLogger(__name__)
 # Lightning warns on mid-epoch resume unless the DataLoader is stateful; here the DataModule carries the position
 # (state_dict below) and the sampler skips what was trained, so the warning would be wrong.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -137,7 +136,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         self.stats["truncated"] = sum(len(example["input_ids"]) == self.max_length for example in usable)
         self.train_set, self.val_set = self._split(usable)
         self.stats.update(train_rows=len(self.train_set), val_rows=len(self.val_set))
-        log.info("data %s: %s", self.path, self.stats)
+        rank_zero_info(f"data {self.path}: {self.stats}")
 
     def _encode(self, row) -> dict:
         return encode_example(self.tokenizer, build_prompt(row.instruction, row.input), row.output, self.max_length)
@@ -189,3 +188,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.resume_position = dict(state_dict)
+        if state_dict:
+            rank_zero_info(
+                f"resuming the data at epoch {state_dict['epoch']} after {state_dict['batches_done']} batches"
+            )

@@ -1,0 +1,76 @@
+"""Stop cleanly when the job is about to be killed: save at an optimizer-step boundary, requeue on Slurm, exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+
+class PreemptionCheckpoint(Callback):
+    """On SIGUSR1 (Slurm's warning before a time limit or preemption) or SIGTERM, finish the current optimizer step,
+    save `last.ckpt` (adapters, optimizer, loop state and data position), requeue a Slurm job, and stop.
+
+    Lightning's own Slurm handler saves from inside the signal handler, in the middle of a step, and each rank on
+    its own; here the ranks agree at the next optimizer-step boundary (one tiny all-reduce per step) and save
+    together, so the resumed run continues exactly where this one stopped. `fit --ckpt_path last` resumes.
+
+    Args:
+        requeue: on SIGUSR1 under Slurm, run `scontrol requeue $SLURM_JOB_ID` after saving.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, requeue: bool = True) -> None:
+        self.requeue = requeue
+        self.received: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for signum in self.SIGNALS:  # replaces Lightning's handlers; Lightning restores the originals at teardown
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.received = self.received or signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid-accumulation: the partial gradients would be lost
+        flag = torch.tensor(float(self.received or 0), device=pl_module.device)
+        signum = int(trainer.strategy.reduce(flag, reduce_op="max").item()) if trainer.world_size > 1 else int(flag)
+        if not signum:
+            return
+        path = self.checkpoint_path(trainer)
+        rank_zero_info(f"received {signal.Signals(signum).name}: saving {path} at step {trainer.global_step}")
+        trainer.save_checkpoint(path)
+        if trainer.checkpoint_callback is not None:
+            trainer.checkpoint_callback.last_model_path = str(path)  # or it would write last-v1.ckpt beside ours
+        if signum == signal.SIGUSR1 and self.requeue and trainer.is_global_zero and "SLURM_JOB_ID" in os.environ:
+            self._requeue()
+        trainer.should_stop = True
+
+    @staticmethod
+    def checkpoint_path(trainer: L.Trainer) -> Path:
+        """ModelCheckpoint's own `last.ckpt`, so `--ckpt_path last` finds it and later saves overwrite the same file."""
+        callback = trainer.checkpoint_callback
+        if callback is None or callback.dirpath is None:
+            return Path(trainer.default_root_dir) / "last.ckpt"
+        return Path(callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST))
+
+    @staticmethod
+    def _requeue() -> None:
+        job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if result.returncode:
+            rank_zero_warn(f"scontrol requeue {job} failed: {result.stderr.strip()}")
+        else:
+            rank_zero_info(f"requeued Slurm job {job}; it resumes from last.ckpt")
