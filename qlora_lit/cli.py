@@ -35,7 +35,9 @@ def trainer_defaults() -> dict:
 
 
 # Commands outside Lightning's loop: plain functions whose typed, documented arguments are the command line.
-PLAIN_COMMANDS: dict[str, str] = {}
+PLAIN_COMMANDS: dict[str, str] = {
+    "generate": "qlora_lit.generate:generate",
+}
 
 
 class QLoRACLI(LightningCLI):
@@ -55,7 +57,6 @@ class QLoRACLI(LightningCLI):
             }
         )
 
-
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add a rich progress bar unless the config has another or turns it off (Lightning refuses both at once)."""
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -69,7 +70,8 @@ class QLoRACLI(LightningCLI):
 def run_plain_command(name: str, args: list[str]) -> Any:
     module_name, function_name = PLAIN_COMMANDS[name].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    return auto_cli(function, args=args, prog=f"python -m qlora_lit {name}")
+    # as_positional=False: required arguments are `--name value` options too, like everything else on this CLI.
+    return auto_cli(function, args=args, prog=f"python -m qlora_lit {name}", as_positional=False)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
