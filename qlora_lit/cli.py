@@ -15,7 +15,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from qlora_lit.callbacks import AdapterExport
+from qlora_lit.callbacks import AdapterExport, PredictionWriter
 from qlora_lit.data import KoAlpacaDataModule
 from qlora_lit.errors import ConfigError
 from qlora_lit.module import QLoRAModule
@@ -46,6 +46,7 @@ class QLoRACLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")  # used by `predict` only
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val_loss",

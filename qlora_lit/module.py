@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from peft import PeftModel
 
 from qlora_lit.errors import ConfigError
+from qlora_lit.generate import GenerationArgs, generate_texts
 from qlora_lit.model import LoraArgs, QuantizationArgs, attach_lora, load_base_model
 from qlora_lit.optim import OptimizerArgs, build_optimizer, build_scheduler
 
@@ -26,6 +27,7 @@ class QLoRAModule(L.LightningModule):
         gradient_checkpointing: recompute activations in backward to save memory (non-reentrant).
         upcast_to_fp32: cast norms, embeddings and the output head to fp32 (peft's k-bit preparation).
         trust_remote_code: run modeling code shipped with the model repository. Only for models you trust.
+        generation: how `predict` decodes answers.
     """
 
     def __init__(
@@ -37,9 +39,11 @@ class QLoRAModule(L.LightningModule):
         gradient_checkpointing: bool = True,
         upcast_to_fp32: bool = True,
         trust_remote_code: bool = False,
+        generation: GenerationArgs = GenerationArgs(),  # noqa: B008
     ) -> None:
         super().__init__()
-        # Plain dicts, so checkpoints load with torch.load(weights_only=True).
+        # Plain dicts, so checkpoints load with torch.load(weights_only=True). `generation` stays out: LightningCLI lays
+        # a checkpoint's hparams over the command line, which would pin `predict --ckpt_path` to training's decoding.
         self.save_hyperparameters(
             {
                 "model_name_or_path": model_name_or_path,
@@ -58,6 +62,7 @@ class QLoRAModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.upcast_to_fp32 = upcast_to_fp32
         self.trust_remote_code = trust_remote_code
+        self.generation = generation
         self.model: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self._val_loss_sum = torch.zeros(())
@@ -115,6 +120,12 @@ class QLoRAModule(L.LightningModule):
         self.log("val_ppl", torch.exp(val_loss), rank_zero_only=True)
         self._val_loss_sum.zero_()
         self._val_tokens.zero_()
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, list]:
+        """Answers to a batch of left-padded prompts (data.predict_path); PredictionWriter writes them."""
+        tokenizer = self.trainer.datamodule.tokenizer  # the answers end at its EOS, as the training examples did
+        answers = generate_texts(self.model, tokenizer, batch, self.generation)
+        return {"index": batch["index"].tolist(), "generated": answers}
 
     def configure_optimizers(self) -> dict[str, Any]:
         trainable = [p for p in self.parameters() if p.requires_grad]
