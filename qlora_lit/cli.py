@@ -37,6 +37,7 @@ def trainer_defaults() -> dict:
 # Commands outside Lightning's loop: plain functions whose typed, documented arguments are the command line.
 PLAIN_COMMANDS: dict[str, str] = {
     "generate": "qlora_lit.generate:generate",
+    "export": "qlora_lit.export:export",
 }
 
 
