@@ -101,7 +101,7 @@ def read_run_config(folder: str | Path | None) -> dict[str, Any]:
 
 
 def check_adapter_dir(adapter: str) -> None:
-    folder = Path(adapter).expanduser()
+    folder = Path(adapter)
     if not (folder / "adapter_config.json").is_file():
         reason = "has no adapter_config.json" if folder.is_dir() else "does not exist"
         raise ConfigError(
@@ -142,10 +142,11 @@ def load_for_generation(
     base_name = model or trained.get("model_name_or_path") or _adapter_base_name(adapter)
     target = resolve_device(device)
     # 4-bit as in training (its NF4/FP4 choice), computing in `dtype`; "none" loads plain bf16/fp32 weights.
+    trained_quantization = trained.get("quantization") or {}
     quantization = QuantizationArgs(
         load_in_4bit=quantize == "4bit",
-        quant_type=(trained.get("quantization") or {}).get("quant_type", "nf4"),
-        double_quant=(trained.get("quantization") or {}).get("double_quant", True),
+        quant_type=trained_quantization.get("quant_type", "nf4"),
+        double_quant=trained_quantization.get("double_quant", True),
         compute_dtype=resolve_dtype(dtype, target),
     )
     loaded = load_base_model(base_name, quantization, target, trained.get("trust_remote_code", False))
