@@ -1,4 +1,4 @@
-"""Callbacks that write the artifact users want: a PEFT adapter folder."""
+"""Callbacks that write the artifacts users want: a PEFT adapter folder, and the answers of `predict`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 from qlora_lit.data.datamodule import load_tokenizer
 
@@ -59,6 +59,56 @@ class AdapterExport(Callback):
         progress = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}
         (partial / "trainer_state.json").write_text(json.dumps(progress))
         _replace_dir(partial, target)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes the answers of `predict` as JSONL: each prompts-file row plus "generated", in the file's order.
+
+    Each rank appends to its own part file as its batches finish (no two processes write one file, nothing waits in
+    memory); at the end rank 0 merges the parts in order. On several nodes, `output` must be on a shared filesystem.
+
+    Args:
+        output: the JSONL file; default `<log_dir>/predictions.jsonl`.
+    """
+
+    def __init__(self, output: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output = output
+
+    def output_path(self, trainer: L.Trainer) -> Path:
+        if self.output:
+            return Path(self.output)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+
+    def part_path(self, trainer: L.Trainer, rank: int) -> Path:
+        output = self.output_path(trainer)
+        return output.with_name(f".{output.name}.rank{rank}")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        part = self.part_path(trainer, trainer.global_rank)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        part.write_text("")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        rows = trainer.datamodule.predict_rows
+        with self.part_path(trainer, trainer.global_rank).open("a", encoding="utf-8") as part:
+            for index, answer in zip(prediction["index"], prediction["generated"], strict=True):
+                part.write(json.dumps([index, {**rows[index], "generated": answer}], ensure_ascii=False) + "\n")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.strategy.barrier()  # every rank's part is complete
+        if not trainer.is_global_zero:
+            return
+        parts = [self.part_path(trainer, rank) for rank in range(trainer.world_size)]
+        indexed = [json.loads(line) for part in parts for line in part.read_text(encoding="utf-8").splitlines()]
+        output = self.output_path(trainer)
+        partial = output.with_name(f".{output.name}.partial")
+        with partial.open("w", encoding="utf-8") as sink:
+            for _, row in sorted(indexed, key=lambda item: item[0]):
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(partial, output)
+        for part in parts:
+            part.unlink()
 
 
 def _replace_dir(source: Path, target: Path) -> None:

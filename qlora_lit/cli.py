@@ -15,7 +15,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from qlora_lit.callbacks import AdapterExport
+from qlora_lit.callbacks import AdapterExport, PredictionWriter
 from qlora_lit.data import KoAlpacaDataModule
 from qlora_lit.errors import ConfigError
 from qlora_lit.module import QLoRAModule
@@ -37,7 +37,10 @@ def trainer_defaults() -> dict:
 
 
 # Commands outside Lightning's loop: plain functions whose typed, documented arguments are the command line.
-PLAIN_COMMANDS: dict[str, str] = {}
+PLAIN_COMMANDS: dict[str, str] = {
+    "generate": "qlora_lit.generate:generate",
+    "export": "qlora_lit.export:export",
+}
 
 
 class QLoRACLI(LightningCLI):
@@ -46,6 +49,7 @@ class QLoRACLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")  # used by `predict` only
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val_loss",
@@ -70,7 +74,8 @@ class QLoRACLI(LightningCLI):
 def run_plain_command(name: str, args: list[str]) -> Any:
     module_name, function_name = PLAIN_COMMANDS[name].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    return auto_cli(function, args=args, prog=f"python -m qlora_lit {name}")
+    # as_positional=False: required arguments are `--name value` options too, like everything else on this CLI.
+    return auto_cli(function, args=args, prog=f"python -m qlora_lit {name}", as_positional=False)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> Any:

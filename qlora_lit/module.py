@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from peft import PeftModel
 
 from qlora_lit.errors import ConfigError
+from qlora_lit.generate import GenerationArgs, generate_texts
 from qlora_lit.loss import chunked_lm_loss_sum, supports_chunked_loss
 from qlora_lit.model import LoraArgs, QuantizationArgs, attach_lora, load_base_model
 from qlora_lit.optim import OptimizerArgs, build_optimizer, build_scheduler
@@ -29,6 +30,7 @@ class QLoRAModule(L.LightningModule):
         trust_remote_code: run modeling code shipped with the model repository. Only for models you trust.
         loss_chunk_tokens: compute logits only at labelled positions, this many at a time, recomputed in backward
             (saves the largest activation with big vocabularies); 0 uses the model's own loss over full logits.
+        generation: how `predict` decodes answers.
     """
 
     def __init__(
@@ -41,9 +43,11 @@ class QLoRAModule(L.LightningModule):
         upcast_to_fp32: bool = True,
         trust_remote_code: bool = False,
         loss_chunk_tokens: int = 4096,
+        generation: GenerationArgs = GenerationArgs(),  # noqa: B008
     ) -> None:
         super().__init__()
-        # Plain dicts, so checkpoints load with torch.load(weights_only=True).
+        # Plain dicts, so checkpoints load with torch.load(weights_only=True). `generation` stays out: LightningCLI lays
+        # a checkpoint's hparams over the command line, which would pin `predict --ckpt_path` to training's decoding.
         self.save_hyperparameters(
             {
                 "model_name_or_path": model_name_or_path,
@@ -66,6 +70,7 @@ class QLoRAModule(L.LightningModule):
         if loss_chunk_tokens < 0:
             raise ConfigError(f"model.loss_chunk_tokens must be >= 0, got {loss_chunk_tokens}")
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.generation = generation
         self.model: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self._val_loss_sum = torch.zeros(())
@@ -129,6 +134,12 @@ class QLoRAModule(L.LightningModule):
         self.log("val_ppl", torch.exp(val_loss), sync_dist=True)
         self._val_loss_sum.zero_()
         self._val_tokens.zero_()
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, list]:
+        """Answers to a batch of left-padded prompts (data.predict_path); PredictionWriter writes them."""
+        tokenizer = self.trainer.datamodule.tokenizer  # the answers end at its EOS, as the training examples did
+        answers = generate_texts(self.model, tokenizer, batch, self.generation)
+        return {"index": batch["index"].tolist(), "generated": answers}
 
     def configure_optimizers(self) -> dict[str, Any]:
         trainable = [p for p in self.parameters() if p.requires_grad]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +26,23 @@ def tokenizer():
     from qlora_lit.data.datamodule import load_tokenizer
 
     return load_tokenizer(TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A 4-step demo fit through the CLI: its run folder (adapter/, checkpoints/, config.yaml), the trained module."""
+    from qlora_lit.cli import cli_main
+
+    root = tmp_path_factory.mktemp("trained_run")
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    overrides = {
+        "trainer.max_steps": "4",
+        "trainer.val_check_interval": "2",
+        "trainer.enable_progress_bar": "false",
+        "trainer.logger.init_args.save_dir": str(root),
+        "data.cache_dir": str(root / "cache"),  # session fixtures run before the per-test cache isolation
+    }
+    args = [item for key, value in overrides.items() for item in (f"--{key}", value)]
+    cli = cli_main(["fit", "--config", str(demo), *args])
+    cli.model.eval()
+    return Path(cli.trainer.log_dir), cli.model

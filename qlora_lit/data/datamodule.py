@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qlora_lit.assets import resolve_asset
 from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count
+from qlora_lit.data.inference import PromptCollator, encode_prompts, read_prompts_file
 from qlora_lit.data.prompts import build_prompt, encode_example
 from qlora_lit.data.sampler import EpochBatchSampler
 from qlora_lit.data.sources import clean_table, load_table
@@ -59,6 +60,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         pad_to_multiple_of: pad batch width to a multiple of this (tensor-core friendly shapes).
         num_workers: DataLoader worker processes.
         cache_dir: where the cleaned copy of the data is kept (default `$QLORA_LIT_CACHE` or ~/.cache/qlora_lit).
+        predict_path: JSONL prompts file (an "instruction" and optional "input" per line) that `predict` answers.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         pad_to_multiple_of: int = 8,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        predict_path: str | None = None,
     ) -> None:
         super().__init__()
         if max_length < 16:
@@ -99,6 +102,8 @@ class KoAlpacaDataModule(L.LightningDataModule):
         self.val_set: list[dict] = []
         self.stats: dict[str, int] = {}
         self.resume_position: dict[str, int] = {}
+        self.predict_path = predict_path
+        self.predict_rows: list[dict] = []
 
     @property
     def clean_path(self) -> Path:
@@ -113,7 +118,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Load, clean and cache the source once per node (Lightning calls this on one process only)."""
-        if self.clean_path.exists():
+        if self.clean_path.exists() or (self.trainer is not None and self.trainer.predicting):
             return
         table, stats = clean_table(load_table(self.path))
         self.clean_path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +129,10 @@ class KoAlpacaDataModule(L.LightningDataModule):
         os.replace(partial, self.clean_path)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.tokenizer is not None:
+        if stage == "predict":
+            self._setup_predict()
+            return
+        if self.train_set:
             return
         self.prepare_data()  # a no-op when the cache exists; makes setup() usable on its own
         self.tokenizer = load_tokenizer(self.tokenizer_name)
@@ -137,6 +145,13 @@ class KoAlpacaDataModule(L.LightningDataModule):
         self.train_set, self.val_set = self._split(usable)
         self.stats.update(train_rows=len(self.train_set), val_rows=len(self.val_set))
         rank_zero_info(f"data {self.path}: {self.stats}")
+
+    def _setup_predict(self) -> None:
+        """Only the prompts to answer: predicting never reads (or downloads) the training data."""
+        if self.predict_path is None:
+            raise ConfigError('predict needs data.predict_path: a JSONL file with an "instruction" per line')
+        self.tokenizer = self.tokenizer or load_tokenizer(self.tokenizer_name)
+        self.predict_rows = read_prompts_file(self.predict_path)
 
     def _encode(self, row) -> dict:
         return encode_example(self.tokenizer, build_prompt(row.instruction, row.input), row.output, self.max_length)
@@ -178,6 +193,16 @@ class KoAlpacaDataModule(L.LightningDataModule):
         return DataLoader(
             self.val_set, batch_size=self.batch_size, collate_fn=self.collator(), num_workers=self.num_workers
         )
+
+    def predict_dataloader(self) -> DataLoader:
+        """Each rank answers every world_size-th prompt, wrapped in the training template, none twice.
+
+        Uneven shares are fine: Lightning does not wrap the model in DDP for predict, so ranks never wait on each other.
+        """
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        ids = encode_prompts(self.tokenizer, self.predict_rows)
+        items = [{"input_ids": ids[index], "index": index} for index in range(rank, len(ids), world_size)]
+        return DataLoader(items, batch_size=self.batch_size, collate_fn=PromptCollator(self.tokenizer))
 
     def state_dict(self) -> dict[str, int]:
         """The data position, saved in checkpoints: a resumed run skips the batches this epoch already trained."""

@@ -1,0 +1,88 @@
+"""Prompts to answer rather than to train on: a prompts file, the training template, left-padded batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from qlora_lit.data.prompts import build_prompt
+from qlora_lit.errors import ConfigError
+
+PromptFormat = Literal["koalpaca", "chat"]
+
+
+def read_prompts_file(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file, one JSON object with a non-empty "instruction" (and an optional "input") per line.
+
+    Other keys (a reference "output", an id) are kept, so they come back beside the answers. Blank lines are skipped;
+    any other bad line is an error that names the file and the line.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"prompts file {str(path)!r} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            rows.append(_parse_prompt_line(line, f"{path}, line {number}"))
+    if not rows:
+        raise ConfigError(f"prompts file {str(path)!r} holds no prompts")
+    return rows
+
+
+def _parse_prompt_line(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where}: not valid JSON ({err.msg}): {line[:80]!r}") from None
+    if not isinstance(row, dict):
+        raise ConfigError(f'{where}: expected a JSON object like {{"instruction": "...", "input": "..."}}')
+    instruction = row.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ConfigError(f'{where}: needs a non-empty "instruction" string; the keys are {sorted(row)}')
+    if row.get("input") is not None and not isinstance(row["input"], str):
+        raise ConfigError(f'{where}: "input" must be a string when present')
+    return row
+
+
+def format_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    instruction: str,
+    input: str | None = None,
+    prompt_format: PromptFormat = "koalpaca",
+) -> str:
+    """The text the model completes, in the format it was trained with (data.prompt_format)."""
+    if prompt_format == "koalpaca":
+        return build_prompt(instruction, input)
+    if tokenizer.chat_template is None:
+        raise ConfigError('prompt_format "chat" needs a tokenizer with a chat template; this one has none')
+    content = f"{instruction}\n\n{input}" if input and input.strip() else instruction
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, rows: list[dict], prompt_format: PromptFormat = "koalpaca"
+) -> list[list[int]]:
+    """Token ids of each row's prompt, as in training (a chat template writes its own BOS, so none is added)."""
+    texts = [format_prompt(tokenizer, row["instruction"], row.get("input"), prompt_format) for row in rows]
+    return tokenizer(texts, add_special_tokens=prompt_format == "koalpaca")["input_ids"]
+
+
+def left_pad(tokenizer: PreTrainedTokenizerBase, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Pad on the left: every prompt then ends at the last column, where generation appends the new tokens."""
+    return tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt", padding_side="left")
+
+
+class PromptCollator:
+    """Batches `{"input_ids", "index"}` items into left-padded tensors plus the rows' indices (for the writer)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        batch = left_pad(self.tokenizer, [item["input_ids"] for item in items])
+        return {**batch, "index": torch.tensor([item["index"] for item in items])}

@@ -1,0 +1,247 @@
+"""Answer prompts with a trained adapter (or a bare base model), in the prompt format it was trained with.
+
+python -m qlora_lit generate --adapter runs/demo/version_0/adapter --prompt "한국의 아이돌 문화에 대해 알려줘."
+python -m qlora_lit generate --adapter DIR --prompts_file prompts.jsonl --output answers.jsonl
+python -m qlora_lit generate --model meta-llama/Llama-3.2-1B --prompt "..."      # the base before training
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+import torch
+import yaml
+from peft import PeftModel
+from tqdm import tqdm
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+
+from qlora_lit.callbacks import CONFIG_NAME
+from qlora_lit.data.datamodule import load_tokenizer
+from qlora_lit.data.inference import PromptFormat, encode_prompts, left_pad, read_prompts_file
+from qlora_lit.errors import ConfigError
+from qlora_lit.model import QuantizationArgs, load_base_model
+
+DTypeFlag = Literal["auto", "bf16", "fp16", "fp32"]
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass
+class GenerationArgs:
+    """How answers are decoded (the walkthrough's sampling settings by default)."""
+
+    max_new_tokens: int = 256
+    """Longest answer in tokens; generation stops earlier at the tokenizer's EOS."""
+    do_sample: bool = True
+    """Sample the next token; false decodes greedily (deterministic) and ignores temperature, top_k and top_p."""
+    temperature: float = 0.2
+    """Sampling temperature: lower is closer to greedy."""
+    top_k: int = 50
+    """Sample among the k most likely tokens."""
+    top_p: float = 0.95
+    """Sample among the most likely tokens whose probabilities add up to p."""
+    repetition_penalty: float = 1.2
+    """Penalty on tokens already in the text (1.0: none)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ConfigError("generation.temperature must be > 0 and generation.top_p in (0, 1] when sampling")
+
+    def to_generation_config(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> GenerationConfig:
+        # Training ends every answer with the tokenizer's EOS; the model's own stop tokens (e.g. an instruct model's
+        # end-of-turn) are kept too. use_cache: training switched the model config's cache off.
+        model_eos = model.generation_config.eos_token_id
+        model_eos = model_eos if isinstance(model_eos, list) else [model_eos]
+        eos = [tokenizer.eos_token_id] + [t for t in model_eos if t is not None and t != tokenizer.eos_token_id]
+        sampling = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            repetition_penalty=self.repetition_penalty,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            **(sampling if self.do_sample else {}),
+        )
+
+
+def generate_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: dict[str, torch.Tensor],
+    args: GenerationArgs,
+    streamer: TextStreamer | None = None,
+) -> list[str]:
+    """Answers to a batch of left-padded prompts: the new tokens only, decoded, up to the EOS."""
+    input_ids = batch["input_ids"].to(model.device)
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=batch["attention_mask"].to(model.device),
+            generation_config=args.to_generation_config(tokenizer, model),
+            streamer=streamer,
+        )
+    answers = tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+    return [answer.strip() for answer in answers]
+
+
+def read_run_config(folder: str | Path | None) -> dict[str, Any]:
+    """The training run's resolved config saved beside an adapter (or a merged model); {} if there is none."""
+    path = Path(folder) / CONFIG_NAME if folder else None
+    if path is None or not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def check_adapter_dir(adapter: str) -> None:
+    folder = Path(adapter)
+    if not (folder / "adapter_config.json").is_file():
+        reason = "has no adapter_config.json" if folder.is_dir() else "does not exist"
+        raise ConfigError(
+            f"adapter folder {adapter!r} {reason}; give the adapter/ folder of a training run, "
+            "e.g. runs/demo/version_0/adapter"
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def resolve_dtype(dtype: DTypeFlag, device: torch.device) -> str:
+    """`auto`: bf16 on a GPU that has it, fp32 on a CPU (where bf16 matrix products are slower)."""
+    if dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bfloat16" if bf16 else "float32"
+    return DTYPE_NAMES[dtype]
+
+
+def load_for_generation(
+    adapter: str | None = None,
+    model: str | None = None,
+    quantize: Literal["4bit", "none"] = "4bit",
+    dtype: DTypeFlag = "auto",
+    device: str = "auto",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """The base (from `model`, else the one the adapter was trained on) with the adapter on top, in eval mode.
+
+    Returns the model, the tokenizer (the adapter's copy when there is one) and the training run's config ({} if none).
+    """
+    if adapter is None and model is None:
+        raise ConfigError("give --adapter (a trained adapter folder) or --model (a base model to try untrained)")
+    if adapter is not None:
+        check_adapter_dir(adapter)
+    run_config = read_run_config(adapter or (model if Path(model).is_dir() else None))
+    trained = run_config.get("model") or {}
+    base_name = model or trained.get("model_name_or_path") or _adapter_base_name(adapter)
+    target = resolve_device(device)
+    # 4-bit as in training (its NF4/FP4 choice), computing in `dtype`; "none" loads plain bf16/fp32 weights.
+    trained_quantization = trained.get("quantization") or {}
+    quantization = QuantizationArgs(
+        load_in_4bit=quantize == "4bit",
+        quant_type=trained_quantization.get("quant_type", "nf4"),
+        double_quant=trained_quantization.get("double_quant", True),
+        compute_dtype=resolve_dtype(dtype, target),
+    )
+    loaded = load_base_model(base_name, quantization, target, trained.get("trust_remote_code", False))
+    if adapter is not None:
+        loaded = PeftModel.from_pretrained(loaded, adapter)
+    tokenizer = load_tokenizer(adapter or base_name)
+    return loaded.eval(), tokenizer, run_config
+
+
+def _adapter_base_name(adapter: str) -> str:
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    return config["base_model_name_or_path"]
+
+
+def trained_prompt_format(run_config: dict[str, Any]) -> PromptFormat:
+    return (run_config.get("data") or {}).get("prompt_format") or "koalpaca"
+
+
+def generate(
+    prompt: str | None = None,
+    input: str | None = None,
+    prompts_file: str | None = None,
+    output: str | None = None,
+    adapter: str | None = None,
+    model: str | None = None,
+    prompt_format: PromptFormat | None = None,
+    quantize: Literal["4bit", "none"] = "4bit",
+    dtype: DTypeFlag = "auto",
+    generation: GenerationArgs = GenerationArgs(),  # noqa: B008 - frozen-by-convention settings
+    batch_size: int = 8,
+    device: str = "auto",
+    seed: int | None = None,
+) -> list[str]:
+    """Answer one prompt (streamed to the terminal) or a JSONL file of prompts with a trained adapter.
+
+    Args:
+        prompt: an instruction to answer; the answer is printed as it is generated.
+        input: optional extra input for `prompt` (selects the template with an input section).
+        prompts_file: JSONL file, one {"instruction": ..., "input": ...} object per line ("input" optional).
+        output: where the answers to `prompts_file` go, as JSONL (each row plus "generated"); default: stdout.
+        adapter: a trained adapter folder (runs/NAME/version_N/adapter); its base and prompt format come with it.
+        model: base model (hub id or folder): alone, to try it untrained; with `adapter`, instead of the trained base.
+        prompt_format: template to wrap prompts in; default: the one the adapter was trained with, else koalpaca.
+        quantize: load the base in 4 bits as in training, or unquantized (`none`) in `dtype`.
+        dtype: compute dtype; auto is bf16 on a GPU that supports it, fp32 on a CPU.
+        generation: decoding settings.
+        batch_size: prompts generated together from `prompts_file` (left-padded).
+        device: cuda, cuda:1, cpu, or auto (the first GPU if there is one).
+        seed: seed for sampling, for repeatable answers.
+    """
+    if (prompt is None) == (prompts_file is None):
+        raise ConfigError("give exactly one of --prompt or --prompts_file")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    rows = [{"instruction": prompt, "input": input}] if prompt is not None else read_prompts_file(prompts_file)
+    loaded, tokenizer, run_config = load_for_generation(adapter, model, quantize, dtype, device)
+    prompt_format = prompt_format or trained_prompt_format(run_config)
+    if seed is not None:
+        torch.manual_seed(seed)
+    if prompt is not None:
+        batch = left_pad(tokenizer, encode_prompts(tokenizer, rows, prompt_format))
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        return generate_texts(loaded, tokenizer, batch, generation, streamer)
+    return answer_rows(loaded, tokenizer, rows, prompt_format, generation, batch_size, output)
+
+
+def answer_rows(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    prompt_format: PromptFormat,
+    generation: GenerationArgs,
+    batch_size: int,
+    output: str | None,
+) -> list[str]:
+    """Answer `rows` in batches, writing each row plus its "generated" answer as JSONL as soon as a batch is done."""
+    encoded = encode_prompts(tokenizer, rows, prompt_format)
+    answers: list[str] = []
+    with open_output(output) as sink, tqdm(total=len(rows), unit="prompt", desc="generate", file=sys.stderr) as bar:
+        for start in range(0, len(rows), batch_size):
+            batch = left_pad(tokenizer, encoded[start : start + batch_size])
+            texts = generate_texts(model, tokenizer, batch, generation)
+            for row, text in zip(rows[start : start + batch_size], texts, strict=True):
+                sink.write(json.dumps({**row, "generated": text}, ensure_ascii=False) + "\n")
+            sink.flush()  # finished batches survive an interrupted run
+            answers += texts
+            bar.update(len(texts))
+    return answers
+
+
+@contextmanager
+def open_output(output: str | None) -> Iterator[TextIO]:
+    if output is None:
+        yield sys.stdout
+        return
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", encoding="utf-8") as sink:
+        yield sink

@@ -1,0 +1,72 @@
+"""export: the adapter merged into the full-precision base, saved as a plain Hugging Face model folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import TINY_MODEL
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qlora_lit.assets import resolve_asset
+from qlora_lit.cli import cli_main
+from qlora_lit.data.inference import encode_prompts, left_pad
+from qlora_lit.export import CHECK_ROWS
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["qlora_lit"])
+
+
+@pytest.fixture(scope="module")
+def merged(trained_run, tmp_path_factory):
+    output = tmp_path_factory.mktemp("export") / "merged"
+    adapter = str(trained_run[0] / "adapter")
+    difference = cli_main(["export", "--adapter", adapter, "--output", str(output), "--dtype", "fp32"])
+    return output, difference
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+def test_merged_folder_loads_in_plain_transformers_with_the_adapters_logits(trained_run, merged, tokenizer):
+    output, reported = merged
+    config = json.loads((output / "config.json").read_text())
+    assert "quantization_config" not in config
+    model = AutoModelForCausalLM.from_pretrained(output).eval()
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert AutoTokenizer.from_pretrained(output).eos_token_id == tokenizer.eos_token_id
+    base = AutoModelForCausalLM.from_pretrained(resolve_asset(TINY_MODEL), dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, str(trained_run[0] / "adapter")).eval()
+    batch = left_pad(tokenizer, encode_prompts(tokenizer, CHECK_ROWS))
+    with torch.no_grad():
+        got = model(**batch).logits
+        torch.testing.assert_close(got, with_adapter(**batch).logits, rtol=1e-4, atol=1e-4)
+        trained = trained_run[1](batch["input_ids"], batch["attention_mask"]).logits  # the NF4 model of training
+    assert reported < 1e-4
+    # Looser: training saw NF4-rounded base weights; on this random tiny model that is about 20% of the logits.
+    assert relative_error(got, trained) < 0.3
+
+
+def test_bf16_export_stores_bf16_weights(trained_run, tmp_path):
+    output = tmp_path / "merged"
+    difference = cli_main(["export", "--adapter", str(trained_run[0] / "adapter"), "--output", str(output)])
+    with safe_open(output / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.bfloat16}  # noqa: SIM118
+    assert difference < 1.0  # bf16 rounding of the merged weights and of the logits themselves
+
+
+def test_export_refuses_a_non_empty_output_and_a_missing_adapter(trained_run, merged, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["export", "--adapter", str(trained_run[0] / "adapter"), "--output", str(merged[0])])
+    assert exit_info.value.code == 2
+    assert "is a file or a folder that is not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--adapter", str(merged[0] / "nowhere"), "--output", str(merged[0] / "x")])
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,141 @@
+"""generate: one prompt (streamed), a prompts file (batched), the bare base; the adapter round trip; clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_MODEL
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from qlora_lit.assets import resolve_asset
+from qlora_lit.cli import cli_main
+from qlora_lit.data.inference import encode_prompts, left_pad
+from qlora_lit.generate import GenerationArgs, load_for_generation
+from qlora_lit.model import QuantizationArgs
+
+GREEDY = ["--generation.do_sample", "false", "--generation.max_new_tokens", "6", "--dtype", "fp32"]
+UNQUANTIZED = [*GREEDY, "--quantize", "none"]  # 4-bit matrix products are slow on a CPU; padding is what is tested
+ROWS = [
+    {"instruction": "한국의 수도는?"},
+    {"instruction": "다음 문장을 요약해줘.", "input": "서울은 한국의 수도이다.", "id": 7},
+    {"instruction": "안녕?"},
+    {"instruction": "김치찌개 끓이는 법을 알려줘."},
+    {"instruction": "하늘은 왜 파래?"},
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["qlora_lit"])
+
+
+@pytest.fixture
+def adapter(trained_run) -> str:
+    return str(trained_run[0] / "adapter")
+
+
+def write_prompts(path, rows=ROWS):
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_single_prompt_streams_the_answer(adapter, capsys):
+    answers = cli_main(["generate", "--adapter", adapter, "--prompt", "한국의 아이돌 문화에 대해 알려줘.", *GREEDY])
+    assert len(answers) == 1 and answers[0]
+    assert answers[0] in capsys.readouterr().out  # printed by the streamer as it was generated
+
+
+def test_prompts_file_batched_equals_one_at_a_time(adapter, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    batched = cli_main(["generate", "--adapter", adapter, "--prompts_file", prompts, "--batch_size", "3", *UNQUANTIZED])
+    output = tmp_path / "out" / "answers.jsonl"
+    single = ["--batch_size", "1", "--output", str(output), *UNQUANTIZED]
+    assert cli_main(["generate", "--adapter", adapter, "--prompts_file", prompts, *single]) == batched
+    written = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert written == [{**row, "generated": answer} for row, answer in zip(ROWS, batched, strict=True)]
+
+
+def test_without_adapter_the_base_answers(tmp_path):
+    answers = cli_main(["generate", "--model", TINY_MODEL, "--quantize", "none", "--prompt", "안녕?", *GREEDY])
+    model, tokenizer, run_config = load_for_generation(model=TINY_MODEL, quantize="none", dtype="fp32")
+    assert run_config == {} and not isinstance(model, PeftModel)
+    batch = left_pad(tokenizer, encode_prompts(tokenizer, [{"instruction": "안녕?"}]))
+    config = GenerationArgs(do_sample=False, max_new_tokens=6).to_generation_config(tokenizer, model)
+    expected = model.generate(**batch, generation_config=config)[0, batch["input_ids"].shape[1] :]
+    assert answers == [tokenizer.decode(expected, skip_special_tokens=True).strip()]
+
+
+def test_sampling_defaults_are_the_walkthroughs_and_stop_at_the_tokenizers_eos(tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(resolve_asset(TINY_MODEL))
+    config = GenerationArgs().to_generation_config(tokenizer, model)
+    assert (config.do_sample, config.temperature, config.top_k, config.top_p) == (True, 0.2, 50, 0.95)
+    assert (config.repetition_penalty, config.max_new_tokens) == (1.2, 256)
+    assert config.eos_token_id[0] == tokenizer.eos_token_id and config.pad_token_id == tokenizer.pad_token_id
+    greedy = GenerationArgs(do_sample=False).to_generation_config(tokenizer, model)
+    assert not greedy.do_sample and greedy.temperature in (None, 1.0)
+
+
+def test_prompt_format_comes_from_the_training_config(adapter, tmp_path, capsys):
+    chat_adapter = tmp_path / "adapter"
+    shutil.copytree(adapter, chat_adapter)
+    config_path = chat_adapter / "qlora_lit_config.yaml"
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    config["data"]["prompt_format"] = "chat"  # the tiny tokenizer has no chat template: the error shows it was read
+    config_path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["generate", "--adapter", str(chat_adapter), "--prompt", "안녕?", *GREEDY])
+    assert exit_info.value.code == 2
+    assert 'prompt_format "chat" needs a tokenizer with a chat template' in capsys.readouterr().err
+
+
+def test_adapter_round_trip_generate_and_plain_peft_have_the_trained_logits(trained_run, adapter, tokenizer):
+    _, module = trained_run
+    batch = left_pad(tokenizer, encode_prompts(tokenizer, ROWS))
+    loaded, _, _ = load_for_generation(adapter, quantize="4bit", dtype="fp32")
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_asset(TINY_MODEL),
+        quantization_config=QuantizationArgs(compute_dtype="float32").to_bnb_config(),
+        dtype=torch.float32,
+        device_map="cpu",
+    )
+    plain = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        expected = module(batch["input_ids"], batch["attention_mask"]).logits
+        for model in (loaded, plain):
+            torch.testing.assert_close(model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--adapter", "no/such/adapter", "--prompt", "안녕?"], "adapter folder 'no/such/adapter' does not exist"),
+        (["--prompt", "안녕?"], "give --adapter"),
+        (["--model", TINY_MODEL], "give exactly one of --prompt or --prompts_file"),
+    ],
+)
+def test_usage_errors_are_one_message(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["generate", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_adapter_folder_without_adapter_config(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "--adapter", str(tmp_path), "--prompt", "안녕?"])
+    assert "has no adapter_config.json" in capsys.readouterr().err
+
+
+def test_bad_prompts_file_line_is_one_message(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "안녕?"}\n{"instruction": "broken"\n', encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["generate", "--model", TINY_MODEL, "--prompts_file", str(prompts)])
+    assert exit_info.value.code == 2
+    assert f"qlora_lit: error: {prompts}, line 2: not valid JSON" in capsys.readouterr().err
