@@ -9,6 +9,7 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     fast                  batch 8 x 8, length-grouped batches, no checkpointing, no fp32 upcast
     fast-b16              batch 16 x 4, length-grouped, no checkpointing, no fp32 upcast
     lowmem                batch 8 x 8, length-grouped, checkpointing, no fp32 upcast
+    *-fullce              the same with the model's own loss over full logits (loss_chunk_tokens=0)
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time.
 """
 
@@ -39,6 +40,8 @@ VARIANTS = {
     "fast": {"batch": 8, "accum": 8, "group": True, "gc": False, "upcast": False},
     "fast-b16": {"batch": 16, "accum": 4, "group": True, "gc": False, "upcast": False},
     "lowmem": {"batch": 8, "accum": 8, "group": True, "gc": True, "upcast": False},
+    "fast-fullce": {"batch": 8, "accum": 8, "group": True, "gc": False, "upcast": False, "chunk": 0},
+    "fast-b16-fullce": {"batch": 16, "accum": 4, "group": True, "gc": False, "upcast": False, "chunk": 0},
 }
 
 
@@ -93,6 +96,7 @@ def main() -> None:
         optimizer=OptimizerArgs(name="paged_adamw_8bit", lr=2e-4, warmup_steps=1, schedule="linear"),
         gradient_checkpointing=v["gc"],
         upcast_to_fp32=v["upcast"],
+        loss_chunk_tokens=v.get("chunk", 4096),
     )
     timer = LightningStepTimer(counter, a.warmup_steps, v["accum"])
     trainer = L.Trainer(
