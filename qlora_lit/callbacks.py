@@ -1,4 +1,4 @@
-"""Callbacks that write the artifact users want: a PEFT adapter folder."""
+"""Callbacks that write what a run leaves behind: the PEFT adapter folder and the data statistics."""
 
 from __future__ import annotations
 
@@ -14,6 +14,20 @@ from lightning.pytorch.callbacks import Callback
 from qlora_lit.data.datamodule import load_tokenizer
 
 CONFIG_NAME = "qlora_lit_config.yaml"
+DATA_STATS_NAME = "data_stats.json"
+
+
+class DataStatsExport(Callback):
+    """Writes `<log_dir>/data_stats.json` at the start of fit (rank 0): rows read, dropped (empty, duplicate,
+    over-long), truncated and kept, as the data module counted them, so a run records what it trained on."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stats = getattr(trainer.datamodule, "stats", None)
+        if not trainer.is_global_zero or not stats:
+            return
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / DATA_STATS_NAME).write_text(json.dumps(stats, indent=2))
 
 
 class AdapterExport(Callback):
@@ -47,9 +61,11 @@ class AdapterExport(Callback):
         pl_module.model.save_pretrained(partial, safe_serialization=True)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.model_name_or_path)
         tokenizer.save_pretrained(partial)
-        run_config = Path(trainer.log_dir or "") / "config.yaml"
-        if run_config.is_file():
-            shutil.copyfile(run_config, partial / CONFIG_NAME)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if (log_dir / "config.yaml").is_file():
+            shutil.copyfile(log_dir / "config.yaml", partial / CONFIG_NAME)
+        if (log_dir / DATA_STATS_NAME).is_file():
+            shutil.copyfile(log_dir / DATA_STATS_NAME, partial / DATA_STATS_NAME)
         progress = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}
         (partial / "trainer_state.json").write_text(json.dumps(progress))
         _replace_dir(partial, target)

@@ -7,15 +7,16 @@ python -m qlora_lit <plain command> [--key value ...]                           
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from typing import Any
 
-from jsonargparse import auto_cli
+from jsonargparse import ArgumentParser, auto_cli
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from qlora_lit.callbacks import AdapterExport
+from qlora_lit.callbacks import AdapterExport, DataStatsExport
 from qlora_lit.data import KoAlpacaDataModule
 from qlora_lit.errors import ConfigError
 from qlora_lit.module import QLoRAModule
@@ -29,13 +30,16 @@ def trainer_defaults() -> dict:
         },
         # The data module's own sampler splits batches across ranks and resumes mid-epoch.
         "use_distributed_sampler": False,
-        # Always present: the adapter is the run's product; the learning rate is worth seeing in every run.
-        "callbacks": [AdapterExport(), LearningRateMonitor(logging_interval="step")],
+        # Always present: the adapter is the run's product; the data statistics and the learning rate are worth
+        # having for every run.
+        "callbacks": [AdapterExport(), DataStatsExport(), LearningRateMonitor(logging_interval="step")],
     }
 
 
 # Commands outside Lightning's loop: plain functions whose typed, documented arguments are the command line.
-PLAIN_COMMANDS: dict[str, str] = {}
+PLAIN_COMMANDS: dict[str, str] = {
+    "data-stats": "qlora_lit.data.stats:data_stats",
+}
 
 
 class QLoRACLI(LightningCLI):
@@ -55,7 +59,6 @@ class QLoRACLI(LightningCLI):
             }
         )
 
-
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add a rich progress bar unless the config has another or turns it off (Lightning refuses both at once)."""
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -69,7 +72,13 @@ class QLoRACLI(LightningCLI):
 def run_plain_command(name: str, args: list[str]) -> Any:
     module_name, function_name = PLAIN_COMMANDS[name].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    return auto_cli(function, args=args, prog=f"python -m qlora_lit {name}")
+    prog = f"python -m qlora_lit {name}"
+    if "config" not in inspect.signature(function).parameters:
+        return auto_cli(function, args=args, prog=prog)
+    # auto_cli drops a function's own `config` argument (jsonargparse 4.53 pops it as its config-file option)
+    parser = ArgumentParser(prog=prog, description=inspect.getdoc(function).split("\n\n")[0])
+    parser.add_function_arguments(function, as_positional=False)
+    return function(**parser.instantiate(parser.parse_args(args)).as_dict())
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> Any:

@@ -11,7 +11,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from peft import PeftModel
 
 from qlora_lit.errors import ConfigError
-from qlora_lit.model import LoraArgs, QuantizationArgs, attach_lora, load_base_model
+from qlora_lit.model import (
+    AttnImplementation,
+    LoraArgs,
+    QuantizationArgs,
+    attach_lora,
+    check_attn_implementation,
+    load_base_model,
+)
 from qlora_lit.optim import OptimizerArgs, build_optimizer, build_scheduler
 
 
@@ -26,6 +33,8 @@ class QLoRAModule(L.LightningModule):
         gradient_checkpointing: recompute activations in backward to save memory (non-reentrant).
         upcast_to_fp32: cast norms, embeddings and the output head to fp32 (peft's k-bit preparation).
         trust_remote_code: run modeling code shipped with the model repository. Only for models you trust.
+        attn_implementation: attention kernel: sdpa (default, everywhere), eager, or on a GPU flash_attention_2 (needs
+            the flash-attn package) or flex_attention, the fast ones for packed rows (data.pack_length).
     """
 
     def __init__(
@@ -37,8 +46,10 @@ class QLoRAModule(L.LightningModule):
         gradient_checkpointing: bool = True,
         upcast_to_fp32: bool = True,
         trust_remote_code: bool = False,
+        attn_implementation: AttnImplementation = "sdpa",
     ) -> None:
         super().__init__()
+        check_attn_implementation(attn_implementation)
         # Plain dicts, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -49,6 +60,7 @@ class QLoRAModule(L.LightningModule):
                 "gradient_checkpointing": gradient_checkpointing,
                 "upcast_to_fp32": upcast_to_fp32,
                 "trust_remote_code": trust_remote_code,
+                "attn_implementation": attn_implementation,
             }
         )
         self.model_name_or_path = model_name_or_path
@@ -58,6 +70,7 @@ class QLoRAModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.upcast_to_fp32 = upcast_to_fp32
         self.trust_remote_code = trust_remote_code
+        self.attn_implementation = attn_implementation
         self.model: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self._val_loss_sum = torch.zeros(())
@@ -74,13 +87,38 @@ class QLoRAModule(L.LightningModule):
                 f"trainer.precision={precision} casts the whole model, which 4/8-bit weights cannot take; "
                 "use bf16-mixed or 32-true (the 4-bit layers compute in quantization.compute_dtype either way)"
             )
-        base = load_base_model(self.model_name_or_path, self.quantization, device, self.trust_remote_code)
+        base = load_base_model(
+            self.model_name_or_path, self.quantization, device, self.trust_remote_code, self.attn_implementation
+        )
         self.model = attach_lora(base, self.lora, self.gradient_checkpointing, self.upcast_to_fp32)
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **loss_kwargs: Any,
+    ):
+        """Padded batches come with `attention_mask`; packed ones with `position_ids` restarting per example instead.
+
+        No KV cache in training: with one, transformers would not derive the packed (block-diagonal) mask.
+        """
+        if position_ids is not None and "flash" in self.attn_implementation:
+            # flash-attention's varlen path reads sequence starts from position ids only in a single flat row
+            input_ids, labels, position_ids = (
+                t if t is None else t.reshape(1, -1) for t in (input_ids, labels, position_ids)
+            )
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            position_ids=position_ids,
+            use_cache=False,
+            **loss_kwargs,
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Loss per label token of the whole optimizer step, over all ranks and accumulated micro-batches.
@@ -95,7 +133,7 @@ class QLoRAModule(L.LightningModule):
             loss = self(**batch).loss
             self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
             return loss
-        loss_sum = self.model(**batch, num_items_in_batch=step_tokens).loss * step_tokens
+        loss_sum = self(**batch, num_items_in_batch=step_tokens).loss * step_tokens
         label_tokens = (batch["labels"][:, 1:] != -100).sum()
         self.log("train_loss", loss_sum.detach() / label_tokens.clamp(min=1), prog_bar=True, batch_size=1)
         return loss_sum / step_tokens * self.trainer.world_size * self.trainer.accumulate_grad_batches

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from conftest import SAMPLE_DATA, TINY_MODEL
 from lightning.pytorch.callbacks import Callback
 
-from conftest import SAMPLE_DATA, TINY_MODEL
 from qlora_lit.data import KoAlpacaDataModule
 from qlora_lit.model import LoraArgs, QuantizationArgs
 from qlora_lit.module import QLoRAModule
