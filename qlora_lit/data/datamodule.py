@@ -164,9 +164,10 @@ class KoAlpacaDataModule(L.LightningDataModule):
         examples, counts = fit_to_length(prompt_ids, response_ids, self.max_length, self.overlong)
         self.stats.update(counts)
         if not examples:
+            advice = "raise data.max_length" + (" or use data.overlong: truncate" if self.overlong == "drop" else "")
             raise ConfigError(
-                f"no rows left: all {len(prompt_ids)} are longer than data.max_length={self.max_length} "
-                f"and data.overlong={self.overlong} ({self.stats}); raise max_length or use truncate"
+                f"no rows left: all {len(prompt_ids)} are longer than data.max_length={self.max_length} with "
+                f"data.overlong={self.overlong} ({self.stats}); {advice}"
             )
         self.train_set, self.val_set = self._split(examples)
         self.stats.update(train_rows=len(self.train_set), val_rows=len(self.val_set))

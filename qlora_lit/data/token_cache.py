@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,7 +35,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 def write_tokens(path: Path, prompt_ids: list[list[int]], response_ids: list[list[int]], stats: dict) -> None:
     """Write atomically: the parquet file appears last, complete, so its existence means the cache is usable."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial = path.with_name(f"{path.stem}.{socket.gethostname()}-{os.getpid()}.tmp")  # nodes may share the folder
     ids = pa.list_(pa.int32())
     table = pa.table({"prompt_ids": pa.array(prompt_ids, ids), "response_ids": pa.array(response_ids, ids)})
     pq.write_table(table, partial)
