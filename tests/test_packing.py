@@ -130,3 +130,18 @@ def test_packed_rows_split_across_ranks_count_step_tokens_and_resume_mid_epoch()
         micro = [batches[rank][2 * step + k] for rank in (0, 1) for k in (0, 1)]
         tokens = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in micro)
         assert all(int(batch["step_label_tokens"]) == tokens for batch in micro)
+
+
+def test_flash_attention_gets_the_packed_batch_as_one_flat_row_with_the_same_loss(sample_examples):
+    """flash-attention finds sequence starts in position ids only for a single row; flattening must not change the
+    loss (the flat row is run through sdpa here: no flash-attn on a CPU)."""
+    module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype="float32"), lora=LoraArgs(dropout=0))
+    module.configure_model()
+    batch = PackingCollator(pad_id=1)(list(PackedDataset(sample_examples, [[0, 1, 2], [3, 4]])))
+    with torch.no_grad():
+        rows = module(**batch)
+        module.attn_implementation = "flash_attention_2"
+        flat = module(**batch)
+    assert rows.logits.shape[0] == 2 and flat.logits.shape[0] == 1
+    torch.testing.assert_close(flat.loss, rows.loss)
+    torch.testing.assert_close(flat.logits.reshape(rows.logits.shape), rows.logits, rtol=1e-4, atol=1e-4)

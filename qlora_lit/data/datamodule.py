@@ -68,7 +68,8 @@ class KoAlpacaDataModule(L.LightningDataModule):
         max_length: longest example in tokens.
         overlong: what happens to rows longer than `max_length`: `truncate` (their response loses the EOS) or `drop`.
         pack_length: pack several examples into rows of up to this many tokens (0 or null: no packing); each example
-            attends only to itself. `batch_size` then counts rows. Must be at least `max_length`.
+            attends only to itself. `batch_size` then counts rows. Must be at least `max_length`. Validation batches
+            stay unpacked.
         batch_size: examples (or packed rows) per micro-batch on each device.
         val_size: validation share of the rows (a float in (0, 1)) or a row count (an int >= 1).
         seed: seed of the train/validation split and of the shuffling.
