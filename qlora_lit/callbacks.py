@@ -1,4 +1,5 @@
-"""Callbacks that write the artifacts users want: a PEFT adapter folder, and the answers of `predict`."""
+"""Callbacks that write what a run leaves behind: the PEFT adapter folder, the data statistics and the answers
+of `predict`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,27 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from qlora_lit.data.datamodule import load_tokenizer
 
 CONFIG_NAME = "qlora_lit_config.yaml"
+DATA_STATS_NAME = "data_stats.json"
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run's log directory, read from the logger: `trainer.log_dir` broadcasts, which deadlocks DDP when only
+    rank 0 asks."""
+    logger_dir = trainer.loggers[0].log_dir if trainer.loggers else None
+    return Path(logger_dir or trainer.default_root_dir)
+
+
+class DataStatsExport(Callback):
+    """Writes `<log_dir>/data_stats.json` at the start of fit (rank 0): rows read, dropped (empty, duplicate,
+    over-long), truncated and kept, as the data module counted them, so a run records what it trained on."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stats = getattr(trainer.datamodule, "stats", None)
+        if not trainer.is_global_zero or not stats:
+            return
+        folder = run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / DATA_STATS_NAME).write_text(json.dumps(stats, indent=2))
 
 
 class AdapterExport(Callback):
@@ -29,14 +51,8 @@ class AdapterExport(Callback):
     def __init__(self, dirname: str = "adapter") -> None:
         self.dirname = dirname
 
-    @staticmethod
-    def run_dir(trainer: L.Trainer) -> Path:
-        """The run's log directory, read from the logger: `trainer.log_dir` broadcasts, and only rank 0 gets here."""
-        logger_dir = trainer.loggers[0].log_dir if trainer.loggers else None
-        return Path(logger_dir or trainer.default_root_dir)
-
     def adapter_dir(self, trainer: L.Trainer) -> Path:
-        return self.run_dir(trainer) / self.dirname
+        return run_dir(trainer) / self.dirname
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self.export(trainer, pl_module)
@@ -53,9 +69,10 @@ class AdapterExport(Callback):
         pl_module.model.save_pretrained(partial, safe_serialization=True)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.model_name_or_path)
         tokenizer.save_pretrained(partial)
-        run_config = self.run_dir(trainer) / "config.yaml"
-        if run_config.is_file():
-            shutil.copyfile(run_config, partial / CONFIG_NAME)
+        folder = run_dir(trainer)
+        for name, target in (("config.yaml", CONFIG_NAME), (DATA_STATS_NAME, DATA_STATS_NAME)):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, partial / target)
         progress = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}
         (partial / "trainer_state.json").write_text(json.dumps(progress))
         _replace_dir(partial, target)
@@ -78,7 +95,7 @@ class PredictionWriter(BasePredictionWriter):
     def output_path(self, trainer: L.Trainer) -> Path:
         if self.output:
             return Path(self.output)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+        return run_dir(trainer) / "predictions.jsonl"
 
     def part_path(self, trainer: L.Trainer, rank: int) -> Path:
         output = self.output_path(trainer)

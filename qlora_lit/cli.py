@@ -7,15 +7,16 @@ python -m qlora_lit <plain command> [--key value ...]                           
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from typing import Any
 
-from jsonargparse import auto_cli
+from jsonargparse import ArgumentParser, auto_cli
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from qlora_lit.callbacks import AdapterExport, PredictionWriter
+from qlora_lit.callbacks import AdapterExport, DataStatsExport, PredictionWriter
 from qlora_lit.data import KoAlpacaDataModule
 from qlora_lit.errors import ConfigError
 from qlora_lit.module import QLoRAModule
@@ -30,9 +31,14 @@ def trainer_defaults() -> dict:
         },
         # The data module's own sampler splits batches across ranks and resumes mid-epoch.
         "use_distributed_sampler": False,
-        # Always present: the adapter is the run's product, the learning rate is worth seeing in every run, and a
-        # kill signal must end in a resumable checkpoint.
-        "callbacks": [AdapterExport(), LearningRateMonitor(logging_interval="step"), PreemptionCheckpoint()],
+        # Always present: the adapter is the run's product, the data statistics and the learning rate are worth
+        # having for every run, and a kill signal must end in a resumable checkpoint.
+        "callbacks": [
+            AdapterExport(),
+            DataStatsExport(),
+            LearningRateMonitor(logging_interval="step"),
+            PreemptionCheckpoint(),
+        ],
     }
 
 
@@ -40,6 +46,7 @@ def trainer_defaults() -> dict:
 PLAIN_COMMANDS: dict[str, str] = {
     "generate": "qlora_lit.generate:generate",
     "export": "qlora_lit.export:export",
+    "data-stats": "qlora_lit.data.stats:data_stats",
 }
 
 
@@ -74,8 +81,14 @@ class QLoRACLI(LightningCLI):
 def run_plain_command(name: str, args: list[str]) -> Any:
     module_name, function_name = PLAIN_COMMANDS[name].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    # as_positional=False: required arguments are `--name value` options too, like everything else on this CLI.
-    return auto_cli(function, args=args, prog=f"python -m qlora_lit {name}", as_positional=False)
+    prog = f"python -m qlora_lit {name}"
+    if "config" not in inspect.signature(function).parameters:
+        # as_positional=False: required arguments are `--name value` options too, like everything else on this CLI.
+        return auto_cli(function, args=args, prog=prog, as_positional=False)
+    # auto_cli drops a function's own `config` argument (jsonargparse 4.53 pops it as its config-file option)
+    parser = ArgumentParser(prog=prog, description=inspect.getdoc(function).split("\n\n")[0])
+    parser.add_function_arguments(function, as_positional=False)
+    return function(**parser.instantiate(parser.parse_args(args)).as_dict())
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> Any:

@@ -16,6 +16,8 @@ from qlora_lit.assets import resolve_asset
 from qlora_lit.errors import ConfigError, not_found_message
 
 DTypeName = Literal["bfloat16", "float16", "float32"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flex_attention"]
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
 def to_dtype(name: str) -> torch.dtype:
@@ -103,8 +105,14 @@ def load_base_model(
     quantization: QuantizationArgs,
     device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
+    attn_implementation: AttnImplementation = "sdpa",
 ) -> PreTrainedModel:
-    """Load the base causal LM onto one device, quantized if asked (never `device_map="auto"`: it breaks DDP)."""
+    """Load the base causal LM onto one device, quantized if asked (never `device_map="auto"`: it breaks DDP).
+
+    `attn_implementation`: every one of them keeps packed examples apart (see data/packing.py); on a GPU,
+    flash_attention_2 (needs the flash-attn package) or flex_attention are the fast ones for packed rows.
+    """
+    check_attn_implementation(attn_implementation)
     path = resolve_asset(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(
@@ -113,9 +121,21 @@ def load_base_model(
             dtype=to_dtype(quantization.compute_dtype),
             device_map={"": torch.device(device)},
             trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
         )
     except OSError as err:
         raise ConfigError(not_found_message("model", name_or_path, err)) from err
+    except (ImportError, ValueError) as err:  # transformers' "attention implementation not available here"
+        if attn_implementation == "sdpa":
+            raise
+        raise ConfigError(f"model.attn_implementation={attn_implementation} cannot be used here: {err}") from err
+
+
+def check_attn_implementation(attn_implementation: str) -> None:
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"model.attn_implementation must be one of {list(ATTN_IMPLEMENTATIONS)}, got {attn_implementation!r}"
+        )
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:

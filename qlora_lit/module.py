@@ -13,7 +13,14 @@ from peft import PeftModel
 from qlora_lit.errors import ConfigError
 from qlora_lit.generate import GenerationArgs, generate_texts
 from qlora_lit.loss import chunked_lm_loss_sum, supports_chunked_loss
-from qlora_lit.model import LoraArgs, QuantizationArgs, attach_lora, load_base_model
+from qlora_lit.model import (
+    AttnImplementation,
+    LoraArgs,
+    QuantizationArgs,
+    attach_lora,
+    check_attn_implementation,
+    load_base_model,
+)
 from qlora_lit.optim import OptimizerArgs, build_optimizer, build_scheduler
 
 
@@ -31,6 +38,8 @@ class QLoRAModule(L.LightningModule):
         loss_chunk_tokens: compute logits only at labelled positions, this many at a time, recomputed in backward
             (saves the largest activation with big vocabularies); 0 uses the model's own loss over full logits.
         generation: how `predict` decodes answers.
+        attn_implementation: attention kernel: sdpa (default, everywhere), eager, or on a GPU flash_attention_2 (needs
+            the flash-attn package) or flex_attention, the fast ones for packed rows (data.pack_length).
     """
 
     def __init__(
@@ -44,8 +53,10 @@ class QLoRAModule(L.LightningModule):
         trust_remote_code: bool = False,
         loss_chunk_tokens: int = 4096,
         generation: GenerationArgs = GenerationArgs(),  # noqa: B008
+        attn_implementation: AttnImplementation = "sdpa",
     ) -> None:
         super().__init__()
+        check_attn_implementation(attn_implementation)
         # Plain dicts, so checkpoints load with torch.load(weights_only=True). `generation` stays out: LightningCLI lays
         # a checkpoint's hparams over the command line, which would pin `predict --ckpt_path` to training's decoding.
         self.save_hyperparameters(
@@ -58,6 +69,7 @@ class QLoRAModule(L.LightningModule):
                 "upcast_to_fp32": upcast_to_fp32,
                 "trust_remote_code": trust_remote_code,
                 "loss_chunk_tokens": loss_chunk_tokens,
+                "attn_implementation": attn_implementation,
             }
         )
         self.model_name_or_path = model_name_or_path
@@ -71,6 +83,7 @@ class QLoRAModule(L.LightningModule):
             raise ConfigError(f"model.loss_chunk_tokens must be >= 0, got {loss_chunk_tokens}")
         self.loss_chunk_tokens = loss_chunk_tokens
         self.generation = generation
+        self.attn_implementation = attn_implementation
         self.model: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self._val_loss_sum = torch.zeros(())
@@ -87,21 +100,47 @@ class QLoRAModule(L.LightningModule):
                 f"trainer.precision={precision} casts the whole model, which 4/8-bit weights cannot take; "
                 "use bf16-mixed or 32-true (the 4-bit layers compute in quantization.compute_dtype either way)"
             )
-        base = load_base_model(self.model_name_or_path, self.quantization, device, self.trust_remote_code)
+        base = load_base_model(
+            self.model_name_or_path, self.quantization, device, self.trust_remote_code, self.attn_implementation
+        )
         self.model = attach_lora(base, self.lora, self.gradient_checkpointing, self.upcast_to_fp32)
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    def model_inputs(self, batch: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+        """Padded batches come with `attention_mask`; packed ones with `position_ids` restarting per example instead.
+
+        flash-attention's varlen path reads sequence starts from position ids only in a single flat row.
+        """
+        if batch.get("position_ids") is None or "flash" not in self.attn_implementation:
+            return batch
+        flat = {"input_ids", "labels", "position_ids"}
+        return {
+            key: value.reshape(1, -1) if key in flat and value is not None else value for key, value in batch.items()
+        }
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **loss_kwargs: Any,
+    ):
+        """The model's own forward and loss. No KV cache in training: with one, transformers would not derive the
+        packed (block-diagonal) mask from the position ids."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        inputs = self.model_inputs({**inputs, "position_ids": position_ids})
+        return self.model(**inputs, use_cache=False, **loss_kwargs)
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token loss over the labelled positions of `batch`, and how many there are."""
         causal_lm = self.model.get_base_model()
-        if self.loss_chunk_tokens and supports_chunked_loss(causal_lm):
-            return chunked_lm_loss_sum(causal_lm, batch, self.loss_chunk_tokens)
         label_tokens = (batch["labels"][:, 1:] != -100).sum()  # the model shifts labels by one
-        return self.model(**batch).loss * label_tokens, label_tokens
+        if self.loss_chunk_tokens and supports_chunked_loss(causal_lm):
+            loss_sum, _ = chunked_lm_loss_sum(causal_lm, self.model_inputs(batch), self.loss_chunk_tokens)
+            return loss_sum, label_tokens
+        return self(**batch).loss * label_tokens, label_tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Loss per label token of the whole optimizer step, over all ranks and accumulated micro-batches.

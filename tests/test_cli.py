@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,6 +49,11 @@ def test_overrides_reach_the_resolved_config(capsys):
         (["--model.lora.r", "0"], "lora.r must be a positive integer"),
         (["--model.lora.dropout", "1.5"], "lora.dropout must be in [0, 1)"),
         (["--model.quantization.load_in_8bit", "true"], "load_in_4bit and load_in_8bit are both true"),
+        (["--model.attn_implementation", "flash"], "attn_implementation"),
+        (["--data.overlong", "cut"], "overlong"),
+        (["--data.pack_length", "100"], "data.pack_length=100 must be 0/null (no packing) or >= data.max_length=256"),
+        (["--data.encoding", "utf-9"], "data.encoding 'utf-9' is not an encoding"),
+        (["--data.columns", "{question: instruction}"], "data.columns maps 'question'"),
     ],
 )
 def test_bad_settings_fail_while_parsing_with_a_message(override, message, capsys):
@@ -91,3 +97,30 @@ def test_demo_fit_end_to_end(tmp_path):
     assert len(val_loss) == 3  # validations at 20, 40 and 60 steps
     assert val_loss[-1] < val_loss[0]
     assert scalars(run, "train_loss") and scalars(run, "lr-PagedAdamW8bit")
+    stats = json.loads((run / "data_stats.json").read_text())
+    assert stats["rows_read"] == 263 and stats["train_rows"] + stats["val_rows"] <= stats["rows_kept"]
+    assert json.loads((run / "adapter" / "data_stats.json").read_text()) == stats
+    assert "data builtin:koalpaca_sample.jsonl: {'rows_read': 263" in result.stderr + result.stdout  # logged at start
+
+
+def test_data_stats_command_reads_the_fit_config(capsys):
+    report = cli_main(["data-stats", "--config", str(ROOT / "configs/demo.yaml"), "--group_by_length", "true"])
+    printed = capsys.readouterr().out
+    for line in ("rows read", "duplicates dropped", "longer than max_length=256", "tokens", "prompt", "response"):
+        assert line in printed
+    assert report["rows_read"] == 263 and report["duplicates_dropped"] == 3
+    lengths = report["token_lengths"]
+    assert lengths["prompt"]["p50"] < lengths["total"]["p50"] <= lengths["total"]["max"]
+    assert 0 < report["overlong_share"] < 0.1
+    assert report["padding_configured"] < report["padding_random"] / 2  # grouped by length vs plain random
+    packed = cli_main(["data-stats", "--config", str(ROOT / "configs/demo.yaml"), "--pack_length", "1024"])
+    assert packed["padding_configured"] < 0.05 < packed["padding_random"]
+
+
+def test_data_stats_command_names_unknown_settings(tmp_path, capsys):
+    config = tmp_path / "fit.yaml"
+    config.write_text("model:\n  model_name_or_path: builtin:tiny-llama\ndata:\n  path: x.jsonl\n  max_len: 5\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["data-stats", "--config", str(config)])
+    assert exit_info.value.code == 2
+    assert "unknown data settings ['max_len']" in capsys.readouterr().err

@@ -24,7 +24,7 @@ class GradientCapture(Callback):
             self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
 
 
-def first_step_gradients(batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
+def first_step_gradients(batch_size: int, accumulate: int, **data_settings) -> dict[str, torch.Tensor]:
     L.seed_everything(11)
     module = QLoRAModule(
         TINY_MODEL,
@@ -33,7 +33,8 @@ def first_step_gradients(batch_size: int, accumulate: int) -> dict[str, torch.Te
         optimizer=OptimizerArgs(name="adamw"),
     )
     # a long max_length and no length grouping: examples of very different lengths share a step
-    data = KoAlpacaDataModule(SAMPLE_DATA, TINY_MODEL, max_length=256, batch_size=batch_size, val_size=8, seed=5)
+    settings = {"path": SAMPLE_DATA, "tokenizer": TINY_MODEL, "max_length": 256, "val_size": 8, "seed": 5}
+    data = KoAlpacaDataModule(**{**settings, **data_settings}, batch_size=batch_size)
     capture = GradientCapture()
     trainer = L.Trainer(
         accelerator="cpu",

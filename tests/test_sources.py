@@ -4,7 +4,7 @@ import datasets
 import pandas as pd
 import pytest
 
-from qlora_lit.data.sources import clean_table, load_table
+from qlora_lit.data.sources import clean_table, load_sources, load_table
 from qlora_lit.errors import ConfigError
 
 ROWS = [
@@ -65,3 +65,86 @@ def test_missing_file_and_unknown_builtin_are_clear(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ConfigError, match="expected one of"):
         load_table(str(tmp_path / "notes.txt"))
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_json_file_with_one_object_per_line_loads(tmp_path):
+    path = write_jsonl(tmp_path / "lines.json", ROWS)
+    assert load_table(path)["instruction"].tolist() == [row["instruction"] for row in ROWS]
+
+
+def test_a_list_of_sources_is_concatenated_and_deduplicated_across_files(tmp_path):
+    jsonl = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    csv = tmp_path / "b.csv"
+    pd.DataFrame([ROWS[1], {"instruction": "새 질문", "output": "새 답"}]).to_csv(csv, index=False)
+    clean, stats = clean_table(load_sources([jsonl, str(csv)]))
+    assert stats["rows_read"] == 4
+    assert stats["duplicates_dropped"] == 1  # ROWS[1] is in both files
+    assert clean["instruction"].tolist() == [ROWS[0]["instruction"], ROWS[1]["instruction"], "새 질문"]
+
+
+def test_column_mapping_renames_and_ignores_extra_columns(tmp_path):
+    rows = [{"question": "질문", "context": "배경", "answer": "답", "id": 7, "source": "web"}]
+    table = load_sources(write_jsonl(tmp_path / "qa.jsonl", rows), {"instruction": "question", "output": "answer"})
+    assert table.to_dict("records") == [{"instruction": "질문", "input": "", "output": "답"}]
+    mapped = load_sources(
+        str(tmp_path / "qa.jsonl"), {"instruction": "question", "input": "context", "output": "answer"}
+    )
+    assert mapped["input"].tolist() == ["배경"]
+
+
+def test_mapped_column_that_is_missing_is_named(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "질문", "answer": "답"}])
+    with pytest.raises(
+        ConfigError, match=r"qa.jsonl' has no column \['reply'\]; its columns are \['question', 'answer'\]"
+    ):
+        load_sources(path, {"instruction": "question", "output": "reply"})
+    with pytest.raises(ConfigError, match=r"data.columns maps 'question', which is not one of \['instruction'"):
+        load_sources(path, {"question": "instruction"})
+
+
+def test_broken_json_line_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": "d"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"broken.jsonl', line 3: not valid JSON"):
+        load_table(str(path))
+    listed = tmp_path / "broken.json"
+    listed.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]')
+    with pytest.raises(ConfigError, match=r"broken.json', line 3: not valid JSON"):
+        load_table(str(listed))
+    (tmp_path / "scalars.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"expected JSON objects"):
+        load_table(str(tmp_path / "scalars.json"))
+
+
+@pytest.mark.parametrize(("name", "content"), [("a.jsonl", ""), ("b.json", "  \n"), ("c.csv", ""), ("d.csv", "a,b\n")])
+def test_empty_file_says_so(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ConfigError, match=r"is empty|has no rows"):
+        load_table(str(tmp_path / name))
+
+
+def test_nothing_left_after_cleaning_says_so():
+    with pytest.raises(ConfigError, match=r"no usable rows left after cleaning: of 2 rows read, 2 have an empty"):
+        clean_table(pd.DataFrame([{"instruction": "", "output": "x"}, {"instruction": "y", "output": " "}]))
+
+
+def test_cp949_csv_needs_its_encoding_and_the_message_says_how(tmp_path):
+    path = tmp_path / "excel.csv"
+    pd.DataFrame(ROWS).to_csv(path, index=False, encoding="cp949")
+    with pytest.raises(ConfigError) as error:
+        load_table(str(path))
+    message = str(error.value)
+    assert "excel.csv' is not utf-8 text" in message and "It reads as CP949" in message
+    assert "--data.encoding cp949" in message and "iconv -f cp949 -t utf-8" in message
+    assert load_table(str(path), encoding="cp949")["instruction"].tolist() == [row["instruction"] for row in ROWS]
+
+
+def test_excel_utf8_byte_order_mark_is_ignored(tmp_path):
+    path = tmp_path / "excel_utf8.csv"
+    pd.DataFrame(ROWS).to_csv(path, index=False, encoding="utf-8-sig")
+    assert list(load_table(str(path)).columns)[0] == "instruction"

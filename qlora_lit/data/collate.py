@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,9 +47,10 @@ def label_count(example: dict, train_on_prompt: bool = False) -> int:
 
 
 class StepTaggedDataset(torch.utils.data.Dataset):
-    """Looks examples up by `(index, step_label_tokens)` keys from EpochBatchSampler and attaches the count."""
+    """Looks items (examples or packed rows) up by `(index, step_label_tokens)` keys from EpochBatchSampler and
+    attaches the count."""
 
-    def __init__(self, examples: list[dict]) -> None:
+    def __init__(self, examples: Sequence[dict]) -> None:
         self.examples = examples
 
     def __len__(self) -> int:

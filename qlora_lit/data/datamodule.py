@@ -1,15 +1,14 @@
-"""The LightningDataModule: source -> clean/dedup -> prompt -> tokenize -> padded batches."""
+"""The LightningDataModule: sources -> clean/dedup -> prompt -> tokenize (cached) -> length policy -> batches."""
 
 from __future__ import annotations
 
-import hashlib
-import json
+import codecs
 import os
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
-import pandas as pd
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
@@ -18,11 +17,21 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from qlora_lit.assets import resolve_asset
 from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count
 from qlora_lit.data.inference import PromptCollator, encode_prompts, read_prompts_file
-from qlora_lit.data.prompts import build_prompt, encode_example
+from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows
+from qlora_lit.data.prompts import (
+    PromptFormat,
+    check_chat_template,
+    check_prompt_format,
+    fit_to_length,
+    template_fingerprint,
+    tokenize_rows,
+)
 from qlora_lit.data.sampler import EpochBatchSampler
-from qlora_lit.data.sources import clean_table, load_table
+from qlora_lit.data.sources import check_columns, clean_table, load_sources, source_fingerprint
+from qlora_lit.data.token_cache import cache_key, read_tokens, tokenizer_fingerprint, write_tokens
 from qlora_lit.errors import ConfigError, not_found_message
 
+OVERLONG_POLICIES = ("truncate", "drop")
 # Lightning warns on mid-epoch resume unless the DataLoader is stateful; here the DataModule carries the position
 # (state_dict below) and the sampler skips what was trained, so the warning would be wrong.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -46,28 +55,43 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 class KoAlpacaDataModule(L.LightningDataModule):
-    """KoAlpaca-style instruction data (instruction, optional input, output) as padded, label-masked batches.
+    """Instruction data (instruction, optional input, output) as label-masked batches, padded or packed.
 
     Args:
-        path: a hub dataset id, a local .jsonl/.json/.csv/.parquet file, a `save_to_disk` folder, or `builtin:<file>`.
+        path: a hub dataset id, a local .jsonl/.json/.csv/.parquet file, a `save_to_disk` folder, `builtin:<file>`,
+            or a list of these (their rows are concatenated).
         tokenizer: tokenizer name or path; LightningCLI links it to `model.model_name_or_path`.
-        max_length: longest example in tokens; longer ones are cut (their response loses the EOS).
-        batch_size: examples per micro-batch on each device.
+        columns: the source's column names for our fields when they differ, e.g. {instruction: question, output:
+            answer} (fields: instruction, input, output; other columns are ignored).
+        encoding: text encoding of CSV and JSON files, e.g. cp949 for Korean Excel exports.
+        prompt_format: `koalpaca` (the KoAlpaca templates) or `chat` (the tokenizer's chat template, for instruct
+            models; the loss covers the assistant turn).
+        max_length: longest example in tokens.
+        overlong: what happens to rows longer than `max_length`: `truncate` (their response loses the EOS) or `drop`.
+        pack_length: pack several examples into rows of up to this many tokens (0 or null: no packing); each example
+            attends only to itself. `batch_size` then counts rows. Must be at least `max_length`. Validation batches
+            stay unpacked.
+        batch_size: examples (or packed rows) per micro-batch on each device.
         val_size: validation share of the rows (a float in (0, 1)) or a row count (an int >= 1).
         seed: seed of the train/validation split and of the shuffling.
         train_on_prompt: also train on the prompt tokens, as the walkthrough did; by default only the response is.
         group_by_length: put examples of similar length in the same batch (less padding, same examples per epoch).
         pad_to_multiple_of: pad batch width to a multiple of this (tensor-core friendly shapes).
         num_workers: DataLoader worker processes.
-        cache_dir: where the cleaned copy of the data is kept (default `$QLORA_LIT_CACHE` or ~/.cache/qlora_lit).
+        cache_dir: where the tokenized data are kept (default `$QLORA_LIT_CACHE` or ~/.cache/qlora_lit).
         predict_path: JSONL prompts file (an "instruction" and optional "input" per line) that `predict` answers.
     """
 
     def __init__(
         self,
-        path: str = "beomi/KoAlpaca-v1.1a",
+        path: str | list[str] = "beomi/KoAlpaca-v1.1a",
         tokenizer: str = "builtin:tiny-llama",
+        columns: dict[str, str] | None = None,
+        encoding: str = "utf-8",
+        prompt_format: PromptFormat = "koalpaca",
         max_length: int = 512,
+        overlong: Literal["truncate", "drop"] = "truncate",
+        pack_length: int | None = None,
         batch_size: int = 2,
         val_size: float = 0.05,
         seed: int = 42,
@@ -79,16 +103,16 @@ class KoAlpacaDataModule(L.LightningDataModule):
         predict_path: str | None = None,
     ) -> None:
         super().__init__()
-        if max_length < 16:
-            raise ConfigError(f"data.max_length must be at least 16 tokens, got {max_length}")
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
-        if not (0 < val_size < 1 or (val_size >= 1 and float(val_size).is_integer())):
-            raise ConfigError(f"data.val_size must be a fraction in (0, 1) or a whole row count, got {val_size}")
+        check_settings(path, columns, encoding, prompt_format, max_length, overlong, pack_length, batch_size, val_size)
         self.save_hyperparameters()
         self.path = path
         self.tokenizer_name = tokenizer
+        self.columns = columns
+        self.encoding = encoding
+        self.prompt_format = prompt_format
         self.max_length = max_length
+        self.overlong = overlong
+        self.pack_length = pack_length or None
         self.batch_size = batch_size
         self.val_size = val_size
         self.seed = seed
@@ -100,33 +124,45 @@ class KoAlpacaDataModule(L.LightningDataModule):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
+        self.packed_rows: list[list[int]] = []
         self.stats: dict[str, int] = {}
         self.resume_position: dict[str, int] = {}
         self.predict_path = predict_path
         self.predict_rows: list[dict] = []
 
     @property
-    def clean_path(self) -> Path:
-        """The cleaned copy of the source, keyed by what the source is (and, for files, their size and time)."""
-        source = Path(resolve_asset(self.path)).expanduser()
-        key = [self.path]
-        if source.exists():
-            stat = source.stat()
-            key += [str(source.resolve()), stat.st_size, stat.st_mtime_ns]
-        digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-        return self.cache_dir / f"clean-{digest}.parquet"
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.tokenizer_name)
+            check_chat_template(self.tokenizer, self.prompt_format, self.tokenizer_name)
+        return self.tokenizer
+
+    @property
+    def cache_path(self) -> Path:
+        """The token cache of these sources, read this way, with this tokenizer and template."""
+        tokenizer = self.load_tokenizer()
+        key = cache_key(
+            [source_fingerprint(path) for path in self.paths],
+            self.columns,
+            codecs.lookup(self.encoding).name,
+            tokenizer_fingerprint(tokenizer),
+            template_fingerprint(tokenizer, self.prompt_format),
+        )
+        return self.cache_dir / f"tokens-{key}.parquet"
 
     def prepare_data(self) -> None:
-        """Load, clean and cache the source once per node (Lightning calls this on one process only)."""
-        if self.clean_path.exists() or (self.trainer is not None and self.trainer.predicting):
+        """Read, clean and tokenize the sources once per node (Lightning calls this on one process per node)."""
+        if self.trainer is not None and self.trainer.predicting:
+            return  # predicting reads only data.predict_path
+        path = self.cache_path
+        if path.exists():
             return
-        table, stats = clean_table(load_table(self.path))
-        self.clean_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.clean_path.with_suffix(f".{os.getpid()}.tmp")
-        table.to_parquet(partial)
-        partial.with_suffix(".json").write_text(json.dumps(stats))
-        os.replace(partial.with_suffix(".json"), self.clean_path.with_suffix(".json"))
-        os.replace(partial, self.clean_path)
+        table, stats = clean_table(load_sources(self.paths, self.columns, self.encoding))
+        prompt_ids, response_ids = tokenize_rows(self.load_tokenizer(), table, self.prompt_format)
+        write_tokens(path, prompt_ids, response_ids, stats)
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":
@@ -135,15 +171,20 @@ class KoAlpacaDataModule(L.LightningDataModule):
         if self.train_set:
             return
         self.prepare_data()  # a no-op when the cache exists; makes setup() usable on its own
-        self.tokenizer = load_tokenizer(self.tokenizer_name)
-        table = pd.read_parquet(self.clean_path)
-        self.stats = json.loads(self.clean_path.with_suffix(".json").read_text())
-        examples = [self._encode(row) for row in table.itertuples(index=False)]
-        usable = [example for example in examples if len(example["input_ids"]) > example["prompt_length"]]
-        self.stats["prompt_too_long_dropped"] = len(examples) - len(usable)
-        self.stats["truncated"] = sum(len(example["input_ids"]) == self.max_length for example in usable)
-        self.train_set, self.val_set = self._split(usable)
+        prompt_ids, response_ids, self.stats = read_tokens(self.cache_path)
+        examples, counts = fit_to_length(prompt_ids, response_ids, self.max_length, self.overlong)
+        self.stats.update(counts)
+        if not examples:
+            advice = "raise data.max_length" + (" or use data.overlong: truncate" if self.overlong == "drop" else "")
+            raise ConfigError(
+                f"no rows left: all {len(prompt_ids)} are longer than data.max_length={self.max_length} with "
+                f"data.overlong={self.overlong} ({self.stats}); {advice}"
+            )
+        self.train_set, self.val_set = self._split(examples)
         self.stats.update(train_rows=len(self.train_set), val_rows=len(self.val_set))
+        if self.pack_length:
+            self.packed_rows = pack_rows([len(example["input_ids"]) for example in self.train_set], self.pack_length)
+            self.stats["packed_train_rows"] = len(self.packed_rows)
         rank_zero_info(f"data {self.path}: {self.stats}")
 
     def _setup_predict(self) -> None:
@@ -152,9 +193,6 @@ class KoAlpacaDataModule(L.LightningDataModule):
             raise ConfigError('predict needs data.predict_path: a JSONL file with an "instruction" per line')
         self.tokenizer = self.tokenizer or load_tokenizer(self.tokenizer_name)
         self.predict_rows = read_prompts_file(self.predict_path)
-
-    def _encode(self, row) -> dict:
-        return encode_example(self.tokenizer, build_prompt(row.instruction, row.input), row.output, self.max_length)
 
     def _split(self, examples: list[dict]) -> tuple[list[dict], list[dict]]:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
@@ -166,23 +204,33 @@ class KoAlpacaDataModule(L.LightningDataModule):
     def collator(self) -> PaddingCollator:
         return PaddingCollator(self.tokenizer.pad_token_id, self.train_on_prompt, self.pad_to_multiple_of)
 
+    def train_items(self) -> tuple[list[dict] | PackedDataset, list[int], list[int]]:
+        """What the sampler batches (examples, or packed rows of examples), their lengths and their label tokens."""
+        if self.pack_length:
+            packed = PackedDataset(self.train_set, self.packed_rows, self.train_on_prompt)
+            return packed, packed.lengths(), packed.label_counts()
+        lengths = [len(example["input_ids"]) for example in self.train_set]
+        return self.train_set, lengths, [label_count(example, self.train_on_prompt) for example in self.train_set]
+
     def train_dataloader(self) -> DataLoader:
+        items, lengths, label_counts = self.train_items()
         sampler = EpochBatchSampler(
-            [len(example["input_ids"]) for example in self.train_set],
+            lengths,
             self.batch_size,
             seed=self.seed,
             group_by_length=self.group_by_length,
-            label_counts=[label_count(example, self.train_on_prompt) for example in self.train_set],
+            label_counts=label_counts,
             accumulate=self.trainer.accumulate_grad_batches if self.trainer is not None else 1,
         )
         if self.resume_position and self.trainer is not None:
             if self.resume_position["epoch"] == self.trainer.current_epoch:
                 sampler.skip_batches = self.resume_position["batches_done"]
             self.resume_position = {}
+        pad_id = self.tokenizer.pad_token_id
         return DataLoader(
-            StepTaggedDataset(self.train_set),
+            StepTaggedDataset(items),
             batch_sampler=sampler,
-            collate_fn=self.collator(),
+            collate_fn=PackingCollator(pad_id, self.pad_to_multiple_of) if self.pack_length else self.collator(),
             num_workers=self.num_workers,
             # Its own generator: creating the iterator must not draw from the global stream (LoRA dropout),
             # or a resumed run would diverge from an uninterrupted one.
@@ -200,7 +248,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         Uneven shares are fine: Lightning does not wrap the model in DDP for predict, so ranks never wait on each other.
         """
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        ids = encode_prompts(self.tokenizer, self.predict_rows)
+        ids = encode_prompts(self.tokenizer, self.predict_rows, self.prompt_format)
         items = [{"input_ids": ids[index], "index": index} for index in range(rank, len(ids), world_size)]
         return DataLoader(items, batch_size=self.batch_size, collate_fn=PromptCollator(self.tokenizer))
 
@@ -217,3 +265,37 @@ class KoAlpacaDataModule(L.LightningDataModule):
             rank_zero_info(
                 f"resuming the data at epoch {state_dict['epoch']} after {state_dict['batches_done']} batches"
             )
+
+
+def check_settings(
+    path: str | list[str],
+    columns: dict[str, str] | None,
+    encoding: str,
+    prompt_format: str,
+    max_length: int,
+    overlong: str,
+    pack_length: int | None,
+    batch_size: int,
+    val_size: float,
+) -> None:
+    """Every data setting that cannot work fails here, at parse time, with what to change."""
+    if not path:
+        raise ConfigError("data.path is empty: give a file, a folder, a hub id, or a list of them")
+    check_columns(columns)
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ConfigError(f"data.encoding {encoding!r} is not an encoding Python knows (e.g. utf-8, cp949)") from None
+    check_prompt_format(prompt_format)
+    if max_length < 16:
+        raise ConfigError(f"data.max_length must be at least 16 tokens, got {max_length}")
+    if overlong not in OVERLONG_POLICIES:
+        raise ConfigError(f"data.overlong must be one of {list(OVERLONG_POLICIES)}, got {overlong!r}")
+    if pack_length and pack_length < max_length:
+        raise ConfigError(
+            f"data.pack_length={pack_length} must be 0/null (no packing) or >= data.max_length={max_length}"
+        )
+    if batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+    if not (0 < val_size < 1 or (val_size >= 1 and float(val_size).is_integer())):
+        raise ConfigError(f"data.val_size must be a fraction in (0, 1) or a whole row count, got {val_size}")

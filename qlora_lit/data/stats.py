@@ -1,0 +1,129 @@
+"""`python -m qlora_lit data-stats --config configs/X.yaml`: the data in tokens, before spending GPU hours on them.
+
+It reads the `data:` section (and `model.model_name_or_path`, the tokenizer) of the YAML that `fit` takes, runs the
+data module's own reading, cleaning and tokenization (filling the token cache that `fit` then reuses), and prints
+what was dropped, token length percentiles, how many rows `max_length` cuts, and the share of padding under the
+configured batching versus plain random batching: what is needed to choose `max_length` and the batching.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from qlora_lit.data.datamodule import KoAlpacaDataModule
+from qlora_lit.data.sampler import EpochBatchSampler
+from qlora_lit.data.token_cache import read_tokens
+from qlora_lit.errors import ConfigError
+
+PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99, "max": 100}
+
+
+def data_stats(
+    config: str,
+    max_length: int | None = None,
+    batch_size: int | None = None,
+    group_by_length: bool | None = None,
+    pack_length: int | None = None,
+) -> dict:
+    """Print token statistics of the training data of a fit config.
+
+    Args:
+        config: the YAML file given to `fit` (its `data:` section and `model.model_name_or_path` are used).
+        max_length: try another `data.max_length` than the config's.
+        batch_size: try another `data.batch_size`.
+        group_by_length: try another `data.group_by_length`.
+        pack_length: try another `data.pack_length` (0: no packing).
+    """
+    overrides = {"max_length": max_length, "batch_size": batch_size, "group_by_length": group_by_length}
+    overrides["pack_length"] = pack_length
+    data = datamodule_from_config(config, {key: value for key, value in overrides.items() if value is not None})
+    data.setup()
+    report = collect(data)
+    print(format_report(data, report))
+    return report
+
+
+def datamodule_from_config(config: str, overrides: dict) -> KoAlpacaDataModule:
+    try:
+        settings = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {config!r} does not exist") from None
+    data = _init_args(settings.get("data"))
+    model_name = _init_args(settings.get("model")).get("model_name_or_path")
+    if model_name:
+        data["tokenizer"] = model_name  # as `fit` links them
+    unknown = sorted(set(data) - set(inspect.signature(KoAlpacaDataModule).parameters))
+    if unknown:
+        raise ConfigError(f"{config}: unknown data settings {unknown}")
+    return KoAlpacaDataModule(**{**data, **overrides})
+
+
+def _init_args(section: dict | None) -> dict:
+    """A config section's settings, whether written plainly or as `class_path` + `init_args`."""
+    section = dict(section or {})
+    return dict(section.get("init_args") or {}) if "class_path" in section else section
+
+
+def collect(data: KoAlpacaDataModule) -> dict:
+    """The statistics of a set-up data module, as a dict (what `format_report` prints)."""
+    prompt_ids, response_ids, _ = read_tokens(data.cache_path)
+    prompt = np.array([len(ids) for ids in prompt_ids])
+    response = np.array([len(ids) for ids in response_ids])
+    lengths = {"prompt": prompt, "response": response, "total": prompt + response}
+    _, item_lengths, _ = data.train_items()
+    example_lengths = [len(example["input_ids"]) for example in data.train_set]
+    return {
+        **data.stats,
+        "token_lengths": {name: percentiles(values) for name, values in lengths.items()},
+        "overlong_share": float((lengths["total"] > data.max_length).mean()),
+        "padding_configured": padding_fraction(data, item_lengths, data.group_by_length),
+        "padding_random": padding_fraction(data, example_lengths, False),
+    }
+
+
+def percentiles(values: np.ndarray) -> dict[str, int]:
+    return {name: round(float(np.percentile(values, q))) for name, q in PERCENTILES.items()}
+
+
+def padding_fraction(data: KoAlpacaDataModule, lengths: list[int], group_by_length: bool) -> float:
+    """Share of padding tokens in one epoch of batches of `lengths` (examples or packed rows), as the sampler and
+    collators would build them."""
+    sampler = EpochBatchSampler(lengths, data.batch_size, seed=data.seed, group_by_length=group_by_length)
+    multiple = data.pad_to_multiple_of
+    real = padded = 0
+    for batch in sampler.all_batches():
+        widest = max(lengths[i] for i in batch)
+        padded += -(-widest // multiple) * multiple * len(batch)
+        real += sum(lengths[i] for i in batch)
+    return 1 - real / padded
+
+
+def format_report(data: KoAlpacaDataModule, report: dict) -> str:
+    batching = f"packed rows of {data.pack_length} tokens" if data.pack_length else "examples"
+    batching += ", grouped by length" if data.group_by_length else ""
+    overlong = report["overlong"]
+    lines = [
+        f"data {data.path} | tokenizer {data.tokenizer_name} | prompt format {data.prompt_format}",
+        f"rows read            {report['rows_read']:>8}",
+        f"empty dropped        {report['empty_dropped']:>8}",
+        f"duplicates dropped   {report['duplicates_dropped']:>8}",
+        f"rows kept            {report['rows_kept']:>8}",
+        f"longer than max_length={data.max_length}: {overlong} ({report['overlong_share']:.1%}) -> truncated "
+        f"{report['truncated']}, dropped {report['overlong_dropped'] + report['prompt_too_long_dropped']}",
+        f"  (overlong: {data.overlong}; a row whose prompt alone fills max_length is always dropped)",
+        f"train / validation rows: {report['train_rows']} / {report['val_rows']}",
+        "",
+        "tokens   " + "".join(f"{name:>8}" for name in PERCENTILES),
+    ]
+    for name, values in report["token_lengths"].items():
+        lines.append(f"{name:<9}" + "".join(f"{value:>8}" for value in values.values()))
+    lines += [
+        "",
+        f"padding: {report['padding_configured']:.1%} with the configured batching (batches of {data.batch_size} "
+        f"{batching}), {report['padding_random']:.1%} with plain random batches of {data.batch_size} examples",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""The DataModule: length policy and its counts, the token cache, the chat format, and bad settings."""
+
+from __future__ import annotations
+
+import copy
+import json
+from unittest import mock
+
+import pytest
+from conftest import SAMPLE_DATA, TINY_MODEL
+
+from qlora_lit.data import KoAlpacaDataModule
+from qlora_lit.data.collate import IGNORE_INDEX
+from qlora_lit.errors import ConfigError
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_data(**settings) -> KoAlpacaDataModule:
+    defaults = {"path": SAMPLE_DATA, "tokenizer": TINY_MODEL, "max_length": 128, "batch_size": 4, "val_size": 8}
+    return KoAlpacaDataModule(**{**defaults, **settings})
+
+
+def test_overlong_rows_are_truncated_or_dropped_and_counted():
+    truncated, dropped = make_data(), make_data(overlong="drop")
+    truncated.setup()
+    dropped.setup()
+    stats = truncated.stats
+    assert stats["overlong"] > 0 and stats["overlong"] == dropped.stats["overlong"]
+    assert stats["truncated"] + stats["prompt_too_long_dropped"] == stats["overlong"]
+    assert dropped.stats["overlong_dropped"] + dropped.stats["prompt_too_long_dropped"] == stats["overlong"]
+    assert dropped.stats["truncated"] == 0
+    kept = truncated.stats["train_rows"] + truncated.stats["val_rows"]
+    assert kept == stats["rows_kept"] - stats["prompt_too_long_dropped"]
+    assert dropped.stats["train_rows"] + dropped.stats["val_rows"] == stats["rows_kept"] - stats["overlong"]
+    assert max(len(example["input_ids"]) for example in truncated.train_set) == 128
+
+
+def test_nothing_left_after_the_length_policy_says_so(tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"instruction": "길게 " * 40, "output": "답 " * 40}, ensure_ascii=False))
+    with pytest.raises(ConfigError, match=r"no rows left: all 1 are longer than data.max_length=16"):
+        make_data(path=str(path), max_length=16, overlong="drop").setup()
+
+
+def test_tokenization_is_cached_and_reused_across_runs(tmp_path):
+    first = make_data(cache_dir=str(tmp_path))
+    first.setup()
+    cache_files = sorted(tmp_path.glob("tokens-*.parquet"))
+    assert len(cache_files) == 1
+    with mock.patch("qlora_lit.data.datamodule.tokenize_rows", side_effect=AssertionError("tokenized again")):
+        again = make_data(cache_dir=str(tmp_path))
+        again.setup()
+        longer = make_data(cache_dir=str(tmp_path), max_length=256)  # length settings apply to the cached ids
+        longer.setup()
+    assert again.train_set == first.train_set and again.stats == first.stats
+    assert max(len(example["input_ids"]) for example in longer.train_set) == 256
+    make_data(cache_dir=str(tmp_path), columns={"instruction": "output", "output": "instruction"}).setup()
+    assert len(list(tmp_path.glob("tokens-*.parquet"))) == 2  # another reading of the data: another cache
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory):
+    """The tiny tokenizer has no chat template: a copy with one, saved like an instruct model's."""
+    from qlora_lit.data.datamodule import load_tokenizer
+
+    tokenizer = copy.deepcopy(load_tokenizer(TINY_MODEL))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    folder = tmp_path_factory.mktemp("chat_tokenizer")
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_chat_format_uses_the_template_and_trains_on_the_assistant_turn_only(tmp_path, chat_tokenizer):
+    path = tmp_path / "one.jsonl"
+    rows = [
+        {"instruction": "안녕?", "input": "", "output": "안녕하세요!"},
+        {"instruction": "요약해줘.", "output": "네."},
+    ]
+    path.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows))
+    data = make_data(path=str(path), tokenizer=chat_tokenizer, prompt_format="chat", val_size=1, seed=0)
+    data.setup()
+    example = data.val_set[0]
+    tokenizer = data.tokenizer
+    assert (
+        tokenizer.decode(example["input_ids"]) == "<|user|>안녕?<|end_of_text|><|assistant|>안녕하세요!<|end_of_text|>"
+    )
+    labels = data.collator()([example])["labels"][0]
+    trained = [token for token in labels.tolist() if token != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "안녕하세요!<|end_of_text|>"  # the answer and the template's end of turn
+
+
+def test_chat_format_without_a_chat_template_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"prompt_format=chat needs a tokenizer with a chat template.*has none"):
+        make_data(prompt_format="chat").setup()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"overlong": "cut"}, r"data.overlong must be one of \['truncate', 'drop'\], got 'cut'"),
+        ({"prompt_format": "alpaca"}, r"data.prompt_format must be one of \['koalpaca', 'chat'\]"),
+        ({"encoding": "klingon"}, r"data.encoding 'klingon' is not an encoding"),
+        ({"pack_length": 64}, r"data.pack_length=64 must be 0/null \(no packing\) or >= data.max_length=128"),
+        ({"columns": {"answer": "output"}}, r"data.columns maps 'answer', which is not one of"),
+        ({"path": []}, r"data.path is empty"),
+    ],
+)
+def test_bad_data_settings_fail_at_construction(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        make_data(**setting)
