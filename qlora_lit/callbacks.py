@@ -70,9 +70,9 @@ class AdapterExport(Callback):
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.model_name_or_path)
         tokenizer.save_pretrained(partial)
         folder = run_dir(trainer)
-        for name, target in (("config.yaml", CONFIG_NAME), (DATA_STATS_NAME, DATA_STATS_NAME)):
+        for name, copy_name in (("config.yaml", CONFIG_NAME), (DATA_STATS_NAME, DATA_STATS_NAME)):
             if (folder / name).is_file():
-                shutil.copyfile(folder / name, partial / target)
+                shutil.copyfile(folder / name, partial / copy_name)
         progress = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}
         (partial / "trainer_state.json").write_text(json.dumps(progress))
         _replace_dir(partial, target)
