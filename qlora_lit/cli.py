@@ -19,6 +19,9 @@ from qlora_lit.callbacks import AdapterExport
 from qlora_lit.data import KoAlpacaDataModule
 from qlora_lit.errors import ConfigError
 from qlora_lit.module import QLoRAModule
+from qlora_lit.monitor import TrainingMonitor
+from qlora_lit.samples import SampleGenerations
+from qlora_lit.text_log import SaveAndLogConfig
 
 
 def trainer_defaults() -> dict:
@@ -44,6 +47,9 @@ class QLoRACLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Always on, and configurable in the YAML (`monitor:`, `samples:`), unlike instances in trainer_defaults.
+        parser.add_lightning_class_args(TrainingMonitor, "monitor")
+        parser.add_lightning_class_args(SampleGenerations, "samples")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val_loss",
@@ -54,7 +60,6 @@ class QLoRACLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
-
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add a rich progress bar unless the config has another or turns it off (Lightning refuses both at once)."""
@@ -88,6 +93,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
             KoAlpacaDataModule,
             trainer_defaults=trainer_defaults(),
             seed_everything_default=42,
+            save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             args=args,

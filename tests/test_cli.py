@@ -11,6 +11,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qlora_lit.cli import cli_main
+from qlora_lit.samples import DEFAULT_PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -73,10 +74,35 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def scalars(log_dir: Path, tag: str) -> list[float]:
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return [event.value for event in events.Scalars(tag)]
+def events(log_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})  # 0: keep every text event
+    accumulator.Reload()
+    return accumulator
+
+
+def scalars(log: EventAccumulator, tag: str) -> list[float]:
+    return [event.value for event in log.Scalars(tag)]
+
+
+def texts(log: EventAccumulator, tag: str) -> dict[int, str]:
+    return {event.step: event.tensor_proto.string_val[0].decode() for event in log.Tensors(f"{tag}/text_summary")}
+
+
+# The TensorBoard story of a run (README "Monitoring"); the last ones need a GPU.
+SERIES = [
+    "train_loss",
+    "val_loss",
+    "val_ppl",
+    "lr-PagedAdamW8bit",
+    "epoch",
+    "train/grad_norm",
+    "train/padding_fraction",
+    "throughput/tokens_per_s",
+    "throughput/label_tokens_per_s",
+    "throughput/samples_per_s",
+    "throughput/step_time_s",
+]
+GPU_SERIES = ["throughput/mfu", "memory/peak_allocated_gib", "memory/peak_reserved_gib"]
 
 
 @pytest.mark.slow
@@ -87,7 +113,19 @@ def test_demo_fit_end_to_end(tmp_path):
     adapter = {p.name for p in (run / "adapter").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "qlora_lit_config.yaml"} <= adapter
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    val_loss = scalars(run, "val_loss")
+
+    log = events(run)
+    val_loss = scalars(log, "val_loss")
     assert len(val_loss) == 3  # validations at 20, 40 and 60 steps
     assert val_loss[-1] < val_loss[0]
-    assert scalars(run, "train_loss") and scalars(run, "lr-PagedAdamW8bit")
+    for tag in SERIES:
+        assert scalars(log, tag), tag
+    assert len(scalars(log, "throughput/tokens_per_s")) == 60 // 5  # every log_every_n_steps
+    assert all(0 < fraction < 1 for fraction in scalars(log, "train/padding_fraction"))
+    assert not set(GPU_SERIES) & set(log.Tags()["scalars"])  # a CPU run: no peak FLOP/s known, no CUDA memory
+
+    assert "model_name_or_path: builtin:tiny-llama" in texts(log, "config")[0]
+    for index, prompt in enumerate(DEFAULT_PROMPTS):
+        samples = texts(log, f"samples/{index}")
+        assert sorted(samples) == [0, 20, 40, 60]  # the sanity check, then each validation
+        assert all(prompt in text for text in samples.values())
