@@ -11,7 +11,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from qlora_lit.data.datamodule import load_tokenizer
 from qlora_lit.data.prompts import build_prompt
-from qlora_lit.text_log import log_text, verbatim
+from qlora_lit.text_log import as_prose, log_text
 
 DEFAULT_PROMPTS = (
     "한국의 아이돌 문화에 대해 알려줘.",
@@ -72,5 +72,5 @@ class SampleGenerations(Callback):
         finally:
             model.train(was_training)
         for index, (prompt, answer) in enumerate(zip(self.prompts, answers, strict=True)):
-            text = f"**{prompt}**\n\n{verbatim(answer.strip())}"
+            text = f"**{as_prose(prompt)}**\n\n{as_prose(answer.strip())}"
             log_text(trainer, f"samples/{index}", text, step=trainer.global_step)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -12,6 +14,20 @@ def log_text(trainer: L.Trainer, tag: str, markdown: str, step: int) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text(tag, markdown, global_step=step)
+
+
+# Everything but letters, digits and spaces (underscore included) may be markdown syntax.
+MARKDOWN_SIGNIFICANT = re.compile(r"[^\w\s]|_")
+
+
+def as_prose(text: str) -> str:
+    """Markdown that shows `text` as it is, wrapped like a paragraph, with its line breaks.
+
+    Punctuation becomes numeric character references, which markdown never reads as syntax (a generated "1." or "#"
+    or "===" would otherwise turn into a list or a heading); leading spaces go, as they would start a code block.
+    """
+    lines = [MARKDOWN_SIGNIFICANT.sub(lambda m: f"&#{ord(m.group())};", line.strip()) for line in text.splitlines()]
+    return "  \n".join(lines).strip() or "(empty)"
 
 
 def verbatim(text: str) -> str:

@@ -25,3 +25,13 @@ def tokenizer():
     from qlora_lit.data.datamodule import load_tokenizer
 
     return load_tokenizer(TINY_MODEL)
+
+
+def shown_by_tensorboard(markdown: str) -> str:
+    """The text TensorBoard's TEXT tab displays for a markdown string (its own renderer, then tags stripped)."""
+    import html
+    import re
+
+    from tensorboard.plugin_util import markdown_to_safe_html
+
+    return html.unescape(re.sub(r"<[^>]+>", "", markdown_to_safe_html(markdown)))

@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import shown_by_tensorboard
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qlora_lit.cli import cli_main
+from qlora_lit.flops import peak_tflops
 from qlora_lit.samples import DEFAULT_PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +70,7 @@ def test_missing_data_file_is_one_clear_message(tmp_path):
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     args = [str(ROOT / a) if a.startswith("configs/") else a for a in args]
     return subprocess.run(
         [sys.executable, "-m", "qlora_lit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
@@ -85,7 +88,8 @@ def scalars(log: EventAccumulator, tag: str) -> list[float]:
 
 
 def texts(log: EventAccumulator, tag: str) -> dict[int, str]:
-    return {event.step: event.tensor_proto.string_val[0].decode() for event in log.Tensors(f"{tag}/text_summary")}
+    logged = log.Tensors(f"{tag}/text_summary")
+    return {event.step: shown_by_tensorboard(event.tensor_proto.string_val[0].decode()) for event in logged}
 
 
 # The TensorBoard story of a run (README "Monitoring"); the last ones need a GPU.
@@ -129,3 +133,20 @@ def test_demo_fit_end_to_end(tmp_path):
         samples = texts(log, f"samples/{index}")
         assert sorted(samples) == [0, 20, 40, 60]  # the sanity check, then each validation
         assert all(prompt in text for text in samples.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_demo_fit_on_gpu_adds_mfu_and_memory(tmp_path):
+    gpu = ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed", "--model.quantization.compute_dtype"]
+    short = ["--trainer.max_steps", "20", "--trainer.val_check_interval", "10"]
+    unknown_peak = ["--monitor.peak_tflops", "100"] if peak_tflops(torch.cuda.get_device_name()) is None else []
+    result = run_cli("fit", "--config", "configs/demo.yaml", *gpu, "bfloat16", *short, *unknown_peak, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = events(tmp_path / "runs" / "demo" / "version_0")
+    for tag in SERIES + GPU_SERIES:
+        assert scalars(log, tag), tag
+    assert all(0 < mfu < 1 for mfu in scalars(log, "throughput/mfu"))
+    peaks = zip(scalars(log, "memory/peak_allocated_gib"), scalars(log, "memory/peak_reserved_gib"), strict=True)
+    assert all(0 < allocated <= reserved for allocated, reserved in peaks)
+    assert sorted(texts(log, "samples/0")) == [0, 10, 20]
