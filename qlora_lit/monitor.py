@@ -21,7 +21,8 @@ class TrainingMonitor(Callback):
     - `throughput/step_time_s`: seconds per optimizer step.
     - `throughput/mfu`: model FLOPs utilisation (see qlora_lit.flops), when the device's peak is known.
     - `train/padding_fraction`: share of the batches' token slots that are padding.
-    - `train/grad_norm`: L2 norm of the trained parameters' gradient at the logged step, before clipping.
+    - `train/grad_norm`: L2 norm of the trained parameters' gradient at the logged step, before clipping (with DDP
+      the all-reduced gradient; a sharding strategy such as FSDP would give rank 0's shard only).
     - `memory/peak_allocated_gib`, `memory/peak_reserved_gib`: CUDA allocator peaks since the last log, the
       largest rank's (CUDA only).
 
