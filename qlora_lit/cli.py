@@ -20,7 +20,10 @@ from qlora_lit.callbacks import AdapterExport, DataStatsExport, PredictionWriter
 from qlora_lit.data import KoAlpacaDataModule
 from qlora_lit.errors import ConfigError
 from qlora_lit.module import QLoRAModule
+from qlora_lit.monitor import TrainingMonitor
 from qlora_lit.preemption import PreemptionCheckpoint
+from qlora_lit.samples import SampleGenerations
+from qlora_lit.text_log import SaveAndLogConfig
 
 
 def trainer_defaults() -> dict:
@@ -57,6 +60,9 @@ class QLoRACLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "predictions")  # used by `predict` only
+        # Always on, and configurable in the YAML (`monitor:`, `samples:`), unlike instances in trainer_defaults.
+        parser.add_lightning_class_args(TrainingMonitor, "monitor")
+        parser.add_lightning_class_args(SampleGenerations, "samples")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val_loss",
@@ -107,6 +113,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
             KoAlpacaDataModule,
             trainer_defaults=trainer_defaults(),
             seed_everything_default=42,
+            save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             args=args,

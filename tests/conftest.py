@@ -46,3 +46,13 @@ def trained_run(tmp_path_factory):
     cli = cli_main(["fit", "--config", str(demo), *args])
     cli.model.eval()
     return Path(cli.trainer.log_dir), cli.model
+
+
+def shown_by_tensorboard(markdown: str) -> str:
+    """The text TensorBoard's TEXT tab displays for a markdown string (its own renderer, then tags stripped)."""
+    import html
+    import re
+
+    from tensorboard.plugin_util import markdown_to_safe_html
+
+    return html.unescape(re.sub(r"<[^>]+>", "", markdown_to_safe_html(markdown)))

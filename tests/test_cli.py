@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import shown_by_tensorboard
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qlora_lit.cli import cli_main
+from qlora_lit.flops import peak_tflops
+from qlora_lit.samples import DEFAULT_PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -72,17 +76,43 @@ def test_missing_data_file_is_one_clear_message(tmp_path):
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     args = [str(ROOT / a) if a.startswith("configs/") else a for a in args]
     return subprocess.run(
         [sys.executable, "-m", "qlora_lit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
 
 
-def scalars(log_dir: Path, tag: str) -> list[float]:
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return [event.value for event in events.Scalars(tag)]
+def events(log_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})  # 0: keep every text event
+    accumulator.Reload()
+    return accumulator
+
+
+def scalars(log: EventAccumulator, tag: str) -> list[float]:
+    return [event.value for event in log.Scalars(tag)]
+
+
+def texts(log: EventAccumulator, tag: str) -> dict[int, str]:
+    logged = log.Tensors(f"{tag}/text_summary")
+    return {event.step: shown_by_tensorboard(event.tensor_proto.string_val[0].decode()) for event in logged}
+
+
+# The TensorBoard story of a run (README "Monitoring"); the last ones need a GPU.
+SERIES = [
+    "train_loss",
+    "val_loss",
+    "val_ppl",
+    "lr-PagedAdamW8bit",
+    "epoch",
+    "train/grad_norm",
+    "train/padding_fraction",
+    "throughput/tokens_per_s",
+    "throughput/label_tokens_per_s",
+    "throughput/samples_per_s",
+    "throughput/step_time_s",
+]
+GPU_SERIES = ["throughput/mfu", "memory/peak_allocated_gib", "memory/peak_reserved_gib"]
 
 
 @pytest.mark.slow
@@ -93,14 +123,43 @@ def test_demo_fit_end_to_end(tmp_path):
     adapter = {p.name for p in (run / "adapter").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "qlora_lit_config.yaml"} <= adapter
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    val_loss = scalars(run, "val_loss")
+
+    log = events(run)
+    val_loss = scalars(log, "val_loss")
     assert len(val_loss) == 3  # validations at 20, 40 and 60 steps
     assert val_loss[-1] < val_loss[0]
-    assert scalars(run, "train_loss") and scalars(run, "lr-PagedAdamW8bit")
+    for tag in SERIES:
+        assert scalars(log, tag), tag
+    assert len(scalars(log, "throughput/tokens_per_s")) == 60 // 5  # every log_every_n_steps
+    assert all(0 < fraction < 1 for fraction in scalars(log, "train/padding_fraction"))
+    assert not set(GPU_SERIES) & set(log.Tags()["scalars"])  # a CPU run: no peak FLOP/s known, no CUDA memory
+
+    assert "model_name_or_path: builtin:tiny-llama" in texts(log, "config")[0]
+    for index, prompt in enumerate(DEFAULT_PROMPTS):
+        samples = texts(log, f"samples/{index}")
+        assert sorted(samples) == [0, 20, 40, 60]  # the sanity check, then each validation
+        assert all(prompt in text for text in samples.values())
     stats = json.loads((run / "data_stats.json").read_text())
     assert stats["rows_read"] == 263 and stats["train_rows"] + stats["val_rows"] <= stats["rows_kept"]
     assert json.loads((run / "adapter" / "data_stats.json").read_text()) == stats
     assert "data builtin:koalpaca_sample.jsonl: {'rows_read': 263" in result.stderr + result.stdout  # logged at start
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_demo_fit_on_gpu_adds_mfu_and_memory(tmp_path):
+    gpu = ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed", "--model.quantization.compute_dtype"]
+    short = ["--trainer.max_steps", "20", "--trainer.val_check_interval", "10"]
+    unknown_peak = ["--monitor.peak_tflops", "100"] if peak_tflops(torch.cuda.get_device_name()) is None else []
+    result = run_cli("fit", "--config", "configs/demo.yaml", *gpu, "bfloat16", *short, *unknown_peak, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = events(tmp_path / "runs" / "demo" / "version_0")
+    for tag in SERIES + GPU_SERIES:
+        assert scalars(log, tag), tag
+    assert all(0 < mfu < 1 for mfu in scalars(log, "throughput/mfu"))
+    peaks = zip(scalars(log, "memory/peak_allocated_gib"), scalars(log, "memory/peak_reserved_gib"), strict=True)
+    assert all(0 < allocated <= reserved for allocated, reserved in peaks)
+    assert sorted(texts(log, "samples/0")) == [0, 10, 20]
 
 
 def test_data_stats_command_reads_the_fit_config(capsys):

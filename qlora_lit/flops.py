@@ -1,0 +1,81 @@
+"""Model FLOPs of LoRA training on a frozen base, and the accelerators' peak, for MFU.
+
+For a sequence of L real (non-padding) tokens:
+
+    flops(L) = L * (4 * N_frozen + 6 * N_trained) + 6 * layers * width * L * (L + 1)
+
+- N_frozen: weights of the frozen base's matrix products (linear layers incl. the output head, not the embedding
+  lookup), at their logical sizes: a 4-bit layer counts in_features x out_features, not its packed storage.
+  Each costs 2 FLOPs per token forward and 2 backward for the input gradient; a frozen weight needs no weight
+  gradient (full fine-tuning would add those 2: the usual 6N).
+- N_trained: the LoRA matrices: forward, input gradient and weight gradient, 6 FLOPs per weight per token.
+- Attention: query position i attends to i keys (causal), QK^T and AV cost 2 * i * width each forward, and their
+  backward twice that, so 12 * i * width per layer; summed over i = 1..L: 6 * width * L * (L + 1) per layer.
+  `width` is query heads x head size. (PaLM's 12 * layers * width * L per token counts the masked half too.)
+
+Activation recomputation (gradient checkpointing) and padding are not useful work and are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peak per device in TFLOP/s, from the vendors' data sheets. The first entry
+# whose key is in torch.cuda.get_device_name() wins, so specific names come before general ones.
+PEAK_BF16_TFLOPS: dict[str, float] = {
+    "B200": 2250.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,  # SXM
+    "GH200": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a device named like `torch.cuda.get_device_name()`, or None if unknown."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
+
+
+def matmul_weights(model: torch.nn.Module) -> tuple[int, int]:
+    """Weights of the linear layers, (frozen, trained), at logical sizes (bitsandbytes layers subclass nn.Linear)."""
+    frozen = trained = 0
+    for name, module in model.named_modules():
+        # peft keeps the untouched original of a `modules_to_save` layer beside its trained copy; only the copy runs.
+        if isinstance(module, torch.nn.Linear) and ".original_module" not in name:
+            size = module.in_features * module.out_features
+            if module.weight.requires_grad:
+                trained += size
+            else:
+                frozen += size
+    return frozen, trained
+
+
+@dataclass(frozen=True)
+class LoraFlops:
+    """The terms of the formula in this module's docstring, for one model."""
+
+    frozen_weights: int
+    trained_weights: int
+    layers: int
+    attention_width: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> LoraFlops:
+        """Read the terms from a (peft, quantized) Hugging Face causal LM."""
+        config = model.config.get_text_config()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        frozen, trained = matmul_weights(model)
+        return cls(frozen, trained, config.num_hidden_layers, config.num_attention_heads * head_dim)
+
+    def total(self, tokens: float, causal_pairs: float) -> float:
+        """FLOPs of sequences with `tokens` real tokens in all and sum(L * (L + 1) / 2) = `causal_pairs`."""
+        per_token = 4 * self.frozen_weights + 6 * self.trained_weights
+        return tokens * per_token + 12 * self.layers * self.attention_width * causal_pairs
+
+    def per_sequence(self, length: int) -> float:
+        return self.total(length, length * (length + 1) / 2)

@@ -1,0 +1,76 @@
+"""Greedy answers to fixed prompts at each validation, as TensorBoard text: watch the model learn to answer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from qlora_lit.data.datamodule import load_tokenizer
+from qlora_lit.data.prompts import build_prompt
+from qlora_lit.text_log import as_prose, log_text
+
+DEFAULT_PROMPTS = (
+    "한국의 아이돌 문화에 대해 알려줘.",
+    "김치찌개를 맛있게 끓이는 방법을 알려줘.",
+    "서울에서 가볼 만한 곳을 추천해줘.",
+)
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, instructions: list[str], max_new_tokens: int
+) -> list[str]:
+    """The model's greedy continuations of the training prompts for `instructions`, without the prompts.
+
+    All prompts go in one batch, padded on the left so that every row continues right after its own prompt.
+    """
+    prompts = [build_prompt(instruction) for instruction in instructions]
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+    # A config of its own: the model's may ask for sampling (temperature, top_p), which greedy search would warn about.
+    greedy = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,  # training turns the cache off; generating token by token needs it
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    output = model.generate(**inputs, generation_config=greedy)
+    return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+class SampleGenerations(Callback):
+    """At the end of each validation (the sanity check too: the untrained model's answers are the baseline), rank 0
+    answers each prompt greedily and logs TensorBoard text `samples/<i>`, one tag per prompt, at the global step.
+
+    Generation runs in eval mode under the trainer's precision, and neither changes the model's mode nor draws from
+    the random streams that training uses (a resumed run must continue exactly like an uninterrupted one).
+
+    Args:
+        prompts: instructions, put into the training prompt template; empty turns samples off.
+        max_new_tokens: length limit of each answer; keep it short, validation waits for it.
+    """
+
+    def __init__(self, prompts: Sequence[str] = DEFAULT_PROMPTS, max_new_tokens: int = 64) -> None:
+        self.prompts = list(prompts)
+        self.max_new_tokens = max_new_tokens
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.prompts or pl_module.model is None:
+            return
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.model_name_or_path)
+        model = pl_module.model
+        was_training = model.training
+        cuda_devices = [model.device] if model.device.type == "cuda" else []
+        try:
+            model.eval()
+            with torch.random.fork_rng(devices=cuda_devices), trainer.precision_plugin.forward_context():
+                answers = greedy_answers(model, tokenizer, self.prompts, self.max_new_tokens)
+        finally:
+            model.train(was_training)
+        for index, (prompt, answer) in enumerate(zip(self.prompts, answers, strict=True)):
+            text = f"**{as_prose(prompt)}**\n\n{as_prose(answer.strip())}"
+            log_text(trainer, f"samples/{index}", text, step=trainer.global_step)
