@@ -126,3 +126,10 @@ def test_adapter_loads_in_plain_peft_with_the_same_logits(trained, datamodule):
         expected = module(batch["input_ids"], batch["attention_mask"]).logits
         got = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_cannot_be_found_offline_says_how_to_fix_it():
+    from qlora_lit.model import load_base_model
+
+    with pytest.raises(ConfigError, match=r"could not load the model 'nobody/no-such-model'(.|\n)*HF_HOME"):
+        load_base_model("nobody/no-such-model", FP32)
