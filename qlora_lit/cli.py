@@ -16,9 +16,9 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from qlora_lit.callbacks import AdapterExport, DataStatsExport, PredictionWriter
+from qlora_lit.callbacks import AdapterExport, DataStatsExport, PredictionWriter, ensure_writable, run_dir
 from qlora_lit.data import KoAlpacaDataModule
-from qlora_lit.errors import ConfigError
+from qlora_lit.errors import ConfigError, TrainingError
 from qlora_lit.module import QLoRAModule
 from qlora_lit.monitor import TrainingMonitor
 from qlora_lit.preemption import PreemptionCheckpoint
@@ -74,6 +74,9 @@ class QLoRACLI(LightningCLI):
             }
         )
 
+    def before_fit(self) -> None:
+        ensure_writable(run_dir(self.trainer))
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add a rich progress bar unless the config has another or turns it off (Lightning refuses both at once)."""
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -122,3 +125,6 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
     except ConfigError as err:
         print(f"qlora_lit: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingError as err:
+        print(f"qlora_lit: training stopped: {err}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -7,6 +7,10 @@ class ConfigError(ValueError):
     """A setting, file or name given by the user cannot work; the message says which and why."""
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, say); the message says where and what to try."""
+
+
 def not_found_message(kind: str, name: str, err: Exception) -> str:
     return (
         f"could not load the {kind} {name!r}: {err}\n"

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PeftModel
 
-from qlora_lit.errors import ConfigError
+from qlora_lit.errors import ConfigError, TrainingError
 from qlora_lit.generate import GenerationArgs, generate_texts
 from qlora_lit.loss import chunked_lm_loss_sum, supports_chunked_loss
 from qlora_lit.model import (
@@ -40,6 +40,8 @@ class QLoRAModule(L.LightningModule):
         generation: how `predict` decodes answers.
         attn_implementation: attention kernel: sdpa (default, everywhere), eager, or on a GPU flash_attention_2 (needs
             the flash-attn package) or flex_attention, the fast ones for packed rows (data.pack_length).
+        nonfinite_loss: on a NaN or infinite training loss, `stop` with a message naming the step (checkpoints
+            already written stay as they are) or `skip` the batch on every rank and go on.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class QLoRAModule(L.LightningModule):
         loss_chunk_tokens: int = 4096,
         generation: GenerationArgs = GenerationArgs(),  # noqa: B008
         attn_implementation: AttnImplementation = "sdpa",
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         check_attn_implementation(attn_implementation)
@@ -70,6 +73,7 @@ class QLoRAModule(L.LightningModule):
                 "trust_remote_code": trust_remote_code,
                 "loss_chunk_tokens": loss_chunk_tokens,
                 "attn_implementation": attn_implementation,
+                "nonfinite_loss": nonfinite_loss,
             }
         )
         self.model_name_or_path = model_name_or_path
@@ -84,6 +88,7 @@ class QLoRAModule(L.LightningModule):
         self.loss_chunk_tokens = loss_chunk_tokens
         self.generation = generation
         self.attn_implementation = attn_implementation
+        self.nonfinite_loss = nonfinite_loss
         self.model: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self._val_loss_sum = torch.zeros(())
@@ -152,10 +157,26 @@ class QLoRAModule(L.LightningModule):
         """
         step_tokens = batch.pop("step_label_tokens", None)
         loss_sum, label_tokens = self.loss_sum(batch)
+        if self.any_rank_nonfinite(loss_sum):
+            where = f"global step {self.global_step}, batch {batch_idx} of epoch {self.current_epoch}"
+            if self.nonfinite_loss == "skip":
+                rank_zero_warn(f"non-finite loss at {where}: batch skipped (model.nonfinite_loss=skip)")
+                return None  # Lightning skips backward and the optimizer step for this batch
+            raise TrainingError(
+                f"the training loss is {loss_sum.item()} at {where}. Resume from the last good checkpoint "
+                "(--ckpt_path last) with a lower optimizer.lr or more warm-up, or set model.nonfinite_loss=skip"
+            )
         self.log("train_loss", loss_sum.detach() / label_tokens.clamp(min=1), prog_bar=True, batch_size=1)
         if step_tokens is None:
             return loss_sum / label_tokens.clamp(min=1)
         return loss_sum / step_tokens * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def any_rank_nonfinite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is NaN or infinite on any rank: all ranks must take the same branch, or DDP hangs."""
+        flag = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="max")
+        return bool(flag)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, label_tokens = self.loss_sum(batch)
