@@ -76,6 +76,10 @@ class QLoRACLI(LightningCLI):
 
     def before_fit(self) -> None:
         ensure_writable(run_dir(self.trainer))
+        fit_args = self.config_init["fit"]
+        if fit_args.get("weights_only") is None:
+            # Checkpoints hold tensors and plain containers only: resume without running pickled code.
+            fit_args["weights_only"] = True
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add a rich progress bar unless the config has another or turns it off (Lightning refuses both at once)."""

@@ -105,6 +105,19 @@ class QLoRAModule(L.LightningModule):
                 f"trainer.precision={precision} casts the whole model, which 4/8-bit weights cannot take; "
                 "use bf16-mixed or 32-true (the 4-bit layers compute in quantization.compute_dtype either way)"
             )
+        if (
+            device.type == "cuda"
+            and not torch.cuda.is_bf16_supported()
+            and "bfloat16"
+            in (
+                self.quantization.compute_dtype,
+                "bfloat16" if precision.startswith("bf16") else "",
+            )
+        ):
+            raise ConfigError(
+                f"{torch.cuda.get_device_name(device)} has no bf16: set trainer.precision=16-mixed and "
+                "model.quantization.compute_dtype=float16"
+            )
         base = load_base_model(
             self.model_name_or_path, self.quantization, device, self.trust_remote_code, self.attn_implementation
         )
@@ -227,6 +240,12 @@ class QLoRAModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """With strict loading off, check ourselves that every trained tensor is in the checkpoint, shape for shape."""
+        trained_on = checkpoint.get("hyper_parameters", {}).get("model_name_or_path")
+        if trained_on and trained_on != self.model_name_or_path:
+            rank_zero_warn(
+                f"resuming a checkpoint trained on {trained_on!r} with model_name_or_path={self.model_name_or_path!r}"
+                " (fine if it is the same model at another path; the adapter shapes are checked next)"
+            )
         if "torch_rng" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng"]["cpu"])
             if checkpoint["torch_rng"]["cuda"] and torch.cuda.is_available():

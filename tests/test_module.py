@@ -133,3 +133,12 @@ def test_a_model_that_cannot_be_found_offline_says_how_to_fix_it():
 
     with pytest.raises(ConfigError, match=r"could not load the model 'nobody/no-such-model'(.|\n)*HF_HOME"):
         load_base_model("nobody/no-such-model", FP32)
+
+
+def test_resuming_under_another_model_name_warns_and_still_checks_shapes(trained, datamodule, tmp_path):
+    root, _, _ = trained
+    same_model_elsewhere = QLoRAModule(
+        resolve_asset(TINY_MODEL), quantization=FP32, lora=LoraArgs(r=8, alpha=16), optimizer=OptimizerArgs(lr=5e-3)
+    )
+    with pytest.warns(UserWarning, match="resuming a checkpoint trained on 'builtin:tiny-llama'"):
+        make_trainer(tmp_path, max_steps=4).fit(same_model_elsewhere, datamodule, ckpt_path=root / "ckpt" / "last.ckpt")

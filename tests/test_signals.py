@@ -44,6 +44,7 @@ def test_sigterm_saves_last_checkpoint_and_the_run_resumes_from_it(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"after {stopped_at} batches" in resumed.stderr + resumed.stdout
+    assert "`weights_only` was not set" not in resumed.stderr  # resumed with torch.load(weights_only=True)
 
 
 @pytest.mark.slow
