@@ -24,7 +24,10 @@ class GradientCapture(Callback):
             self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
 
 
-def first_step_gradients(batch_size: int, accumulate: int, **data_settings) -> dict[str, torch.Tensor]:
+def first_step_gradients(
+    batch_size: int, accumulate: int, devices: int = 1, **data_settings
+) -> dict[str, torch.Tensor]:
+    """The LoRA gradients of the first optimizer step (on rank 0 when `devices` > 1: DDP over gloo)."""
     L.seed_everything(11)
     module = QLoRAModule(
         TINY_MODEL,
@@ -38,6 +41,8 @@ def first_step_gradients(batch_size: int, accumulate: int, **data_settings) -> d
     capture = GradientCapture()
     trainer = L.Trainer(
         accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
         max_steps=1,
         accumulate_grad_batches=accumulate,
         limit_val_batches=0,
