@@ -10,7 +10,13 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     fast-b16              batch 16 x 4, length-grouped, no checkpointing, no fp32 upcast
     lowmem                batch 8 x 8, length-grouped, checkpointing, no fp32 upcast
     *-fullce              the same with the model's own loss over full logits (loss_chunk_tokens=0)
-The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time.
+    packed                examples packed into rows of <= 4096 tokens, 1 row x 4 accumulation (TRL's packed setting),
+                          varlen attention, compiled decoder layers, no checkpointing, full logits
+    packed-b2             the same with 2 rows x 2
+    packed-nocompile      packed without torch.compile
+    packed-lowmem         packed with checkpointing and the chunked loss
+The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
+variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count  # noqa: E402
+from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows  # noqa: E402
 from qlora_lit.data.sampler import EpochBatchSampler  # noqa: E402
 from qlora_lit.model import LoraArgs, QuantizationArgs  # noqa: E402
 from qlora_lit.module import QLoRAModule  # noqa: E402
@@ -43,6 +50,25 @@ VARIANTS = {
     "fast-fullce": {"batch": 8, "accum": 8, "group": True, "gc": False, "upcast": False, "chunk": 0},
     "fast-b16-fullce": {"batch": 16, "accum": 4, "group": True, "gc": False, "upcast": False, "chunk": 0},
 }
+PACKED = {"pack": 4096, "batch": 1, "accum": 4, "group": False, "gc": False, "upcast": False, "chunk": 0}
+PACKED.update(attn="varlen", compile=True, warmup=6)  # compilation (and one recompile) fall in the first 3 steps
+VARIANTS["packed"] = PACKED
+VARIANTS["packed-b2"] = {**PACKED, "batch": 2, "accum": 2}
+VARIANTS["packed-nocompile"] = {**PACKED, "compile": False, "warmup": 2}
+VARIANTS["packed-lowmem"] = {**PACKED, "gc": True, "chunk": 1024}
+
+
+class RowCounter(common.CountingCollator):
+    """Counts packed rows from the rows themselves (before padding): documents start where positions restart."""
+
+    def __call__(self, rows):
+        batch = self.inner(rows)
+        lens = []
+        for row in rows:
+            starts = [i for i, pos in enumerate(row["position_ids"]) if pos == 0] + [len(row["position_ids"])]
+            lens += [end - start for start, end in zip(starts[:-1], starts[1:], strict=True)]
+        self.queue.append((sum(lens), sum(s * (s + 1) // 2 for s in lens), len(lens)))
+        return batch
 
 
 class LightningStepTimer(L.Callback):
@@ -78,16 +104,18 @@ def main() -> None:
     rows = bench_data.load(os.path.join(common.CACHE, "data", f"n{a.n_examples}-l{a.max_length}"))
     pairs = zip(rows["input_ids"], rows["completion_mask"], strict=True)
     examples = [{"input_ids": ids, "prompt_length": mask.index(1)} for ids, mask in pairs]
+    if "pack" in v:
+        dataset = PackedDataset(examples, pack_rows([len(e["input_ids"]) for e in examples], v["pack"]))
+        lengths, label_counts = dataset.lengths(), dataset.label_counts()
+        counter = RowCounter(PackingCollator(pad_id=128001))
+    else:
+        dataset = examples
+        lengths, label_counts = [len(e["input_ids"]) for e in examples], [label_count(e) for e in examples]
+        counter = common.CountingCollator(PaddingCollator(pad_id=128001))
     sampler = EpochBatchSampler(
-        [len(e["input_ids"]) for e in examples],
-        v["batch"],
-        seed=0,
-        group_by_length=v["group"],
-        label_counts=[label_count(e) for e in examples],
-        accumulate=v["accum"],
+        lengths, v["batch"], seed=0, group_by_length=v["group"], label_counts=label_counts, accumulate=v["accum"]
     )
-    counter = common.CountingCollator(PaddingCollator(pad_id=128001))
-    loader = DataLoader(StepTaggedDataset(examples), batch_sampler=sampler, collate_fn=counter)
+    loader = DataLoader(StepTaggedDataset(dataset), batch_sampler=sampler, collate_fn=counter)
     on_gpu = a.device == "cuda"
     module = QLoRAModule(
         model_dir,
@@ -97,13 +125,16 @@ def main() -> None:
         gradient_checkpointing=v["gc"],
         upcast_to_fp32=v["upcast"],
         loss_chunk_tokens=v.get("chunk", 4096),
+        attn_implementation=v.get("attn", "sdpa"),
+        compile=v.get("compile", False),
     )
-    timer = LightningStepTimer(counter, a.warmup_steps, v["accum"])
+    warmup = v.get("warmup", a.warmup_steps)
+    timer = LightningStepTimer(counter, warmup, v["accum"])
     trainer = L.Trainer(
         accelerator="gpu" if on_gpu else "cpu",
         devices=1,
         precision="bf16-mixed" if on_gpu else "32-true",
-        max_steps=a.max_steps,
+        max_steps=a.max_steps - a.warmup_steps + warmup,
         accumulate_grad_batches=v["accum"],
         gradient_clip_val=1.0,
         logger=False,
@@ -121,7 +152,8 @@ def main() -> None:
         "lr": 2e-4,
         "precision": "bf16-mixed",
         "loss": "per label token of the optimizer step, prompt masked",
-        "attn_implementation": "sdpa",
+        "attn_implementation": v.get("attn", "sdpa"),
+        "torch_compile": "decoder layers" if v.get("compile") else "off",
     }
     line = common.result_line("qlora_lit", a.variant, a.shape, a.max_length, timer.timer.result(), a.device, settings)
     common.emit(line, a.out)

@@ -12,12 +12,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
+from qlora_lit import attention  # noqa: F401 - registers attn_implementation "varlen" with transformers
 from qlora_lit.assets import resolve_asset
 from qlora_lit.errors import ConfigError, not_found_message
 
 DTypeName = Literal["bfloat16", "float16", "float32"]
-AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flex_attention"]
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+AttnImplementation = Literal["sdpa", "eager", "varlen", "flash_attention_2", "flex_attention"]
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "varlen", "flash_attention_2", "flex_attention")
 
 
 def to_dtype(name: str) -> torch.dtype:
@@ -186,3 +187,15 @@ def attach_lora(
     peft_model = get_peft_model(model, lora.to_peft_config())
     peft_model.train()  # from_pretrained returns eval mode: LoRA dropout and checkpointing would be off
     return peft_model
+
+
+def compile_decoder_layers(model: PeftModel) -> None:
+    """torch.compile every decoder layer in place (regional compilation: the layers share one compiled graph, and
+    parameter names stay as they are). Shapes are dynamic: batches differ in length."""
+    base = model.get_base_model()
+    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [module for module in base.modules() if type(module).__name__ in layer_classes]
+    if not layers:
+        raise ConfigError(f"model.compile: no decoder layers found in {type(base).__name__}")
+    for layer in layers:
+        layer.compile(dynamic=True)

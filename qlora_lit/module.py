@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PeftModel
 
+from qlora_lit import attention
 from qlora_lit.errors import ConfigError, TrainingError
 from qlora_lit.generate import GenerationArgs, generate_texts
 from qlora_lit.loss import chunked_lm_loss_sum, supports_chunked_loss
@@ -19,6 +20,7 @@ from qlora_lit.model import (
     QuantizationArgs,
     attach_lora,
     check_attn_implementation,
+    compile_decoder_layers,
     load_base_model,
 )
 from qlora_lit.optim import OptimizerArgs, build_optimizer, build_scheduler
@@ -38,8 +40,12 @@ class QLoRAModule(L.LightningModule):
         loss_chunk_tokens: compute logits only at labelled positions, this many at a time, recomputed in backward
             (saves the largest activation with big vocabularies); 0 uses the model's own loss over full logits.
         generation: how `predict` decodes answers.
-        attn_implementation: attention kernel: sdpa (default, everywhere), eager, or on a GPU flash_attention_2 (needs
-            the flash-attn package) or flex_attention, the fast ones for packed rows (data.pack_length).
+        attn_implementation: attention kernel: sdpa (default, everywhere), eager, varlen (packed rows through torch's
+            variable-length flash kernel, no mask: the fast one for data.pack_length on a GPU), flash_attention_2
+            (needs the flash-attn package) or flex_attention.
+        compile: torch.compile each decoder layer, fusing the element-wise work (norms, rotary embeddings,
+            activation, LoRA dropout and scaling) between the matrix products. The first steps pay the compilation
+            (about 2 minutes for an 8B model on an H200).
         nonfinite_loss: on a NaN or infinite training loss, `stop` with a message naming the step (checkpoints
             already written stay as they are) or `skip` the batch on every rank and go on.
     """
@@ -57,6 +63,7 @@ class QLoRAModule(L.LightningModule):
         generation: GenerationArgs = GenerationArgs(),  # noqa: B008
         attn_implementation: AttnImplementation = "sdpa",
         nonfinite_loss: Literal["stop", "skip"] = "stop",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         check_attn_implementation(attn_implementation)
@@ -74,6 +81,7 @@ class QLoRAModule(L.LightningModule):
                 "loss_chunk_tokens": loss_chunk_tokens,
                 "attn_implementation": attn_implementation,
                 "nonfinite_loss": nonfinite_loss,
+                "compile": compile,
             }
         )
         self.model_name_or_path = model_name_or_path
@@ -89,6 +97,7 @@ class QLoRAModule(L.LightningModule):
         self.generation = generation
         self.attn_implementation = attn_implementation
         self.nonfinite_loss = nonfinite_loss
+        self.compile = compile
         self.model: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self._val_loss_sum = torch.zeros(())
@@ -122,15 +131,22 @@ class QLoRAModule(L.LightningModule):
             self.model_name_or_path, self.quantization, device, self.trust_remote_code, self.attn_implementation
         )
         self.model = attach_lora(base, self.lora, self.gradient_checkpointing, self.upcast_to_fp32)
+        if self.compile:
+            compile_decoder_layers(self.model)
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     def model_inputs(self, batch: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
         """Padded batches come with `attention_mask`; packed ones with `position_ids` restarting per example instead.
 
-        flash-attention's varlen path reads sequence starts from position ids only in a single flat row.
+        flash-attention's varlen path reads sequence starts from position ids only in a single flat row; `varlen`
+        takes them computed once per batch.
         """
-        if batch.get("position_ids") is None or "flash" not in self.attn_implementation:
+        if batch.get("position_ids") is None:
+            return batch
+        if self.attn_implementation == attention.NAME:
+            return {**batch, **attention.sequence_starts(batch["position_ids"])}
+        if "flash" not in self.attn_implementation:
             return batch
         flat = {"input_ids", "labels", "position_ids"}
         return {

@@ -62,7 +62,7 @@ def sample_examples():
     return data.train_set[:5]
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", "varlen"])
 def test_logits_of_a_packed_row_equal_those_of_the_examples_run_separately(sample_examples, attn_implementation):
     module = QLoRAModule(
         TINY_MODEL,
