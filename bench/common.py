@@ -1,5 +1,6 @@
 """What the benchmark's baseline runners share: NF4/LoRA configs, token counting, step timing, the
-JSON result line. Not run directly; see run_walkthrough.py and run_trl.py.
+JSON result line, and the command-line arguments and model/data preparation of the runners. Not run directly;
+see run_walkthrough.py, run_trl.py and run_qlora_lit.py.
 
 Measurement: a wrapped data collator records, for every micro-batch it builds, the real
 (non-padding) tokens and the per-document lengths (for attention FLOPs). The callback consumes
@@ -16,6 +17,7 @@ Recomputation by gradient checkpointing is not counted (it is overhead, not usef
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import datetime
@@ -24,12 +26,55 @@ import os
 import platform
 import time
 
+import data as bench_data
+import shapes
 import torch
 
 # Model folders and data live here (git-ignored), so a warm GPU machine keeps them between runs.
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 H200_BF16_PEAK_TFLOPS = 790.0  # measured dense bf16 matmul peak on the project's H200 (issue 7)
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments every runner takes: model shape, data size, steps timed, device, where the JSON line goes."""
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(shapes.SHAPES))
+    parser.add_argument("--n_examples", type=int, default=4096)
+    parser.add_argument("--max_length", type=int, default=512, help="truncation length of the data")
+    parser.add_argument("--max_steps", type=int, default=22, help="optimizer steps, warm-up included")
+    parser.add_argument("--warmup_steps", type=int, default=2, help="optimizer steps left out of the timing")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--out", default=None, help="also append the JSON line to this file")
+
+
+def baseline_parser(description: str) -> argparse.ArgumentParser:
+    """`add_run_args` plus what both HF-Trainer baselines take: where the model and data are, the GPU's peak."""
+    parser = argparse.ArgumentParser(description=description)
+    add_run_args(parser)
+    parser.add_argument("--model_dir", default=None, help="default bench/.cache/models/<shape>")
+    parser.add_argument("--data", default=None, help="default bench/.cache/data/n<N>-l<max_length>")
+    parser.add_argument("--peak_tflops", type=float, default=None)
+    return parser
+
+
+def default_model_dir(shape: str) -> str:
+    return os.path.join(CACHE, "models", shape)
+
+
+def default_data_dir(n_examples: int, max_length: int) -> str:
+    return os.path.join(CACHE, "data", f"n{n_examples}-l{max_length}")
+
+
+def prepare_model_and_data(args: argparse.Namespace) -> tuple[str, str]:
+    """Build the model folder and (unless --data names one) the data on first use; return their paths."""
+    model_dir = args.model_dir or default_model_dir(args.shape)
+    data_dir = args.data or default_data_dir(args.n_examples, args.max_length)
+    shapes.build_model_dir(args.shape, model_dir, args.device)
+    if args.data is None:
+        bench_data.build(data_dir, args.n_examples, args.max_length)
+    if bench_data.meta(data_dir)["max_length"] != args.max_length:
+        raise SystemExit(f"{data_dir} was built for another max_length")
+    return model_dir, data_dir
 
 
 def nf4_config():
@@ -153,13 +198,11 @@ def make_timing_callback(counter: CountingCollator, warmup_steps: int, device: s
 
 
 def result_line(system, variant, shape, max_length, timer_res, device, settings, peak_tflops=None, extra=None) -> dict:
-    from shapes import SHAPES, n_params
-
-    c = SHAPES[shape]
+    c = shapes.SHAPES[shape]
     tok, secs = timer_res["tokens"], timer_res["seconds"]
     tps = tok / secs if timer_res["steps_timed"] and secs > 0 else float("nan")
     flops = (
-        4 * n_params(shape)["total"] * tok
+        4 * shapes.n_params(shape)["total"] * tok
         + 12 * c["num_hidden_layers"] * c["num_attention_heads"] * c["head_dim"] * timer_res["attn_pairs"]
     )
     peak_tflops = peak_tflops or (H200_BF16_PEAK_TFLOPS if device.startswith("cuda") else None)

@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import data as bench_data  # noqa: E402
 import lightning as L  # noqa: E402
-import shapes  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -90,18 +89,12 @@ class LightningStepTimer(L.Callback):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(shapes.SHAPES))
+    common.add_run_args(p)
     p.add_argument("--variant", default="fast", choices=sorted(VARIANTS))
-    p.add_argument("--max_length", type=int, default=512)
-    p.add_argument("--n_examples", type=int, default=4096)
-    p.add_argument("--max_steps", type=int, default=22)
-    p.add_argument("--warmup_steps", type=int, default=2)
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--out", default=None)
     a = p.parse_args()
     v = VARIANTS[a.variant]
-    model_dir = os.path.join(common.CACHE, "models", a.shape)
-    rows = bench_data.load(os.path.join(common.CACHE, "data", f"n{a.n_examples}-l{a.max_length}"))
+    model_dir = common.default_model_dir(a.shape)
+    rows = bench_data.load(common.default_data_dir(a.n_examples, a.max_length))
     pairs = zip(rows["input_ids"], rows["completion_mask"], strict=True)
     examples = [{"input_ids": ids, "prompt_length": mask.index(1)} for ids, mask in pairs]
     if "pack" in v:

@@ -46,7 +46,6 @@ Prints one JSON line (see common.result_line) as the last line of stdout.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -56,16 +55,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import data as bench_data  # noqa: E402
-import shapes  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(shapes.SHAPES))
-    p.add_argument("--model_dir", default=None, help="default bench/.cache/models/<shape>")
-    p.add_argument("--data", default=None, help="default bench/.cache/data/n<N>-l<max_length>")
-    p.add_argument("--n_examples", type=int, default=4096)
-    p.add_argument("--max_length", type=int, default=512, help="truncation length of the data")
+    p = common.baseline_parser(__doc__.splitlines()[0])
     p.add_argument("--mode", choices=["padding", "packing", "padding_free"], default="padding")
     p.add_argument("--pack_length", type=int, default=4096, help="row length when packing")
     p.add_argument("--batch", type=int, default=None, help="per-device batch (padding 8, packing 1 row)")
@@ -78,12 +71,7 @@ def parse_args(argv=None):
         help="attn_implementation (auto: sdpa; packing: flash_attention_2 "
         "if installed, else flex_attention; sdpa on CPU)",
     )
-    p.add_argument("--max_steps", type=int, default=22, help="optimizer steps, warm-up included")
-    p.add_argument("--warmup_steps", type=int, default=2, help="optimizer steps left out of the timing")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--variant", default=None, help="default: <mode>[+liger][+gc|-gc]")
-    p.add_argument("--peak_tflops", type=float, default=None)
-    p.add_argument("--out", default=None, help="also append the JSON line to this file")
     p.add_argument("--output_dir", default="/tmp/qlora_bench/trl_out")
     return p.parse_args(argv)
 
@@ -105,12 +93,7 @@ def main(argv=None):
     gc = not a.no_gc
     attn = pick_attn(a)
     variant = a.variant or f"{a.mode}{'+liger' if a.liger else ''}{'+gc' if gc else '-gc'}"
-    model_dir = a.model_dir or os.path.join(common.CACHE, "models", a.shape)
-    data_dir = a.data or os.path.join(common.CACHE, "data", f"n{a.n_examples}-l{a.max_length}")
-    shapes.build_model_dir(a.shape, model_dir, a.device)
-    bench_data.build(data_dir, a.n_examples, a.max_length) if a.data is None else None
-    if bench_data.meta(data_dir)["max_length"] != a.max_length:
-        raise SystemExit(f"{data_dir} was built for another max_length")
+    model_dir, data_dir = common.prepare_model_and_data(a)
 
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer

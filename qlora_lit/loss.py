@@ -27,8 +27,8 @@ def supports_chunked_loss(model: torch.nn.Module) -> bool:
 
 def chunked_lm_loss_sum(
     causal_lm: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy over the labelled positions, and their count.
+) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the labelled positions (the caller counts them for the mean).
 
     Args:
         causal_lm: the Hugging Face causal LM (under peft: `peft_model.get_base_model()`; its decoder layers carry
@@ -47,4 +47,4 @@ def chunked_lm_loss_sum(
     for start in range(0, targets.numel(), chunk_tokens):
         chunk = slice(start, start + chunk_tokens)
         total = total + checkpoint(_chunk_loss_sum, hidden[chunk], head, targets[chunk], use_reentrant=False)
-    return total, keep.sum()
+    return total

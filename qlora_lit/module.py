@@ -172,8 +172,7 @@ class QLoRAModule(L.LightningModule):
         causal_lm = self.model.get_base_model()
         label_tokens = (batch["labels"][:, 1:] != -100).sum()  # the model shifts labels by one
         if self.loss_chunk_tokens and supports_chunked_loss(causal_lm):
-            loss_sum, _ = chunked_lm_loss_sum(causal_lm, self.model_inputs(batch), self.loss_chunk_tokens)
-            return loss_sum, label_tokens
+            return chunked_lm_loss_sum(causal_lm, self.model_inputs(batch), self.loss_chunk_tokens), label_tokens
         return self(**batch).loss * label_tokens, label_tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

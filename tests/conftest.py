@@ -48,6 +48,25 @@ def trained_run(tmp_path_factory):
     return Path(cli.trainer.log_dir), cli.model
 
 
+def cpu_trainer(root: Path, max_steps: int, callbacks: list, **trainer_args):
+    """A quiet CPU Trainer validating every 2 optimizer steps (not per epoch), logging to TensorBoard in root/run."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        default_root_dir=root,
+        logger=TensorBoardLogger(root, name="run"),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_args,
+    )
+
+
 def shown_by_tensorboard(markdown: str) -> str:
     """The text TensorBoard's TEXT tab displays for a markdown string (its own renderer, then tags stripped)."""
     import html

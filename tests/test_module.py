@@ -8,7 +8,7 @@ import bitsandbytes as bnb
 import lightning as L
 import pytest
 import torch
-from conftest import SAMPLE_DATA, TINY_MODEL
+from conftest import SAMPLE_DATA, TINY_MODEL, cpu_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -29,17 +29,7 @@ def make_module(r: int = 8) -> QLoRAModule:
 
 
 def make_trainer(root: Path, max_steps: int) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
-        default_root_dir=root,
-        logger=L.pytorch.loggers.TensorBoardLogger(root, name="t"),
-        callbacks=[AdapterExport(), ModelCheckpoint(dirpath=root / "ckpt", save_last=True)],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    return cpu_trainer(root, max_steps, [AdapterExport(), ModelCheckpoint(dirpath=root / "ckpt", save_last=True)])
 
 
 def lora_state(module: QLoRAModule) -> dict[str, torch.Tensor]:
@@ -114,7 +104,7 @@ def test_checkpoint_of_another_lora_shape_is_refused(trained, datamodule, tmp_pa
 
 def test_adapter_loads_in_plain_peft_with_the_same_logits(trained, datamodule):
     root, trainer, module = trained
-    adapter = root / "t" / "version_0" / "adapter"
+    adapter = root / "run" / "version_0" / "adapter"
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {p.name for p in adapter.iterdir()}
     base = AutoModelForCausalLM.from_pretrained(
         resolve_asset(TINY_MODEL), quantization_config=FP32.to_bnb_config(), dtype=torch.float32, device_map="cpu"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from conftest import SAMPLE_DATA, TINY_MODEL, shown_by_tensorboard
-from lightning.pytorch.loggers import TensorBoardLogger
+from conftest import SAMPLE_DATA, TINY_MODEL, cpu_trainer, shown_by_tensorboard
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qlora_lit.data import KoAlpacaDataModule
@@ -26,19 +25,14 @@ def train(root, callbacks: list) -> QLoRAModule:
         optimizer=OptimizerArgs(name="adamw", lr=5e-3),
     )
     data = KoAlpacaDataModule(SAMPLE_DATA, TINY_MODEL, max_length=96, batch_size=4, val_size=4)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = cpu_trainer(
+        root,
         max_steps=4,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
+        callbacks=callbacks,
         limit_val_batches=1,
         num_sanity_val_steps=1,
-        logger=TensorBoardLogger(root, name="run", version=0),
-        callbacks=callbacks,
         use_distributed_sampler=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, data)
     return module

@@ -142,6 +142,23 @@ sys.exit(3)
 """
 
 
+# The documented CPU override: --gres=none clears the scripts' `--gres=gpu:8`; two ranks, DDP over gloo.
+CPU_SBATCH_ARGS = ("--gres=none", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:10:00")
+CPU_OVERRIDES = ("--trainer.accelerator", "cpu", "--trainer.strategy", "ddp")
+
+
+def _submit_on_cpu(slurm_cluster, tmp_path, script: str, config: str, *overrides: str, extra_sbatch=()) -> str:
+    """slurm/<script> on `config` with the CPU overrides (then `overrides`) on the command line, from `tmp_path`."""
+    return slurm_cluster.submit(
+        REPO / "slurm" / script,
+        config,
+        *CPU_OVERRIDES,
+        *overrides,
+        sbatch_args=[*extra_sbatch, *CPU_SBATCH_ARGS],
+        cwd=tmp_path,
+    )
+
+
 @pytest.mark.parametrize(
     "script, extra",
     [
@@ -154,20 +171,7 @@ def test_train_sbatch_cpu_override_args_and_requeue(slurm_cluster, tmp_path, scr
     (tmp_path / "qlora_lit" / "__init__.py").write_text("")
     (tmp_path / "qlora_lit" / "__main__.py").write_text(STUB_MAIN)
     (tmp_path / "cfg.yaml").write_text("trainer: {}\n")
-    # The documented CPU override: --gres=none clears the script's `--gres=gpu:8`.
-    sbatch_args = [*extra, "--gres=none", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:10:00"]
-    job = slurm_cluster.submit(
-        REPO / "slurm" / script,
-        "cfg.yaml",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.max_steps",
-        "5",
-        sbatch_args=sbatch_args,
-        cwd=tmp_path,
-    )
+    job = _submit_on_cpu(slurm_cluster, tmp_path, script, "cfg.yaml", "--trainer.max_steps", "5", extra_sbatch=extra)
     assert slurm_cluster.output_path(job) == tmp_path / f"slurm-{job}.out"
     slurm_cluster.wait_for_output(job, "STUB rank 0 ready", timeout=40)
     slurm_cluster.wait_for_output(job, "STUB rank 1 ready", timeout=10)
@@ -194,10 +198,7 @@ def test_train_sbatch_cpu_override_args_and_requeue(slurm_cluster, tmp_path, scr
             f"slurm-{job}",
             "--ckpt_path",
             "last",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.strategy",
-            "ddp",
+            *CPU_OVERRIDES,
             "--trainer.max_steps",
             "5",
         ], out
@@ -211,17 +212,10 @@ def test_train_sbatch_cpu_override_args_and_requeue(slurm_cluster, tmp_path, scr
 
 
 def _submit_demo(slurm_cluster, tmp_path, *overrides: str) -> str:
-    """slurm/train.sbatch with the demo config and CPU overrides on the command line, two ranks (DDP over gloo)."""
-    sbatch_args = ["--gres=none", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:10:00"]
-    cpu = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false"]
-    return slurm_cluster.submit(
-        REPO / "slurm" / "train.sbatch",
-        str(REPO / "configs" / "demo.yaml"),
-        *cpu,
-        *overrides,
-        sbatch_args=sbatch_args,
-        cwd=tmp_path,
-    )
+    """slurm/train.sbatch with the demo config on CPU, no progress bar, then `overrides`."""
+    demo = str(REPO / "configs" / "demo.yaml")
+    no_bar = ("--trainer.enable_progress_bar", "false")
+    return _submit_on_cpu(slurm_cluster, tmp_path, "train.sbatch", demo, *no_bar, *overrides)
 
 
 def _last_checkpoint(tmp_path: Path, job: str) -> dict:
