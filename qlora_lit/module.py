@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PeftModel
 
@@ -236,16 +237,23 @@ class QLoRAModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def trainable_keys(self) -> set[str]:
-        return {name for name, param in self.named_parameters() if param.requires_grad}
+        """Names of the trained tensors as state dicts spell them (FSDP's wrapper prefix removed)."""
+        names = (name for name, param in self.named_parameters() if param.requires_grad)
+        return {name.replace("_fsdp_wrapped_module.", "") for name in names}
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        """Only the trained tensors: the frozen (4-bit) base stays out of checkpoints."""
+        """Only the trained tensors: the frozen (4-bit) base stays out of checkpoints. Under FSDP the whole state
+        is returned (FSDP's own state-dict hooks expect every key); `on_save_checkpoint` drops the base there."""
         full = super().state_dict(*args, **kwargs)
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            return full
         prefix = kwargs.get("prefix", "")
         keep = {prefix + key for key in self.trainable_keys()}
         return type(full)((key, value) for key, value in full.items() if key in keep)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = self.trainable_keys()
+        checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key in trainable}
         # The random stream (LoRA dropout) goes along, so a resumed run continues exactly as an uninterrupted one.
         # Torch generators only (tensors), so the checkpoint still loads with weights_only=True.
         checkpoint["torch_rng"] = {
