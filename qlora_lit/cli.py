@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from jsonargparse import ArgumentParser, auto_cli
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -28,6 +29,7 @@ from qlora_lit.monitor import TrainingMonitor
 from qlora_lit.preemption import PreemptionCheckpoint
 from qlora_lit.samples import SampleGenerations
 from qlora_lit.text_log import SaveAndLogConfig
+from qlora_lit.trainer_settings import check_trainer_settings
 
 
 def trainer_defaults() -> dict:
@@ -89,9 +91,16 @@ class QLoRACLI(LightningCLI):
             fit_args["weights_only"] = True
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Add a rich progress bar unless the config has another or turns it off (Lightning refuses both at once),
-        and write checkpoints atomically (AtomicCheckpointIO) unless the config names another CheckpointIO."""
+        """Refuse impossible settings, add a rich progress bar unless the config has another or turns it off
+        (Lightning refuses both at once), and write checkpoints atomically (AtomicCheckpointIO) unless the config
+        names another CheckpointIO."""
         trainer_config = self._get(self.config_init, "trainer", default={})
+        check_trainer_settings(
+            trainer_config.get("accelerator", "auto"),
+            trainer_config.get("devices", "auto"),
+            trainer_config.get("num_nodes", 1),
+            trainer_config.get("accumulate_grad_batches", 1),
+        )
         callbacks = trainer_config.get("callbacks") or []
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
@@ -100,7 +109,10 @@ class QLoRACLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as err:  # Lightning's word on other settings, no traceback
+            raise ConfigError(f"trainer settings: {err}") from None
 
 
 def run_plain_command(name: str, args: list[str]) -> Any:
