@@ -120,6 +120,16 @@ def test_a_training_split_smaller_than_a_batch_per_device_is_refused(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_bf16_true_with_a_quantized_base_is_refused(tmp_path, capsys):
+    save_dir = ["--trainer.logger.init_args.save_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--trainer.precision", "bf16-true", *save_dir])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "trainer.precision=bf16-true casts the whole model, which 4/8-bit weights cannot take" in error
+    assert "trainable parameters" not in error  # refused before the base was loaded
+
+
 def test_missing_data_file_is_one_clear_message(tmp_path):
     missing = str(tmp_path / "missing.jsonl")
     result = run_cli("fit", "--config", "configs/demo.yaml", "--data.path", missing, cwd=tmp_path)
