@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -131,3 +133,20 @@ def test_the_space_estimate_counts_checkpoints_adapter_and_logs():
     checkpoint = ModelCheckpoint(monitor="val_loss", save_top_k=3, save_last=True)
     # 3 best + last.ckpt + one being written, 12 bytes per parameter each; the adapter twice at 4; 100 MiB of logs
     assert run_size_estimate(10**6, checkpoint) == 5 * 12 * 10**6 + 2 * 4 * 10**6 + 100 * 2**20
+
+
+@pytest.mark.slow
+def test_hub_tokens_in_the_environment_are_never_printed_or_saved(tmp_path):
+    secret = "hf_qloraLitFakeSecret7c1e9a0b4d"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    env.update(HF_TOKEN=secret, HUGGING_FACE_HUB_TOKEN=secret, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    short = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.cache_dir", "cache"]
+    command = [sys.executable, "-m", "qlora_lit", "fit", "--config", DEMO_CONFIG, *short]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert secret.encode() not in result.stdout + result.stderr
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    names = {path.name for path in written}
+    assert {"config.yaml", "last.ckpt", "adapter_model.safetensors", "qlora_lit_config.yaml"} <= names
+    assert any(name.startswith("events.out.tfevents") for name in names) and any("tokens-" in n for n in names)
+    assert [path for path in written if secret.encode() in path.read_bytes()] == []
