@@ -1,4 +1,5 @@
-"""SIGTERM outside Slurm: the run saves a resumable checkpoint at an optimizer-step boundary and exits cleanly."""
+"""Signals and kills outside Slurm: SIGTERM saves a resumable checkpoint at an optimizer-step boundary; kill -9, even
+in the middle of writing a checkpoint or the adapter, leaves complete files to resume from (docs/RELIABILITY.md)."""
 
 from __future__ import annotations
 
