@@ -13,7 +13,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 from qlora_lit.data.datamodule import load_tokenizer
-from qlora_lit.errors import ConfigError
+from qlora_lit.errors import ConfigError, TrainingError, is_disk_full
 
 CONFIG_NAME = "qlora_lit_config.yaml"
 DATA_STATS_NAME = "data_stats.json"
@@ -81,6 +81,19 @@ class AdapterExport(Callback):
         target = self.adapter_dir(trainer)
         partial = target.with_name(f".{target.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
+        try:
+            self.write_adapter(trainer, pl_module, partial)
+        except BaseException as err:
+            shutil.rmtree(partial, ignore_errors=True)  # the previous adapter stays in `target`
+            if is_disk_full(err):
+                raise TrainingError(
+                    f"no space left on the device to write the adapter to {partial} ({err}). An adapter already in "
+                    f"{target} is complete; free some space and resume from the last checkpoint"
+                ) from err
+            raise
+        _replace_dir(partial, target)
+
+    def write_adapter(self, trainer: L.Trainer, pl_module: L.LightningModule, partial: Path) -> None:
         pl_module.model.save_pretrained(partial, safe_serialization=True)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.model_name_or_path)
         tokenizer.save_pretrained(partial)
@@ -90,7 +103,6 @@ class AdapterExport(Callback):
                 shutil.copyfile(folder / name, partial / copy_name)
         progress = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}
         (partial / "trainer_state.json").write_text(json.dumps(progress))
-        _replace_dir(partial, target)
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -12,18 +12,24 @@ import sys
 from typing import Any
 
 from jsonargparse import ArgumentParser, auto_cli
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from qlora_lit.callbacks import AdapterExport, DataStatsExport, PredictionWriter, ensure_writable, run_dir
+from qlora_lit.checkpoint_io import AtomicCheckpointIO
 from qlora_lit.data import KoAlpacaDataModule
+from qlora_lit.disk_space import ensure_free_space, run_size_estimate
 from qlora_lit.errors import ConfigError, TrainingError
+from qlora_lit.model import count_lora_parameters
 from qlora_lit.module import QLoRAModule
 from qlora_lit.monitor import TrainingMonitor
 from qlora_lit.preemption import PreemptionCheckpoint
 from qlora_lit.samples import SampleGenerations
 from qlora_lit.text_log import SaveAndLogConfig
+from qlora_lit.trainer_settings import check_trainer_settings
 
 
 def trainer_defaults() -> dict:
@@ -75,20 +81,38 @@ class QLoRACLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
-        ensure_writable(run_dir(self.trainer))
+        folder = run_dir(self.trainer)
+        ensure_writable(folder)
+        trainable = count_lora_parameters(self.model.model_name_or_path, self.model.lora, self.model.trust_remote_code)
+        ensure_free_space(folder, run_size_estimate(trainable, self.trainer.checkpoint_callback))
         fit_args = self.config_init["fit"]
         if fit_args.get("weights_only") is None:
             # Checkpoints hold tensors and plain containers only: resume without running pickled code.
             fit_args["weights_only"] = True
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Add a rich progress bar unless the config has another or turns it off (Lightning refuses both at once)."""
+        """Refuse impossible settings, add a rich progress bar unless the config has another or turns it off
+        (Lightning refuses both at once), and write checkpoints atomically (AtomicCheckpointIO) unless the config
+        names another CheckpointIO."""
         trainer_config = self._get(self.config_init, "trainer", default={})
+        check_trainer_settings(
+            trainer_config.get("accelerator", "auto"),
+            trainer_config.get("devices", "auto"),
+            trainer_config.get("num_nodes", 1),
+            trainer_config.get("accumulate_grad_batches", 1),
+        )
         callbacks = trainer_config.get("callbacks") or []
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
             trainer_config["callbacks"] = [*callbacks, RichProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as err:  # Lightning's word on other settings, no traceback
+            raise ConfigError(f"trainer settings: {err}") from None
 
 
 def run_plain_command(name: str, args: list[str]) -> Any:

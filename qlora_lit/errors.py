@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class ConfigError(ValueError):
     """A setting, file or name given by the user cannot work; the message says which and why."""
@@ -18,3 +20,13 @@ def not_found_message(kind: str, name: str, err: Exception) -> str:
         f"path, setting HF_HOME to a cache that already holds it (with HF_HUB_OFFLINE=1 when offline), or logging in "
         f"(`hf auth login`) if it is gated."
     )
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """No space left (or over quota): an OSError, or safetensors' error, whose Rust writer keeps only the text."""
+    if isinstance(err, OSError):
+        return err.errno in DISK_FULL_ERRNOS
+    return any(f"(os error {code})" in str(err) for code in DISK_FULL_ERRNOS)

@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from qlora_lit import attention  # noqa: F401 - registers attn_implementation "varlen" with transformers
 from qlora_lit.assets import resolve_asset
@@ -152,6 +152,18 @@ def check_target_modules(model: torch.nn.Module, lora: LoraArgs) -> None:
     missing = [name for name in lora.target_modules if name not in available]
     if missing:
         raise ConfigError(f"lora.target_modules {missing} are not linear layers of this model; it has {available}")
+
+
+def count_lora_parameters(name_or_path: str, lora: LoraArgs, trust_remote_code: bool = False) -> int:
+    """Trainable parameters LoRA gives this model, counted on an empty copy (meta device): no weights are read."""
+    try:
+        config = AutoConfig.from_pretrained(resolve_asset(name_or_path), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ConfigError(not_found_message("model", name_or_path, err)) from err
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    check_target_modules(model, lora)
+    return get_peft_model(model, lora.to_peft_config()).get_nb_trainable_parameters()[0]
 
 
 def attach_lora(

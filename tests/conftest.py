@@ -13,6 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_MODEL = "builtin:tiny-llama"
 SAMPLE_DATA = "builtin:koalpaca_sample.jsonl"
+DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+# A short demo fit with a validation, and so a checkpoint and an adapter export, at steps 2, 4 and 6.
+SHORT_FIT = ["fit", "--config", DEMO_CONFIG, "--trainer.max_steps", "6", "--trainer.val_check_interval", "2"]
+SHORT_FIT += ["--trainer.enable_progress_bar", "false", "--samples.prompts", "[]"]
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.fabric.accelerators.cuda
 import pytest
 import torch
 from conftest import shown_by_tensorboard
@@ -65,6 +66,68 @@ def test_bad_settings_fail_while_parsing_with_a_message(override, message, capsy
         cli_main(["fit", "--config", str(ROOT / "configs/demo.yaml"), *override])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be a whole number >= 1"),
+        (["--trainer.accumulate_grad_batches", "-2"], "(micro-batches per optimizer step), got -2"),
+        (["--trainer.devices", "0"], "trainer.devices must be >= 1, -1 (every GPU) or auto, got 0"),
+        (["--trainer.devices", "-3"], "trainer.devices must be >= 1, -1 (every GPU) or auto, got -3"),
+        (["--trainer.num_nodes", "0"], "trainer.num_nodes must be >= 1, got 0"),
+        (["--trainer.strategy", "dpp"], "trainer settings: You selected an invalid strategy name: `strategy='dpp'`"),
+    ],
+)
+def test_impossible_trainer_settings_fail_with_a_message(override, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(ROOT / "configs/demo.yaml"), *override])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--trainer.accelerator", "gpu"], "trainer.accelerator=gpu but no CUDA GPU is visible here"),
+        (["--trainer.devices", "-1"], "trainer.devices=-1 means every GPU and there is none here"),
+    ],
+)
+def test_asking_for_gpus_where_there_are_none_fails_with_a_message(override, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(ROOT / "configs/demo.yaml"), *override])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_more_gpus_than_the_machine_has_fail_with_a_message(capsys, monkeypatch):
+    monkeypatch.setattr(lightning.fabric.accelerators.cuda, "num_cuda_devices", lambda: 1)  # a one-GPU machine
+    gpus = ["--trainer.accelerator", "gpu", "--trainer.devices", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(ROOT / "configs/demo.yaml"), *gpus])
+    assert exit_info.value.code == 2
+    assert "trainer.devices=2 but this machine has 1 GPU: use trainer.devices 1 or fewer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_training_split_smaller_than_a_batch_per_device_is_refused(tmp_path):
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    result = run_cli("fit", "--config", "configs/demo.yaml", *ddp, "--data.val_size", "255", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    expected = "the training split has 5 rows, 1 batch(es) of data.batch_size=8, fewer than the 2 devices"
+    assert expected in result.stderr and "zero steps" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bf16_true_with_a_quantized_base_is_refused(tmp_path, capsys):
+    save_dir = ["--trainer.logger.init_args.save_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--trainer.precision", "bf16-true", *save_dir])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "trainer.precision=bf16-true casts the whole model, which 4/8-bit weights cannot take" in error
+    assert "trainable parameters" not in error  # refused before the base was loaded
 
 
 def test_missing_data_file_is_one_clear_message(tmp_path):

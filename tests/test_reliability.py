@@ -1,17 +1,27 @@
-"""Faults that must end well: a non-finite loss, an unwritable output folder (docs/RELIABILITY.md)."""
+"""Faults that must end well: a non-finite loss, an unwritable output folder, a full disk (docs/RELIABILITY.md)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import SAMPLE_DATA, TINY_MODEL
+from conftest import DEMO_CONFIG, SAMPLE_DATA, SHORT_FIT, TINY_MODEL
+from faults import disk_full, half_write_then, safetensors_disk_full
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
 
+from qlora_lit.checkpoint_io import AtomicCheckpointIO
 from qlora_lit.cli import cli_main
 from qlora_lit.data import KoAlpacaDataModule
+from qlora_lit.disk_space import run_size_estimate
 from qlora_lit.errors import TrainingError
 from qlora_lit.model import LoraArgs, QuantizationArgs
 from qlora_lit.module import QLoRAModule
@@ -68,3 +78,75 @@ def test_an_unwritable_output_folder_fails_before_the_model_loads(tmp_path, caps
     error = capsys.readouterr().err
     assert "cannot write the run's outputs to" in error and "a-file/runs" in error
     assert "trainable parameters" not in error  # stopped before the model was loaded
+
+
+def test_checkpoints_are_written_beside_their_target_never_through_the_temp_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["qlora_lit"])
+    cli = cli_main(["--config", DEMO_CONFIG, "--trainer.logger.init_args.save_dir", str(tmp_path)], run=False)
+    checkpoint_io = cli.trainer.strategy.checkpoint_io
+    assert isinstance(checkpoint_io, AtomicCheckpointIO)
+    # Lightning's own save writes into the temp folder and moves the file, a copy when that is another filesystem.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+    checkpoint_io.save_checkpoint({"step": torch.tensor(3)}, tmp_path / "run" / "last.ckpt")
+    assert torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["step"] == 3
+    assert [path.name for path in (tmp_path / "run").iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.parametrize(
+    ("file_name", "nth", "fault", "adapter_step"),
+    # Step 4's write: last.ckpt is written once per validation; the adapter with each checkpoint file (best and last)
+    [("last.ckpt", 2, disk_full, 4), ("adapter_model.safetensors", 3, safetensors_disk_full, 2)],
+    ids=["checkpoint", "adapter"],
+)
+def test_a_full_disk_mid_write_ends_with_a_message_and_keeps_the_previous_files(
+    file_name, nth, fault, adapter_step, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(sys, "argv", ["qlora_lit"])
+    half_write_then(fault, file_name, nth, monkeypatch.setattr)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*SHORT_FIT, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert "qlora_lit: training stopped: no space left on the device to write" in error, error[-3000:]
+    run = tmp_path / "demo" / "version_0"
+    assert not list(run.rglob("*.partial"))  # the half-written file is gone (it would hold the little space left)
+    for checkpoint in (run / "checkpoints").glob("*.ckpt"):
+        torch.load(checkpoint, weights_only=True)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert json.loads((run / "adapter" / "trainer_state.json").read_text())["global_step"] == adapter_step
+    load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def test_too_little_free_space_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["qlora_lit"])
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * 2**30, 10 * 2**30, 2**20))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*SHORT_FIT, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"not enough free disk space in {tmp_path / 'demo' / 'version_0'}: 1 MiB free" in error, error[-3000:]
+    assert "the run needs about 102 MiB" in error
+    assert "trainable parameters" not in error  # stopped before the model was loaded
+
+
+def test_the_space_estimate_counts_checkpoints_adapter_and_logs():
+    checkpoint = ModelCheckpoint(monitor="val_loss", save_top_k=3, save_last=True)
+    # 3 best + last.ckpt + one being written, 12 bytes per parameter each; the adapter twice at 4; 100 MiB of logs
+    assert run_size_estimate(10**6, checkpoint) == 5 * 12 * 10**6 + 2 * 4 * 10**6 + 100 * 2**20
+
+
+@pytest.mark.slow
+def test_hub_tokens_in_the_environment_are_never_printed_or_saved(tmp_path):
+    secret = "hf_qloraLitFakeSecret7c1e9a0b4d"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    env.update(HF_TOKEN=secret, HUGGING_FACE_HUB_TOKEN=secret, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    short = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.cache_dir", "cache"]
+    command = [sys.executable, "-m", "qlora_lit", "fit", "--config", DEMO_CONFIG, *short]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert secret.encode() not in result.stdout + result.stderr
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    names = {path.name for path in written}
+    assert {"config.yaml", "last.ckpt", "adapter_model.safetensors", "qlora_lit_config.yaml"} <= names
+    assert any(name.startswith("events.out.tfevents") for name in names) and any("tokens-" in n for n in names)
+    assert [path for path in written if secret.encode() in path.read_bytes()] == []

@@ -1,7 +1,9 @@
-"""SIGTERM outside Slurm: the run saves a resumable checkpoint at an optimizer-step boundary and exits cleanly."""
+"""Signals and kills outside Slurm: SIGTERM saves a resumable checkpoint at an optimizer-step boundary; kill -9, even
+in the middle of writing a checkpoint or the adapter, leaves complete files to resume from (docs/RELIABILITY.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHORT_FIT, TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +91,48 @@ def test_kill_9_then_resume_from_last_ckpt_gives_the_uninterrupted_adapter(tmp_p
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
+
+
+def killed_mid_write(name: str, nth: int, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """A demo fit SIGKILLed halfway through writing the `nth` file called `name` (tests/faults.py)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    env["PYTHONPATH"] = str(ROOT)
+    command = [sys.executable, str(ROOT / "tests" / "faults.py"), name, str(nth), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_kill_9_while_writing_last_ckpt_keeps_the_previous_one_and_resume_finishes(tmp_path, monkeypatch):
+    from qlora_lit.cli import cli_main
+
+    killed = killed_mid_write("last.ckpt", 2, tmp_path, *SHORT_FIT)  # the second last.ckpt: step 4's
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoints = tmp_path / "runs" / "demo" / "version_0" / "checkpoints"
+    assert (checkpoints / ".last.ckpt.partial").stat().st_size > 0  # the kill landed in the middle of the write
+    for checkpoint in checkpoints.glob("*.ckpt"):  # whatever `--ckpt_path last` or best could pick is whole
+        torch.load(checkpoint, weights_only=True)
+    last = checkpoints / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+
+    monkeypatch.setattr(sys, "argv", ["qlora_lit"])
+    save_dir = ["--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    resumed = cli_main([*SHORT_FIT, *save_dir, "--ckpt_path", str(last)])  # in-process: no second start-up
+    assert resumed.trainer.ckpt_path == str(last) and resumed.trainer.global_step == 6
+
+
+@pytest.mark.slow
+def test_kill_9_while_writing_the_adapter_keeps_the_previous_adapter_loadable(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora_lit.assets import resolve_asset
+
+    # The adapter is exported with each checkpoint file, best and last: the third export is step 4's first.
+    killed = killed_mid_write("adapter_model.safetensors", 3, tmp_path, *SHORT_FIT)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run = tmp_path / "runs" / "demo" / "version_0"
+    assert (run / ".adapter.partial" / "adapter_model.safetensors").stat().st_size > 0  # killed mid-write
+    assert json.loads((run / "adapter" / "trainer_state.json").read_text())["global_step"] == 2
+    base = AutoModelForCausalLM.from_pretrained(resolve_asset(TINY_MODEL))
+    model = PeftModel.from_pretrained(base, run / "adapter")
+    assert any("lora_A" in name for name, _ in model.named_parameters())

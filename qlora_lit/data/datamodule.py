@@ -185,7 +185,22 @@ class KoAlpacaDataModule(L.LightningDataModule):
         if self.pack_length:
             self.packed_rows = pack_rows([len(example["input_ids"]) for example in self.train_set], self.pack_length)
             self.stats["packed_train_rows"] = len(self.packed_rows)
+        self.check_a_batch_per_device()
         rank_zero_info(f"data {self.path}: {self.stats}")
+
+    def check_a_batch_per_device(self) -> None:
+        """Every device trains on whole batches only (EpochBatchSampler), so fewer batches than devices is zero steps:
+        Lightning would stop at once ("No training batches") and the run would export an untrained adapter."""
+        devices = self.trainer.world_size if self.trainer is not None else 1
+        rows = len(self.packed_rows) if self.pack_length else len(self.train_set)
+        batches = -(-rows // self.batch_size)
+        if batches < devices:
+            kind = "packed rows" if self.pack_length else "rows"
+            raise ConfigError(
+                f"the training split has {rows} {kind}, {batches} batch(es) of data.batch_size={self.batch_size}, "
+                f"fewer than the {devices} devices: training would run zero steps. Lower data.batch_size or "
+                "data.val_size, add data, or use fewer devices"
+            )
 
     def _setup_predict(self) -> None:
         """Only the prompts to answer: predicting never reads (or downloads) the training data."""

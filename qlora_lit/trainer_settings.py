@@ -1,0 +1,54 @@
+"""Trainer settings that cannot work, refused with one message before Lightning builds the trainer.
+
+Lightning lets `accumulate_grad_batches < 1` through (0 crashes in the sampler, a negative value trains nothing
+forever) and reports impossible device counts with a traceback, some unclearly ("No supported gpu backend found!").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.fabric.accelerators import cuda
+
+from qlora_lit.errors import ConfigError
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def check_trainer_settings(accelerator: Any, devices: Any, num_nodes: int, accumulate_grad_batches: Any) -> None:
+    if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
+        raise ConfigError(
+            "trainer.accumulate_grad_batches must be a whole number >= 1 (micro-batches per optimizer step), "
+            f"got {accumulate_grad_batches!r}"
+        )
+    if num_nodes < 1:
+        raise ConfigError(f"trainer.num_nodes must be >= 1, got {num_nodes}")
+    count = requested_devices(devices)
+    if count is not None and (count == 0 or count < -1):
+        raise ConfigError(f"trainer.devices must be >= 1, -1 (every GPU) or auto, got {devices}")
+    available = cuda.num_cuda_devices()
+    if count == -1 and available == 0:
+        raise ConfigError("trainer.devices=-1 means every GPU and there is none here; give a number of processes")
+    if str(accelerator) not in GPU_ACCELERATORS:
+        return
+    if available == 0:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is visible here (check the driver, "
+            "CUDA_VISIBLE_DEVICES and that torch was built with CUDA); on a CPU use trainer.accelerator=cpu "
+            "(configs/demo.yaml)"
+        )
+    if count is not None and count > available:
+        raise ConfigError(
+            f"trainer.devices={count} but this machine has {available} GPU{'s' if available > 1 else ''}: "
+            f"use trainer.devices {available} or fewer (-1 takes them all)"
+        )
+
+
+def requested_devices(devices: Any) -> int | None:
+    """How many devices `trainer.devices` asks for: a count, -1 (all), or None when Lightning decides (auto, a list
+    or string of GPU ids)."""
+    if isinstance(devices, int):
+        return devices
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        return int(devices)
+    return None
