@@ -46,7 +46,7 @@ class QLoRAModule(L.LightningModule):
             (needs the flash-attn package) or flex_attention.
         compile: torch.compile each decoder layer, fusing the element-wise work (norms, rotary embeddings,
             activation, LoRA dropout and scaling) between the matrix products. The first steps pay the compilation
-            (about 2 minutes for an 8B model on an H200).
+            (about 2 minutes for an 8B model on an H200). GPUs only: ignored, with a message, on a CPU.
         nonfinite_loss: on a NaN or infinite training loss, `stop` with a message naming the step (checkpoints
             already written stay as they are) or `skip` the batch on every rank and go on.
     """
@@ -132,8 +132,10 @@ class QLoRAModule(L.LightningModule):
             self.model_name_or_path, self.quantization, device, self.trust_remote_code, self.attn_implementation
         )
         self.model = attach_lora(base, self.lora, self.gradient_checkpointing, self.upcast_to_fp32)
-        if self.compile:
+        if self.compile and device.type == "cuda":
             compile_decoder_layers(self.model)
+        elif self.compile:  # inductor's CPU path fails on some dynamic shapes (torch 2.13), and gains little there
+            rank_zero_info(f"model.compile applies on GPUs only; the layers run uncompiled on {device.type}")
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 

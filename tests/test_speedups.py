@@ -6,7 +6,7 @@ import torch
 from conftest import TINY_MODEL
 
 from qlora_lit.fsdp import qlora_wrap_policy
-from qlora_lit.model import LoraArgs, QuantizationArgs
+from qlora_lit.model import LoraArgs, QuantizationArgs, compile_decoder_layers
 from qlora_lit.module import QLoRAModule
 
 
@@ -30,7 +30,8 @@ def loss_and_gradients(module: QLoRAModule, ids: torch.Tensor) -> tuple[torch.Te
 def test_compiled_decoder_layers_give_the_eager_loss_and_gradients():
     ids = torch.randint(3, 2000, (2, 24), generator=torch.Generator().manual_seed(1))
     eager_loss, eager_grads = loss_and_gradients(tiny_module(), ids)
-    compiled = tiny_module(compile=True)
+    compiled = tiny_module()
+    compile_decoder_layers(compiled.model)  # what model.compile does on a GPU
     layers = compiled.model.get_base_model().model.layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
     compiled_loss, compiled_grads = loss_and_gradients(compiled, ids)
@@ -39,6 +40,13 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_gradients():
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert set(compiled.state_dict()) == set(tiny_module().state_dict())  # checkpoints keep their key names
+
+
+def test_compile_is_skipped_with_a_message_on_a_cpu(caplog):
+    with caplog.at_level("INFO"):
+        layers = tiny_module(compile=True).model.get_base_model().model.layers
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert "model.compile applies on GPUs only" in caplog.text
 
 
 def test_fsdp_units_never_mix_frozen_and_trained_tensors():
