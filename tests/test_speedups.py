@@ -72,3 +72,23 @@ def test_fsdp_checkpoint_names_match_the_trained_tensors():
     checkpoint = {"state_dict": {**dict(module.model.named_parameters(prefix="model")), "extra": torch.zeros(1)}}
     module.on_save_checkpoint(checkpoint)
     assert set(checkpoint["state_dict"]) == trained  # the base is dropped even when a strategy hands it over
+
+
+def test_varlen_attention_keeps_padded_batches_masked_as_sdpa_does():
+    """Validation batches (right padding) and generation (left padding) carry an attention mask and no packed
+    positions: `varlen` must give exactly sdpa's logits there, padding never attended."""
+    ids = torch.randint(3, 2000, (2, 12), generator=torch.Generator().manual_seed(2))
+    right = torch.ones_like(ids)
+    right[1, 8:] = 0
+    left = torch.ones_like(ids)
+    left[1, :4] = 0
+    sdpa, varlen = tiny_module(), tiny_module(attn_implementation="varlen")
+    with torch.no_grad():
+        for mask in (right, left):
+            expected = sdpa(ids, attention_mask=mask).logits
+            torch.testing.assert_close(varlen(ids, attention_mask=mask).logits, expected, rtol=1e-5, atol=1e-5)
+        generated = {
+            name: m.model.generate(input_ids=ids, attention_mask=left, max_new_tokens=5, do_sample=False)
+            for name, m in (("sdpa", sdpa), ("varlen", varlen))
+        }
+    assert torch.equal(generated["varlen"], generated["sdpa"])
