@@ -15,6 +15,7 @@ from qlora_lit import attention
 from qlora_lit.errors import ConfigError, TrainingError
 from qlora_lit.generate import GenerationArgs, generate_texts
 from qlora_lit.loss import chunked_lm_loss_sum, supports_chunked_loss
+from qlora_lit.memory import activation_bytes, needs_checkpointing
 from qlora_lit.model import (
     AttnImplementation,
     LoraArgs,
@@ -35,7 +36,9 @@ class QLoRAModule(L.LightningModule):
         quantization: how the frozen base is stored (4-bit NF4 with double quantization by default).
         lora: the trained low-rank adapters.
         optimizer: optimizer and learning-rate schedule.
-        gradient_checkpointing: recompute activations in backward to save memory (non-reentrant).
+        gradient_checkpointing: recompute activations in backward to save memory (non-reentrant); `auto` does it only
+            when the kept activations of the data's largest micro-batch would not fit the GPU (qlora_lit/memory.py;
+            never on a CPU).
         upcast_to_fp32: cast norms, embeddings and the output head to fp32 (peft's k-bit preparation).
         trust_remote_code: run modeling code shipped with the model repository. Only for models you trust.
         loss_chunk_tokens: compute logits only at labelled positions, this many at a time, recomputed in backward
@@ -57,7 +60,7 @@ class QLoRAModule(L.LightningModule):
         quantization: QuantizationArgs = QuantizationArgs(),  # noqa: B008 - frozen-by-convention settings
         lora: LoraArgs = LoraArgs(),  # noqa: B008
         optimizer: OptimizerArgs = OptimizerArgs(),  # noqa: B008
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | Literal["auto"] = True,
         upcast_to_fp32: bool = True,
         trust_remote_code: bool = False,
         loss_chunk_tokens: int = 4096,
@@ -131,13 +134,39 @@ class QLoRAModule(L.LightningModule):
         base = load_base_model(
             self.model_name_or_path, self.quantization, device, self.trust_remote_code, self.attn_implementation
         )
-        self.model = attach_lora(base, self.lora, self.gradient_checkpointing, self.upcast_to_fp32)
+        self.model = attach_lora(base, self.lora, self.checkpointing_for(base, device), self.upcast_to_fp32)
         if self.compile and device.type == "cuda":
             compile_decoder_layers(self.model)
         elif self.compile:  # inductor's CPU path fails on some dynamic shapes (torch 2.13), and gains little there
             rank_zero_info(f"model.compile applies on GPUs only; the layers run uncompiled on {device.type}")
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+    def checkpointing_for(self, base: torch.nn.Module, device: torch.device) -> bool:
+        """The `gradient_checkpointing` setting, with `auto` decided from the loaded weights, the GPU's memory and
+        the largest micro-batch the data module makes."""
+        if self.gradient_checkpointing != "auto":
+            return bool(self.gradient_checkpointing)
+        tokens = self.micro_batch_tokens()
+        if device.type != "cuda" or tokens is None:
+            return device.type == "cuda"  # on a GPU without data settings to judge by: the safe choice
+        weights = torch.cuda.memory_allocated(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        chosen = needs_checkpointing(base.config, tokens, self.loss_chunk_tokens, weights, total)
+        estimate = (weights + activation_bytes(base.config, tokens, self.loss_chunk_tokens)) / 2**30
+        rank_zero_info(
+            f"gradient_checkpointing auto: {'on' if chosen else 'off'} (about {estimate:.1f} GiB needed without it "
+            f"for {tokens} tokens per micro-batch, {total / 2**30:.1f} GiB on the GPU)"
+        )
+        return chosen
+
+    def micro_batch_tokens(self) -> int | None:
+        """Tokens of the largest micro-batch: rows of `pack_length`, or examples of `max_length`, times `batch_size`."""
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if data is None or not hasattr(data, "batch_size"):
+            return None
+        width = getattr(data, "pack_length", None) or getattr(data, "max_length", None)
+        return width * data.batch_size if width else None
 
     def model_inputs(self, batch: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
         """Padded batches come with `attention_mask`; packed ones with `position_ids` restarting per example instead.

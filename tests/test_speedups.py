@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 from conftest import TINY_MODEL
 
 from qlora_lit.fsdp import qlora_wrap_policy
+from qlora_lit.memory import activation_bytes, needs_checkpointing
 from qlora_lit.model import LoraArgs, QuantizationArgs, compile_decoder_layers
 from qlora_lit.module import QLoRAModule
 
@@ -92,3 +96,36 @@ def test_varlen_attention_keeps_padded_batches_masked_as_sdpa_does():
             for name, m in (("sdpa", sdpa), ("varlen", varlen))
         }
     assert torch.equal(generated["varlen"], generated["sdpa"])
+
+
+LLAMA_8B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256)
+GIB = 2**30
+
+
+def test_the_activation_estimate_matches_the_measured_8b_peak():
+    """docs/PERFORMANCE.md, `packed`: 4096-token rows, full logits, 5.7 GiB of weights, 38.6 GiB peak on an H200."""
+    estimate = (5.7 * GIB + activation_bytes(LLAMA_8B, 4096, loss_chunk_tokens=0)) / GIB
+    assert 0.9 * 38.6 < estimate < 1.1 * 38.6
+    assert activation_bytes(LLAMA_8B, 4096, 1024) < activation_bytes(LLAMA_8B, 4096, 0)  # chunked logits
+
+
+@pytest.mark.parametrize(
+    ("tokens", "gpu_gib", "expected"),
+    [(4096, 141, False), (4096, 24, True), (8 * 512, 80, False), (4 * 4096, 80, True)],
+)
+def test_auto_checkpointing_recomputes_only_when_the_activations_would_not_fit(tokens, gpu_gib, expected):
+    assert needs_checkpointing(LLAMA_8B, tokens, 0, int(5.7 * GIB), gpu_gib * GIB) is expected
+
+
+def test_auto_checkpointing_asks_the_gpu_and_the_data_and_stays_off_on_a_cpu(monkeypatch):
+    module = tiny_module(gradient_checkpointing="auto")
+    assert not module.model.get_base_model().is_gradient_checkpointing  # on the CPU
+    base = module.model.get_base_model()
+    monkeypatch.setattr(module, "micro_batch_tokens", lambda: 4096)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1 * GIB)
+    for gpu_gib, expected in ((16, False), (0.9, True)):  # the tiny model's 4096 tokens need about 0.07 GiB
+        properties = SimpleNamespace(total_memory=int(gpu_gib * GIB))
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, p=properties: p)
+        assert module.checkpointing_for(base, torch.device("cuda")) is expected
+    monkeypatch.setattr(module, "micro_batch_tokens", lambda: None)
+    assert module.checkpointing_for(base, torch.device("cuda")) is True  # nothing to judge by: the safe choice

@@ -1,0 +1,24 @@
+"""`model.gradient_checkpointing: auto`: recompute activations only when keeping them would not fit the GPU.
+
+Kept activations grow with the tokens of a micro-batch. Per token, each decoder layer keeps about 14 x hidden +
+4 x intermediate bf16 values (layer inputs, q/k/v, attention output, the MLP's gate/up/product, the LoRA inputs), and
+the head keeps about 10 bytes per vocabulary entry (bf16 logits, their fp32 upcast and its gradient) unless the loss
+is chunked. Calibrated on the Llama-3.1-8B shape on an H200 (docs/PERFORMANCE.md, `packed`): 4096 tokens per
+micro-batch, compiled layers, full logits, measured 38.6 GiB peak with 5.7 GiB of weights; this estimate gives 39.
+"""
+
+from __future__ import annotations
+
+HEADROOM = 0.9  # of the GPU's memory: the allocator's fragmentation and the optimizer's buffers need the rest
+
+
+def activation_bytes(config, tokens: int, loss_chunk_tokens: int) -> int:
+    """Estimated activations kept for backward by one micro-batch of `tokens` tokens without checkpointing."""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    per_layer = 2 * (14 * hidden + 4 * intermediate)
+    logits_tokens = min(tokens, loss_chunk_tokens) if loss_chunk_tokens else tokens
+    return tokens * config.num_hidden_layers * per_layer + logits_tokens * 10 * config.vocab_size
+
+
+def needs_checkpointing(config, tokens: int, loss_chunk_tokens: int, weights_bytes: int, gpu_bytes: int) -> bool:
+    return weights_bytes + activation_bytes(config, tokens, loss_chunk_tokens) > HEADROOM * gpu_bytes
