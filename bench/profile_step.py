@@ -11,7 +11,7 @@ Settings, measured in this order on one loaded model (each prints one JSON line)
     pad16-nodropout  pad16-nomask with LoRA dropout off (prices the seven dropout copies of each layer input)
     pad16-dequant-cache  pad16-nomask with every NF4 weight dequantized once and kept (prices NF4 dequantization)
     pack4096-sdpa    packed rows of <= 4096 tokens, block-diagonal mask from position ids (sdpa)
-    pack4096-varlen  the same rows through torch's varlen flash attention (torch.nn.attention.varlen), no mask
+    pack4096-varlen  the same rows through qlora_lit's `varlen` attention (torch's varlen flash kernel), no mask
     pad16-compile    pad16-nomask with each decoder layer torch.compile'd
     pad16-liger      pad16-nomask with Liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy
 """
@@ -19,7 +19,6 @@ Settings, measured in this order on one loaded model (each prints one JSON line)
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -33,40 +32,13 @@ import data as bench_data  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from qlora_lit import attention  # noqa: E402
 from qlora_lit.data.collate import PaddingCollator  # noqa: E402
 from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows  # noqa: E402
 from qlora_lit.data.sampler import EpochBatchSampler  # noqa: E402
 from qlora_lit.model import LoraArgs, QuantizationArgs, attach_lora, load_base_model  # noqa: E402
 
 PAD_ID = 128001
-
-
-def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: each packed example attends only to itself (starts where position is 0)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    b, hq, s, d = query.shape
-    hkv = key.shape[1]
-    q = query.transpose(1, 2).reshape(b * s, hq, d)
-    k = key.transpose(1, 2).reshape(b * s, hkv, d)
-    v = value.transpose(1, 2).reshape(b * s, hkv, d)
-    params = inspect.signature(varlen_attn).parameters
-    extra = {}
-    if hq != hkv:
-        if "enable_gqa" in params:
-            extra["enable_gqa"] = True
-        else:
-            k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
-    if "window_size" in params:
-        extra["window_size"] = (-1, 0)
-    else:
-        extra["is_causal"] = True
-    pos = kwargs["position_ids"].reshape(-1)
-    starts = (pos == 0).nonzero().flatten()
-    cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
-    longest = int(cu.diff().max())
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
-    return out.reshape(b, s, hq, d), None
 
 
 def batches(rows, n: int, max_length: int) -> dict[str, list]:
@@ -86,12 +58,14 @@ def batches(rows, n: int, max_length: int) -> dict[str, list]:
     return {"padded": padded, "packed": packed, "tokens": sum(lengths)}
 
 
-def measure(model, micro_batches, tokens: int, drop_mask: bool = False, passes: int = 1) -> dict:
+def measure(model, micro_batches, tokens: int, drop_mask: bool = False, passes: int = 1, varlen: bool = False) -> dict:
     def run_once():
         for batch in micro_batches:
             inputs = {k: v.cuda(non_blocking=True) for k, v in batch.items() if v is not None}
             if drop_mask:
                 inputs.pop("attention_mask", None)
+            if varlen:  # what QLoRAModule.model_inputs adds for attn_implementation varlen
+                inputs.update(attention.sequence_starts(inputs["position_ids"]))
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(**inputs, use_cache=False).loss
             loss.backward()
@@ -214,12 +188,9 @@ def main() -> None:
     attempt("pack4096-sdpa", lambda: measure(model, packed, tokens))
 
     def varlen():
-        from transformers import AttentionInterface
-
-        AttentionInterface.register("qlit_varlen", varlen_attention)
-        model.base_model.model.set_attn_implementation("qlit_varlen")
+        model.base_model.model.set_attn_implementation(attention.NAME)
         try:
-            return measure(model, packed, tokens)
+            return measure(model, packed, tokens, varlen=True)
         finally:
             model.base_model.model.set_attn_implementation("sdpa")
 
