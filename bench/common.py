@@ -43,6 +43,13 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_length", type=int, default=512, help="truncation length of the data")
     parser.add_argument("--max_steps", type=int, default=22, help="optimizer steps, warm-up included")
     parser.add_argument("--warmup_steps", type=int, default=2, help="optimizer steps left out of the timing")
+    parser.add_argument(
+        "--max_seconds",
+        type=float,
+        default=None,
+        help="stop after the timed optimizer step that passes this many seconds of timing (the result says how many "
+        "steps were timed); for slow runs inside a fixed time limit",
+    )
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", default=None, help="also append the JSON line to this file")
 
@@ -131,7 +138,7 @@ class CountingCollator:
         return batch
 
 
-def make_timing_callback(counter: CountingCollator, warmup_steps: int, device: str):
+def make_timing_callback(counter: CountingCollator, warmup_steps: int, device: str, max_seconds: float | None = None):
     from transformers import TrainerCallback
 
     cuda = device.startswith("cuda") and torch.cuda.is_available()
@@ -143,6 +150,7 @@ def make_timing_callback(counter: CountingCollator, warmup_steps: int, device: s
             self.t0 = self.t_last = None
             self.steps_timed = 0
             self.step_times: list[float] = []
+            self.stopped_by_time = False
             self.step_tokens: list[int] = []
             self.t_prev = None
 
@@ -176,6 +184,10 @@ def make_timing_callback(counter: CountingCollator, warmup_steps: int, device: s
                 self.docs += self.step_docs
                 self.steps_timed += 1
                 self.t_last = now
+                if max_seconds is not None and now - self.t0 >= max_seconds:
+                    self.stopped_by_time = True
+                    if control is not None:
+                        control.should_training_stop = True
             self.step_times.append(round(now - self.t_prev, 4))
             self.step_tokens.append(self.step_tok)
             self.t_prev = now
@@ -192,6 +204,7 @@ def make_timing_callback(counter: CountingCollator, warmup_steps: int, device: s
                 "step_times_s": self.step_times,
                 "step_tokens": self.step_tokens,
                 "unconsumed_batches": len(counter.queue),
+                "stopped_by_max_seconds": self.stopped_by_time,
             }
 
     return StepTimer()
@@ -244,6 +257,7 @@ def result_line(system, variant, shape, max_length, timer_res, device, settings,
         "step_times_s": timer_res["step_times_s"],
         "step_tokens": timer_res["step_tokens"],
         "unconsumed_batches": timer_res.get("unconsumed_batches"),
+        "stopped_by_max_seconds": timer_res.get("stopped_by_max_seconds", False),
     }
     if extra:
         out.update(extra)

@@ -15,6 +15,10 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     packed-b2             the same with 2 rows x 2
     packed-nocompile      packed without torch.compile
     packed-lowmem         packed with checkpointing and the chunked loss
+    base                  configs/base.yaml's execution settings: rows of <= 2048 tokens, 1 row x 8 accumulation (about
+                          60 examples per step), varlen attention, compiled decoder layers, full logits, no fp32
+                          upcast, gradient_checkpointing "auto" (decided by QLoRAModule; the decision is in the
+                          settings as gc_decided)
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -55,6 +59,7 @@ VARIANTS["packed"] = PACKED
 VARIANTS["packed-b2"] = {**PACKED, "batch": 2, "accum": 2}
 VARIANTS["packed-nocompile"] = {**PACKED, "compile": False, "warmup": 2}
 VARIANTS["packed-lowmem"] = {**PACKED, "gc": True, "chunk": 1024}
+VARIANTS["base"] = {**PACKED, "pack": 2048, "accum": 8, "gc": "auto"}
 
 
 class RowCounter(common.CountingCollator):
@@ -73,9 +78,11 @@ class RowCounter(common.CountingCollator):
 class LightningStepTimer(L.Callback):
     """Adapts the baselines' HF-Trainer step timer to Lightning's hooks (one record per micro-batch)."""
 
-    def __init__(self, counter: common.CountingCollator, warmup_steps: int, accumulate: int) -> None:
+    def __init__(
+        self, counter: common.CountingCollator, warmup_steps: int, accumulate: int, max_seconds: float | None = None
+    ) -> None:
         self.accumulate = accumulate
-        self.timer = common.make_timing_callback(counter, warmup_steps, "cuda")
+        self.timer = common.make_timing_callback(counter, warmup_steps, "cuda", max_seconds)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.timer.on_train_begin(None, None, None)
@@ -85,6 +92,8 @@ class LightningStepTimer(L.Callback):
             self.timer.on_substep_end(None, None, None)
         else:
             self.timer.on_step_end(None, SimpleNamespace(global_step=trainer.global_step), None)
+            if self.timer.stopped_by_time:
+                trainer.should_stop = True
 
 
 def main() -> None:
@@ -121,8 +130,22 @@ def main() -> None:
         attn_implementation=v.get("attn", "sdpa"),
         compile=v.get("compile", False),
     )
+    if v["gc"] == "auto":
+        # The CLI's LightningDataModule tells QLoRAModule the largest micro-batch (pack_length x batch_size, or
+        # max_length x batch_size); the bench has none, and without it `auto` falls back to checkpointing on a GPU.
+        # Give the module the same number base.yaml's data settings would, so it makes base.yaml's decision.
+        widest = v.get("pack", a.max_length)
+        module.micro_batch_tokens = lambda: widest * v["batch"]
+    decided = {}
+    checkpointing_for = module.checkpointing_for
+
+    def record_checkpointing(base, device):
+        decided["gc"] = checkpointing_for(base, device)
+        return decided["gc"]
+
+    module.checkpointing_for = record_checkpointing
     warmup = v.get("warmup", a.warmup_steps)
-    timer = LightningStepTimer(counter, warmup, v["accum"])
+    timer = LightningStepTimer(counter, warmup, v["accum"], a.max_seconds)
     trainer = L.Trainer(
         accelerator="gpu" if on_gpu else "cpu",
         devices=1,
@@ -147,6 +170,8 @@ def main() -> None:
         "loss": "per label token of the optimizer step, prompt masked",
         "attn_implementation": v.get("attn", "sdpa"),
         "torch_compile": "decoder layers" if v.get("compile") else "off",
+        "gc_decided": decided.get("gc"),
+        "max_seconds": a.max_seconds,
     }
     line = common.result_line("qlora_lit", a.variant, a.shape, a.max_length, timer.timer.result(), a.device, settings)
     common.emit(line, a.out)

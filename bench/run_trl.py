@@ -129,7 +129,7 @@ def main(argv=None):
         seed=42,
     )
     counter = common.CountingCollator(None)
-    timer = common.make_timing_callback(counter, a.warmup_steps, a.device)
+    timer = common.make_timing_callback(counter, a.warmup_steps, a.device, a.max_seconds)
     trainer = SFTTrainer(
         model=model_dir,
         args=cfg,
@@ -156,6 +156,7 @@ def main(argv=None):
         "padding_free": bool(trainer.padding_free),
         "train_rows_after_prep": train_rows,
         "max_steps": a.max_steps,
+        "max_seconds": a.max_seconds,
         "warmup_steps_skipped": a.warmup_steps,
         "labels": "completion_mask -> labels (prompt -100), completion_only_loss=True",
         "gradient_checkpointing": gc,

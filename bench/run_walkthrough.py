@@ -77,7 +77,7 @@ def main(argv=None):
         return examples_batch
 
     counter = common.CountingCollator(collate_fn)
-    timer = common.make_timing_callback(counter, a.warmup_steps, a.device)
+    timer = common.make_timing_callback(counter, a.warmup_steps, a.device, a.max_seconds)
     on_gpu = a.device == "cuda"
     train_args = transformers.TrainingArguments(
         per_device_train_batch_size=a.batch,
@@ -105,6 +105,7 @@ def main(argv=None):
         "grad_accum": a.accum,
         "effective_batch_examples": a.batch * a.accum,
         "max_steps": a.max_steps,
+        "max_seconds": a.max_seconds,
         "warmup_steps_skipped": a.warmup_steps,
         "padding": "longest",
         "labels": "input_ids (pads unmasked, prompt unmasked: walkthrough bug kept)",
