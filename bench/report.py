@@ -1,6 +1,10 @@
-"""Collect the runners' JSON lines into `bench/results/<date>-<gpu>.json` and print the markdown table.
+"""Collect the runners' JSON lines into `bench/results/<date>-<gpu>.json` and print one markdown table per model and
+max length.
 
 python bench/report.py bench/results/raw/2026-11-29-h200-*.jsonl --out bench/results/2026-11-29-h200.json
+
+"x walkthrough" divides by the walkthrough run of the same input file (the same call) when there is one, else by
+the first walkthrough run of that model and max length; "-" where there is none.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import json
 from pathlib import Path
 
 KEEP = ("system", "variant", "model", "max_length", "tokens_per_s", "peak_mem_gib", "mfu", "settings")
+EXTRA = ("steps_timed", "examples_per_step")  # not in issue 7's JSON shape, kept for reading the runs
 
 
 def load_runs(paths: list[str]) -> list[dict]:
@@ -18,21 +23,33 @@ def load_runs(paths: list[str]) -> list[dict]:
         for line in Path(path).read_text().splitlines():
             if line.strip():
                 run = json.loads(line)
-                runs.append({**{key: run[key] for key in KEEP}, "source": Path(path).name, "env": run["env"]})
+                kept = {key: run[key] for key in KEEP} | {key: run.get(key) for key in EXTRA}
+                runs.append({**kept, "source": Path(path).name, "env": run["env"]})
     return runs
 
 
-def table(runs: list[dict], reference: float) -> str:
+def walkthrough_reference(run: dict, group: list[dict]) -> float | None:
+    walkthroughs = [r for r in group if r["system"] == "walkthrough"]
+    same_call = [r for r in walkthroughs if r["source"] == run["source"]]
+    chosen = (same_call or walkthroughs or [None])[0]
+    return chosen["tokens_per_s"] if chosen else None
+
+
+def table(group: list[dict]) -> str:
     rows = [
-        "| system | variant | real tokens/s | x walkthrough | peak GiB | MFU | micro-batch x accumulation |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| system | variant | real tokens/s | x walkthrough | peak GiB | MFU | micro-batch x accumulation "
+        "| examples/step | source |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
     ]
-    for run in sorted(runs, key=lambda r: r["tokens_per_s"]):
+    for run in sorted(group, key=lambda r: r["tokens_per_s"]):
         s = run["settings"]
         shape = f"{s.get('batch', s.get('per_device_batch'))} x {s.get('accum', s.get('grad_accum'))}"
+        reference = walkthrough_reference(run, group)
+        ratio = f"{run['tokens_per_s'] / reference:.1f}" if reference else "-"
         rows.append(
-            f"| {run['system']} | {run['variant']} | {run['tokens_per_s']:,.0f} "
-            f"| {run['tokens_per_s'] / reference:.1f} | {run['peak_mem_gib']:.1f} | {run['mfu']:.1%} | {shape} |"
+            f"| {run['system']} | {run['variant']} | {run['tokens_per_s']:,.0f} | {ratio} "
+            f"| {run['peak_mem_gib']:.1f} | {run['mfu']:.1%} | {shape} | {run['examples_per_step']} "
+            f"| {run['source']} |"
         )
     return "\n".join(rows)
 
@@ -47,12 +64,16 @@ def main() -> None:
     result = {
         "gpu": first["gpu"],
         "date": first["date"][:10],
-        "runs": [{k: r[k] for k in (*KEEP, "source")} for r in runs],
+        "runs": [{k: r[k] for k in (*KEEP, *EXTRA, "source")} for r in runs],
     }
     result["versions"] = {k: v for k, v in first.items() if k not in ("gpu", "device", "date")}
     Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    walkthrough = next(r["tokens_per_s"] for r in runs if r["system"] == "walkthrough")
-    print(table(runs, walkthrough))
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["model"], run["max_length"]), []).append(run)
+    for (model, max_length), group in groups.items():
+        print(f"\n### {model}, max length {max_length}\n")
+        print(table(group))
 
 
 if __name__ == "__main__":
