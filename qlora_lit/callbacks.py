@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 from qlora_lit.data.datamodule import load_tokenizer
 from qlora_lit.errors import ConfigError, TrainingError, is_disk_full
+from qlora_lit.fsdp import QLoRAFSDPStrategy, save_gathered_adapter
 
 CONFIG_NAME = "qlora_lit_config.yaml"
 DATA_STATS_NAME = "data_stats.json"
@@ -57,7 +58,8 @@ class AdapterExport(Callback):
     """Writes `<log_dir>/<dirname>/`: adapter weights (safetensors), adapter config, tokenizer and the run config.
 
     It is rewritten with every saved checkpoint and at the end of fit, by rank 0 only, and replaced atomically so an
-    interrupted write never leaves a half adapter where the last good one was.
+    interrupted write never leaves a half adapter where the last good one was. Under FSDP every rank first helps
+    gather the sharded adapter weights.
 
     Args:
         dirname: folder name inside the run's log directory.
@@ -76,13 +78,19 @@ class AdapterExport(Callback):
         self.export(trainer, pl_module)
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or pl_module.model is None:
+        if pl_module.model is None:
+            return
+        weights = None  # PEFT reads them from the model, unless they are sharded
+        if isinstance(trainer.strategy, QLoRAFSDPStrategy):
+            gathered = trainer.strategy.lightning_module_state_dict()
+            weights = {key.removeprefix("model."): value for key, value in gathered.items()}
+        if not trainer.is_global_zero:
             return
         target = self.adapter_dir(trainer)
         partial = target.with_name(f".{target.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
-            self.write_adapter(trainer, pl_module, partial)
+            self.write_adapter(trainer, pl_module, partial, weights)
         except BaseException as err:
             shutil.rmtree(partial, ignore_errors=True)  # the previous adapter stays in `target`
             if is_disk_full(err):
@@ -93,8 +101,13 @@ class AdapterExport(Callback):
             raise
         _replace_dir(partial, target)
 
-    def write_adapter(self, trainer: L.Trainer, pl_module: L.LightningModule, partial: Path) -> None:
-        pl_module.model.save_pretrained(partial, safe_serialization=True)
+    def write_adapter(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, partial: Path, weights: dict | None = None
+    ) -> None:
+        if weights is None:
+            pl_module.model.save_pretrained(partial, safe_serialization=True)
+        else:
+            save_gathered_adapter(pl_module.model, weights, partial)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.model_name_or_path)
         tokenizer.save_pretrained(partial)
         folder = run_dir(trainer)

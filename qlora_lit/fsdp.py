@@ -8,7 +8,23 @@ of its own (the LoRA A and B matrices) is a unit of its own inside it, so no uni
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch.strategies import FSDPStrategy
+from peft import PeftModel, get_peft_model
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE as FSDP_PREFIX
+from torch.distributed.fsdp._runtime_utils import _lazy_init
+from torch.optim import Optimizer
+
+from qlora_lit.errors import ConfigError
+
+SHARDS_KEY = "fsdp_rank_states"
 
 
 def _own_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -23,3 +39,122 @@ def qlora_wrap_policy(module: torch.nn.Module, recurse: bool, nonwrapped_numel: 
         return True
     own = _own_parameters(module)
     return bool(own) and not list(module.children()) and all(param.requires_grad for param in own)
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's or module's name with FSDP's wrapper segments removed: as the unwrapped model names it."""
+    return name.replace(f"{FSDP_PREFIX}.", "")
+
+
+def trained_units(root: FullyShardedDataParallel) -> list[tuple[str, FullyShardedDataParallel]]:
+    """The FSDP units whose parameters train (each LoRA matrix, under `qlora_wrap_policy`), with their names, in
+    module order: the same on every rank, as collective calls need.
+
+    FSDP sets its units up from the root's first forward; one used before that (a resumed run loads its weights
+    before training) would take itself for a root, so the root's setup is run first.
+    """
+    _lazy_init(root, root)  # does nothing once done
+    units = []
+    for name, module in root.named_modules():
+        handle = module._handle if isinstance(module, FullyShardedDataParallel) else None  # its flat parameter
+        if handle is not None and handle.flat_param.requires_grad:
+            units.append((name, module))
+    return units
+
+
+def unit_parameters(name: str, unit: FullyShardedDataParallel) -> dict[str, torch.nn.Parameter]:
+    """The unit's own parameters (not those of units nested in it), named as the unwrapped model names them."""
+    return {
+        unwrapped_name(f"{name}.{fqn}"): unit.module.get_parameter(fqn)
+        for fqn in unit._handle.flat_param._fqns
+    }
+
+
+@torch.no_grad()
+def trained_state_dict(root: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors, whole, on the CPU of every rank. Gathered one small unit at a time: a full state dict
+    would gather the frozen base too."""
+    state = {}
+    for name, unit in trained_units(root):
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
+            state.update({key: param.detach().cpu().clone() for key, param in unit_parameters(name, unit).items()})
+    return state
+
+
+@torch.no_grad()
+def load_trained_state_dict(root: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` (as `trained_state_dict` returns it) into the sharded trained parameters of every rank."""
+    for name, unit in trained_units(root):
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=True):
+            for key, param in unit_parameters(name, unit).items():
+                if key not in state or state[key].shape != param.shape:
+                    found = "missing" if key not in state else f"of shape {tuple(state[key].shape)}"
+                    raise ConfigError(
+                        f"the checkpoint does not match this model's adapters: {key} is {found}, the model's is "
+                        f"{tuple(param.shape)} (another model or LoRA setting?)"
+                    )
+                param.copy_(state[key])
+
+
+def save_gathered_adapter(model: PeftModel, weights: dict[str, torch.Tensor], folder: Path) -> None:
+    """Write the adapter folder from gathered weights (`trained_state_dict`, without the module's `model.` prefix)
+    as `model.save_pretrained` would. PEFT picks the adapter tensors by walking the model's modules, whose names the
+    FSDP units change, so it walks an empty twin of the unwrapped model (meta device: no memory) instead."""
+    base = model.get_base_model()
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):  # LoRA's initialisation draws random numbers
+        twin = get_peft_model(type(base)(base.config), copy.deepcopy(model.peft_config[model.active_adapter]))
+    twin.save_pretrained(folder, safe_serialization=True, state_dict=weights)
+
+
+class QLoRAFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy for a frozen (4-bit) base with trained adapters.
+
+    Checkpoints hold the adapters, gathered whole (the base is never gathered for them), and each rank's own shard of
+    the optimizer state: torch's FSDP cannot regroup the blockwise 8-bit state of bitsandbytes' optimizers into
+    whole tensors, so a run resumes on as many processes as it saved from. FSDP needs GPUs and at least two
+    processes: with one, torch runs it unsharded, which only adds overhead (and fails for tied embeddings).
+    """
+
+    def setup_environment(self) -> None:
+        if self.num_nodes * self.num_processes < 2:
+            raise ConfigError(
+                "FSDP shards the model across processes, and this run has one (trainer.devices x trainer.num_nodes "
+                "= 1): leave configs/fsdp.yaml out (the default strategy is faster on one GPU), or use more GPUs"
+            )
+        if self.root_device.type != "cuda":
+            raise ConfigError(f"FSDP runs on GPUs only, this run is on {self.root_device.type}: use DDP there")
+        super().setup_environment()
+
+    def lightning_module_state_dict(self) -> dict[str, torch.Tensor]:
+        return trained_state_dict(self.model)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = self.broadcast(checkpoint_path)  # every rank reads the file rank 0 names
+        return self.checkpoint_io.load_checkpoint(path, map_location="cpu", weights_only=weights_only)
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return True  # Lightning's FSDPStrategy loads optimizer state in load_checkpoint; here Lightning's loop does
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        load_trained_state_dict(self.model, checkpoint["state_dict"])
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """Every rank's optimizer state, collected on rank 0 (each rank holds the state of its own shards)."""
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap Lightning's LightningOptimizer
+        local = apply_to_collection(optimizer.state_dict(), torch.Tensor, lambda tensor: tensor.cpu())
+        shards = [None] * self.world_size if self.global_rank == 0 else None
+        torch.distributed.gather_object(local, shards, dst=0)
+        return {SHARDS_KEY: shards}
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            shards = saved.get(SHARDS_KEY)
+            if shards is None or len(shards) != self.world_size:
+                saved_on = f"{len(shards)} processes" if shards else "another strategy"
+                raise ConfigError(
+                    f"this checkpoint's optimizer state was saved by FSDP on {saved_on}, and this run has "
+                    f"{self.world_size}: resume with as many (trainer.devices x trainer.num_nodes), or start a new "
+                    "run from its adapter"
+                )
+            optimizer.load_state_dict(shards[self.global_rank])

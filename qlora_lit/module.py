@@ -13,6 +13,7 @@ from peft import PeftModel
 
 from qlora_lit import attention
 from qlora_lit.errors import ConfigError, TrainingError
+from qlora_lit.fsdp import QLoRAFSDPStrategy, unwrapped_name
 from qlora_lit.generate import GenerationArgs, generate_texts
 from qlora_lit.loss import chunked_lm_loss_sum, supports_chunked_loss
 from qlora_lit.memory import activation_bytes, needs_checkpointing
@@ -113,6 +114,13 @@ class QLoRAModule(L.LightningModule):
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy) and not isinstance(strategy, QLoRAFSDPStrategy):
+            raise ConfigError(
+                "trainer.strategy: for FSDP use qlora_lit.fsdp.QLoRAFSDPStrategy (configs/fsdp.yaml); Lightning's "
+                "FSDPStrategy would gather the whole frozen base for every checkpoint and cannot save the 8-bit "
+                "optimizer state"
+            )
         if self.quantization.enabled and precision in ("bf16-true", "16-true", "64-true"):
             raise ConfigError(
                 f"trainer.precision={precision} casts the whole model, which 4/8-bit weights cannot take; "
@@ -269,28 +277,38 @@ class QLoRAModule(L.LightningModule):
 
     def trainable_keys(self) -> set[str]:
         """Names of the trained tensors as state dicts spell them (FSDP's wrapper prefix removed)."""
-        names = (name for name, param in self.named_parameters() if param.requires_grad)
-        return {name.replace("_fsdp_wrapped_module.", "") for name in names}
+        return {unwrapped_name(name) for name, param in self.named_parameters() if param.requires_grad}
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        """Only the trained tensors: the frozen (4-bit) base stays out of checkpoints. Under FSDP the whole state
-        is returned (FSDP's own state-dict hooks expect every key); `on_save_checkpoint` drops the base there."""
+        """Only the trained tensors: the frozen (4-bit) base stays out of checkpoints (under FSDP, QLoRAFSDPStrategy
+        gathers the same tensors itself)."""
         full = super().state_dict(*args, **kwargs)
-        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
-            return full
         prefix = kwargs.get("prefix", "")
         keep = {prefix + key for key in self.trainable_keys()}
         return type(full)((key, value) for key, value in full.items() if key in keep)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = self.trainable_keys()
-        checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key in trainable}
-        # The random stream (LoRA dropout) goes along, so a resumed run continues exactly as an uninterrupted one.
+        # Every rank's random stream (LoRA dropout) goes along, so a resumed run continues exactly as an
+        # uninterrupted one: ranks draw different amounts (their batches differ), so their streams differ.
         # Torch generators only (tensors), so the checkpoint still loads with weights_only=True.
-        checkpoint["torch_rng"] = {
+        local = {
             "cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+        ranks = [local]
+        if self.trainer.world_size > 1:  # every rank saves (Lightning's checkpoints and ours alike)
+            ranks = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(ranks, local)
+        checkpoint["torch_rng"] = ranks
+
+    def restore_random_streams(self, ranks: list[dict] | dict) -> None:
+        """This rank's saved streams; rank 0's when the run resumes on another number of processes (close, not
+        exact: the other ranks' dropout masks then differ from an uninterrupted run's)."""
+        ranks = [ranks] if isinstance(ranks, dict) else ranks  # earlier checkpoints held one rank's streams
+        state = ranks[self.global_rank] if len(ranks) == self.trainer.world_size else ranks[0]
+        torch.set_rng_state(state["cpu"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """With strict loading off, check ourselves that every trained tensor is in the checkpoint, shape for shape."""
@@ -301,13 +319,13 @@ class QLoRAModule(L.LightningModule):
                 " (fine if it is the same model at another path; the adapter shapes are checked next)"
             )
         if "torch_rng" in checkpoint:
-            torch.set_rng_state(checkpoint["torch_rng"]["cpu"])
-            if checkpoint["torch_rng"]["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(checkpoint["torch_rng"]["cuda"])
+            self.restore_random_streams(checkpoint["torch_rng"])
         saved = checkpoint["state_dict"]
-        params = dict(self.named_parameters())
+        params = {unwrapped_name(name): param for name, param in self.named_parameters()}
         missing = sorted(self.trainable_keys() - saved.keys())
-        wrong_shape = [key for key in self.trainable_keys() & saved.keys() if saved[key].shape != params[key].shape]
+        sharded = isinstance(self.trainer.strategy, FSDPStrategy)  # flat shards: QLoRAFSDPStrategy checks shapes
+        compared = [] if sharded else self.trainable_keys() & saved.keys()
+        wrong_shape = [key for key in compared if saved[key].shape != params[key].shape]
         unexpected = sorted(saved.keys() - params.keys())
         if missing or wrong_shape or unexpected:
             raise ConfigError(

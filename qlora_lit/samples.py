@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from qlora_lit.data.datamodule import load_tokenizer
@@ -22,11 +25,17 @@ DEFAULT_PROMPTS = (
 
 @torch.no_grad()
 def greedy_answers(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, instructions: list[str], max_new_tokens: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: list[str],
+    max_new_tokens: int,
+    synced: bool = False,
 ) -> list[str]:
     """The model's greedy continuations of the training prompts for `instructions`, without the prompts.
 
     All prompts go in one batch, padded on the left so that every row continues right after its own prompt.
+    `synced`: every rank generates and each runs as many forward passes as the longest (sharded models, whose every
+    forward gathers weights from all ranks).
     """
     prompts = [build_prompt(instruction) for instruction in instructions]
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
@@ -38,13 +47,15 @@ def greedy_answers(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    output = model.generate(**inputs, generation_config=greedy)
+    output = model.generate(**inputs, generation_config=greedy, synced_gpus=synced)
     return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 class SampleGenerations(Callback):
     """At the end of each validation (the sanity check too: the untrained model's answers are the baseline), rank 0
     answers each prompt greedily and logs TensorBoard text `samples/<i>`, one tag per prompt, at the global step.
+    Under FSDP every rank generates along (each layer's forward gathers its shards from all ranks), with the
+    weights outside the decoder layers (embeddings, final norm, head) gathered for the whole generation.
 
     Generation runs in eval mode under the trainer's precision, and neither changes the model's mode nor draws from
     the random streams that training uses (a resumed run must continue exactly like an uninterrupted one).
@@ -59,7 +70,8 @@ class SampleGenerations(Callback):
         self.max_new_tokens = max_new_tokens
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.prompts or pl_module.model is None:
+        sharded = isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1
+        if not (trainer.is_global_zero or sharded) or not self.prompts or pl_module.model is None:
             return
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.model_name_or_path)
         model = pl_module.model
@@ -67,10 +79,22 @@ class SampleGenerations(Callback):
         cuda_devices = [model.device] if model.device.type == "cuda" else []
         try:
             model.eval()
-            with torch.random.fork_rng(devices=cuda_devices), trainer.precision_plugin.forward_context():
-                answers = greedy_answers(model, tokenizer, self.prompts, self.max_new_tokens)
+            with (
+                torch.random.fork_rng(devices=cuda_devices),
+                trainer.precision_plugin.forward_context(),
+                root_weights_gathered(trainer.strategy.model) if sharded else nullcontext(),
+            ):
+                answers = greedy_answers(model, tokenizer, self.prompts, self.max_new_tokens, synced=sharded)
         finally:
             model.train(was_training)
+        if not trainer.is_global_zero:
+            return
         for index, (prompt, answer) in enumerate(zip(self.prompts, answers, strict=True)):
             text = f"**{as_prose(prompt)}**\n\n{as_prose(answer.strip())}"
             log_text(trainer, f"samples/{index}", text, step=trainer.global_step)
+
+
+def root_weights_gathered(fsdp_root: torch.nn.Module):
+    """The parameters FSDP's root unit holds itself, gathered (not those of the nested units). Training gathers
+    them in the root's forward, but generation calls the wrapped model's `generate`, which bypasses it."""
+    return FullyShardedDataParallel.summon_full_params(fsdp_root, recurse=False, writeback=False)

@@ -1,4 +1,5 @@
-"""DDP on CPU (gloo): two ranks with batch b take the same step as one process with batch 2b."""
+"""DDP on CPU (gloo): two ranks with batch b take the same step as one process with batch 2b, and a resumed
+two-rank run continues exactly."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import checkpoint_at, fit_in_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +40,17 @@ def test_two_ranks_step_like_one_process_with_twice_the_batch(tmp_path):
     assert one.keys() == two.keys() and one
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_two_rank_resume_ends_exactly_where_the_uninterrupted_run_ends(tmp_path):
+    """Each rank's random stream (LoRA dropout) is saved and restored: the ranks draw different amounts (their
+    batches differ), so rank 0's stream alone would change rank 1's dropout masks after a resume."""
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.val_check_interval", "2"]
+    ddp += ["--samples.prompts", "[]", "--trainer.max_steps", "4"]
+    full = fit_in_subprocess(tmp_path / "full", *ddp)
+    ckpt = next((full / "checkpoints").glob("step000002-*.ckpt"))
+    resumed = fit_in_subprocess(tmp_path / "resumed", *ddp, "--ckpt_path", str(ckpt))
+    expected = checkpoint_at(full, 4)["state_dict"]
+    for key, value in checkpoint_at(resumed, 4)["state_dict"].items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)

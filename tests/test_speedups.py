@@ -1,4 +1,4 @@
-"""Execution settings that change speed, never results: compiled decoder layers, and FSDP's wrapping of a 4-bit base."""
+"""Execution settings that change speed, never results: compiled decoder layers, varlen attention, checkpointing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import TINY_MODEL
 
-from qlora_lit.fsdp import qlora_wrap_policy
 from qlora_lit.memory import activation_bytes, needs_checkpointing
 from qlora_lit.model import LoraArgs, QuantizationArgs, compile_decoder_layers
 from qlora_lit.module import QLoRAModule
@@ -51,31 +50,6 @@ def test_compile_is_skipped_with_a_message_on_a_cpu(caplog):
         layers = tiny_module(compile=True).model.get_base_model().model.layers
     assert all(layer._compiled_call_impl is None for layer in layers)
     assert "model.compile applies on GPUs only" in caplog.text
-
-
-def test_fsdp_units_never_mix_frozen_and_trained_tensors():
-    """FSDP (GPU only, so not run here) flattens each unit's own parameters into one buffer: the policy must make
-    every decoder layer a unit and every LoRA matrix a unit of its own, and leave the frozen rest together."""
-    model = tiny_module().model
-    units = [m for m in model.modules() if qlora_wrap_policy(m, recurse=False, nonwrapped_numel=0)]
-    layers = model.get_base_model().model.layers
-    assert all(layer in units for layer in layers)
-    lora_matrices = [m for name, m in model.named_modules() if name.endswith((".lora_A.default", ".lora_B.default"))]
-    assert lora_matrices and all(m in units for m in lora_matrices)
-    assert all(qlora_wrap_policy(m, recurse=True, nonwrapped_numel=0) for m in model.modules())
-    for unit in [*units, model]:  # what stays in a unit once its wrapped children are taken out
-        inner = {id(p) for child in unit.modules() if child is not unit and child in units for p in child.parameters()}
-        own = [p for p in unit.parameters() if id(p) not in inner]
-        assert len({p.requires_grad for p in own}) <= 1, type(unit).__name__
-
-
-def test_fsdp_checkpoint_names_match_the_trained_tensors():
-    module = tiny_module()
-    trained = module.trainable_keys()
-    assert trained and all("lora_" in key for key in trained)
-    checkpoint = {"state_dict": {**dict(module.model.named_parameters(prefix="model")), "extra": torch.zeros(1)}}
-    module.on_save_checkpoint(checkpoint)
-    assert set(checkpoint["state_dict"]) == trained  # the base is dropped even when a strategy hands it over
 
 
 def test_varlen_attention_keeps_padded_batches_masked_as_sdpa_does():

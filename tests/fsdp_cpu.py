@@ -1,0 +1,40 @@
+"""Run the qlora_lit CLI under Lightning's FSDPStrategy on CPU processes (gloo), for tests.
+
+    python tests/fsdp_cpu.py fit --config configs/demo.yaml --config configs/fsdp.yaml \
+        --trainer.strategy.class_path fsdp_cpu.CPUFSDPStrategy --trainer.accelerator cpu --trainer.devices 2 ...
+
+qlora_lit's strategy refuses CPUs (so does Lightning's FSDPStrategy), and Lightning hands torch's FSDP a device index
+of None, which torch reads as "find an accelerator". This subclass wraps the module itself with `device_id=cpu`;
+everything else (checkpoints, optimizer state, resuming) is qlora_lit's and Lightning's own code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel
+
+from qlora_lit.fsdp import QLoRAFSDPStrategy
+
+
+class CPUFSDPStrategy(QLoRAFSDPStrategy):
+    def setup_environment(self) -> None:
+        FSDPStrategy.setup_environment(self)  # QLoRAFSDPStrategy's own refuses CPUs
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        wrapped = FullyShardedDataParallel(
+            model,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
+        return FSDPStrategy._setup_model(self, wrapped)  # already wrapped: Lightning only finishes the setup
+
+
+if __name__ == "__main__":
+    from qlora_lit.cli import cli_main
+
+    cli_main(sys.argv[1:])

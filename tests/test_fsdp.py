@@ -1,0 +1,132 @@
+"""FSDP (configs/fsdp.yaml): the wrap policy, and a real two-process fit under Lightning's FSDP machinery on CPUs
+(gloo; tests/fsdp_cpu.py lets the GPU-only strategy run there): whole-adapter checkpoints, the adapter export,
+samples, and a resume that continues like the uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import TINY_MODEL, checkpoint_at, fit_in_subprocess
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.strategies import FSDPStrategy
+from peft import PeftModel
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qlora_lit.data.datamodule import load_tokenizer
+from qlora_lit.errors import ConfigError
+from qlora_lit.fsdp import SHARDS_KEY, QLoRAFSDPStrategy, qlora_wrap_policy
+from qlora_lit.model import LoraArgs, QuantizationArgs, load_base_model
+from qlora_lit.module import QLoRAModule
+from qlora_lit.samples import DEFAULT_PROMPTS, greedy_answers
+from qlora_lit.text_log import as_prose
+
+ROOT = Path(__file__).resolve().parents[1]
+FSDP_CONFIG = str(ROOT / "configs" / "fsdp.yaml")
+FSDP_CPU = ROOT / "tests" / "fsdp_cpu.py"
+# r=64: the LoRA matrices' shards reach bitsandbytes' 4096 elements, so the optimizer keeps 8-bit (blockwise) state.
+RANK = 64
+CPU_FSDP = ["--trainer.strategy.class_path", "fsdp_cpu.CPUFSDPStrategy", "--trainer.accelerator", "cpu"]
+CPU_FSDP += ["--trainer.devices", "2", "--trainer.precision", "32-true"]
+CPU_FSDP += ["--model.quantization.quant_storage", "float32"]  # on CPUs the whole run is fp32
+CPU_FSDP += ["--model.lora.r", str(RANK), "--trainer.val_check_interval", "2", "--samples.max_new_tokens", "4"]
+
+
+def tiny_module(**settings) -> QLoRAModule:
+    module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype="float32"), **settings)
+    module.configure_model()
+    return module
+
+
+def test_fsdp_units_never_mix_frozen_and_trained_tensors():
+    """FSDP flattens each unit's own parameters into one buffer: the policy must make every decoder layer a unit and
+    every LoRA matrix a unit of its own, and leave the frozen rest together."""
+    model = tiny_module().model
+    units = [m for m in model.modules() if qlora_wrap_policy(m, recurse=False, nonwrapped_numel=0)]
+    layers = model.get_base_model().model.layers
+    assert all(layer in units for layer in layers)
+    lora_matrices = [m for name, m in model.named_modules() if name.endswith((".lora_A.default", ".lora_B.default"))]
+    assert lora_matrices and all(m in units for m in lora_matrices)
+    assert all(qlora_wrap_policy(m, recurse=True, nonwrapped_numel=0) for m in model.modules())
+    for unit in [*units, model]:  # what stays in a unit once its wrapped children are taken out
+        inner = {id(p) for child in unit.modules() if child is not unit and child in units for p in child.parameters()}
+        own = [p for p in unit.parameters() if id(p) not in inner]
+        assert len({p.requires_grad for p in own}) <= 1, type(unit).__name__
+
+
+@pytest.mark.parametrize(
+    ("devices", "accelerator", "message"),
+    [(1, "cuda", "this run has one"), (2, "cpu", "FSDP runs on GPUs only, this run is on cpu")],
+)
+def test_fsdp_refuses_one_process_and_cpus(devices, accelerator, message):
+    strategy = QLoRAFSDPStrategy(parallel_devices=[torch.device(accelerator, 0)] * devices)
+    with pytest.raises(ConfigError, match=message):
+        strategy.setup_environment()
+
+
+def test_lightnings_own_fsdp_strategy_is_refused_with_the_one_to_use():
+    module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype="float32"))
+    strategy = FSDPStrategy(parallel_devices=[torch.device("cpu")])
+    module._trainer = SimpleNamespace(strategy=strategy, precision="32-true")
+    with pytest.raises(ConfigError, match="qlora_lit.fsdp.QLoRAFSDPStrategy"):
+        module.configure_model()
+
+
+def test_resuming_on_another_number_of_processes_names_both():
+    environment = LightningEnvironment()
+    environment.set_world_size(2)
+    strategy = QLoRAFSDPStrategy(parallel_devices=[torch.device("cuda", 0)] * 2, cluster_environment=environment)
+    strategy.optimizers = [torch.optim.SGD([torch.zeros(1, requires_grad=True)])]
+    checkpoint = {"optimizer_states": [{SHARDS_KEY: [{}, {}, {}]}]}
+    with pytest.raises(ConfigError, match="saved by FSDP on 3 processes, and this run has 2"):
+        strategy.load_optimizer_state_dict(checkpoint)
+
+
+def fsdp_fit(folder: Path, *args: str) -> Path:
+    """A demo fit on two CPU processes under FSDP; returns its run folder."""
+    return fit_in_subprocess(folder, "--config", FSDP_CONFIG, *CPU_FSDP, *args, entry=(str(FSDP_CPU),))
+
+
+@pytest.mark.slow
+def test_fsdp_fit_saves_whole_adapters_and_resumes_like_the_uninterrupted_run(tmp_path):
+    run = fsdp_fit(tmp_path / "full", "--trainer.max_steps", "6")
+    reference = tiny_module(lora=LoraArgs(r=RANK, alpha=16))  # the same adapters, unsharded
+    shapes = {name: param.shape for name, param in reference.named_parameters() if param.requires_grad}
+
+    final = checkpoint_at(run, 6)
+    assert {key: value.shape for key, value in final["state_dict"].items()} == shapes  # whole, and the adapters only
+    shards = final["optimizer_states"][0][SHARDS_KEY]
+    assert len(shards) == 2 and all(len(shard["state"]) == len(shapes) for shard in shards)
+    states = [state.get("__bnb_optimizer_quant_state__", state)["state1"] for state in shards[0]["state"].values()]
+    assert any(state.dtype == torch.uint8 for state in states)  # blockwise 8-bit state, kept per shard
+
+    # The exported adapter is the last checkpoint's, in PEFT's format: it loads onto the base as any adapter does.
+    exported = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert len(exported) == len(shapes)
+    for key, value in final["state_dict"].items():
+        peft_key = key.removeprefix("model.").replace(".default.", ".")
+        torch.testing.assert_close(exported[peft_key], value, rtol=0, atol=0)
+    base = load_base_model(TINY_MODEL, QuantizationArgs(compute_dtype="float32"))
+    loaded = PeftModel.from_pretrained(base, run / "adapter")
+    for name, param in loaded.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(param, final["state_dict"][f"model.{name}"], rtol=0, atol=0)
+
+    # Samples: every rank generated along; the untrained model's answers are the base model's.
+    events = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    events.Reload()
+    answers = greedy_answers(reference.model.eval(), load_tokenizer(TINY_MODEL), list(DEFAULT_PROMPTS), 4)
+    for index, (prompt, answer) in enumerate(zip(DEFAULT_PROMPTS, answers, strict=True)):
+        logged = events.Tensors(f"samples/{index}/text_summary")
+        assert [event.step for event in logged] == [0, 2, 4, 6]
+        assert logged[0].tensor_proto.string_val[0].decode() == f"**{as_prose(prompt)}**\n\n{as_prose(answer.strip())}"
+
+    # Resumed from step 4 (weights, 8-bit optimizer shards, scheduler, data position, each rank's random stream):
+    # it ends exactly where the uninterrupted run ended.
+    ckpt = next((run / "checkpoints").glob("step000004-*.ckpt"))
+    resumed = fsdp_fit(tmp_path / "resumed", "--trainer.max_steps", "6", "--ckpt_path", str(ckpt))
+    for key, value in checkpoint_at(resumed, 6)["state_dict"].items():
+        torch.testing.assert_close(value, final["state_dict"][key], rtol=0, atol=0, msg=key)
