@@ -81,10 +81,11 @@ class QLoRACLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
-        folder = run_dir(self.trainer)
-        ensure_writable(folder)
-        trainable = count_lora_parameters(self.model.model_name_or_path, self.model.lora, self.model.trust_remote_code)
-        ensure_free_space(folder, run_size_estimate(trainable, self.trainer.checkpoint_callback))
+        if self.trainer.is_global_zero:  # rank 0 writes the run's files (another rank would name the next version)
+            folder = run_dir(self.trainer)
+            ensure_writable(folder)
+            lora = count_lora_parameters(self.model.model_name_or_path, self.model.lora, self.model.trust_remote_code)
+            ensure_free_space(folder, run_size_estimate(lora, self.trainer.checkpoint_callback))
         fit_args = self.config_init["fit"]
         if fit_args.get("weights_only") is None:
             # Checkpoints hold tensors and plain containers only: resume without running pickled code.

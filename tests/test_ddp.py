@@ -49,6 +49,7 @@ def test_two_rank_resume_ends_exactly_where_the_uninterrupted_run_ends(tmp_path)
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.val_check_interval", "2"]
     ddp += ["--samples.prompts", "[]", "--trainer.max_steps", "4"]
     full = fit_in_subprocess(tmp_path / "full", *ddp)
+    assert [run.name for run in full.parent.iterdir()] == ["version_0"]  # rank 1 made no folder of its own
     ckpt = next((full / "checkpoints").glob("step000002-*.ckpt"))
     resumed = fit_in_subprocess(tmp_path / "resumed", *ddp, "--ckpt_path", str(ckpt))
     expected = checkpoint_at(full, 4)["state_dict"]
