@@ -19,6 +19,8 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
                           60 examples per step), varlen attention, compiled decoder layers, full logits, no fp32
                           upcast, gradient_checkpointing "auto" (decided by QLoRAModule; the decision is in the
                           settings as gc_decided)
+    base-b2               base reaching the same examples per step with 2 rows per micro-batch x 4 (data.batch_size 2,
+                          trainer.accumulate_grad_batches 4): 4096 tokens per micro-batch, like packed
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -60,6 +62,7 @@ VARIANTS["packed-b2"] = {**PACKED, "batch": 2, "accum": 2}
 VARIANTS["packed-nocompile"] = {**PACKED, "compile": False, "warmup": 2}
 VARIANTS["packed-lowmem"] = {**PACKED, "gc": True, "chunk": 1024}
 VARIANTS["base"] = {**PACKED, "pack": 2048, "accum": 8, "gc": "auto"}
+VARIANTS["base-b2"] = {**VARIANTS["base"], "batch": 2, "accum": 4}
 
 
 class RowCounter(common.CountingCollator):

@@ -67,6 +67,7 @@ class AdapterExport(Callback):
 
     def __init__(self, dirname: str = "adapter") -> None:
         self.dirname = dirname
+        self.exported_step: int | None = None
 
     def adapter_dir(self, trainer: L.Trainer) -> Path:
         return run_dir(trainer) / self.dirname
@@ -78,8 +79,9 @@ class AdapterExport(Callback):
         self.export(trainer, pl_module)
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if pl_module.model is None:
-            return
+        if pl_module.model is None or trainer.global_step == self.exported_step:
+            return  # the weights change only at optimizer steps (one step saves its best and its last checkpoint)
+        self.exported_step = trainer.global_step
         weights = None  # PEFT reads them from the model, unless they are sharded
         if isinstance(trainer.strategy, QLoRAFSDPStrategy):
             gathered = trainer.strategy.lightning_module_state_dict()

@@ -31,8 +31,18 @@ def make_module(r: int = 8) -> QLoRAModule:
     return QLoRAModule(TINY_MODEL, quantization=FP32, lora=LoraArgs(r=r, alpha=2 * r), optimizer=OptimizerArgs(lr=5e-3))
 
 
+class CountingExport(AdapterExport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written_at: list[int] = []
+
+    def write_adapter(self, trainer: L.Trainer, *args) -> None:
+        self.written_at.append(trainer.global_step)
+        super().write_adapter(trainer, *args)
+
+
 def make_trainer(root: Path, max_steps: int) -> L.Trainer:
-    return cpu_trainer(root, max_steps, [AdapterExport(), ModelCheckpoint(dirpath=root / "ckpt", save_last=True)])
+    return cpu_trainer(root, max_steps, [CountingExport(), ModelCheckpoint(dirpath=root / "ckpt", save_last=True)])
 
 
 def lora_state(module: QLoRAModule) -> dict[str, torch.Tensor]:
@@ -72,6 +82,12 @@ def test_unknown_target_module_lists_the_linear_layers():
     module = QLoRAModule(TINY_MODEL, quantization=FP32, lora=LoraArgs(target_modules=["query", "v_proj"]))
     with pytest.raises(ConfigError, match=r"\['query'\] are not linear layers.*'down_proj'"):
         module.configure_model()
+
+
+def test_the_adapter_is_written_once_per_saved_step(trained):
+    _, trainer, _ = trained
+    (export,) = [callback for callback in trainer.callbacks if isinstance(callback, CountingExport)]
+    assert export.written_at == [2, 4]  # not again for last.ckpt of the same step, nor at the end of fit
 
 
 def test_training_changes_only_lora_and_checkpoint_excludes_the_base(trained):
