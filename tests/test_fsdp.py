@@ -92,11 +92,11 @@ def fsdp_fit(folder: Path, *args: str) -> Path:
 
 @pytest.mark.slow
 def test_fsdp_fit_saves_whole_adapters_and_resumes_like_the_uninterrupted_run(tmp_path):
-    run = fsdp_fit(tmp_path / "full", "--trainer.max_steps", "6")
+    run = fsdp_fit(tmp_path / "full", "--trainer.max_steps", "4")
     reference = tiny_module(lora=LoraArgs(r=RANK, alpha=16))  # the same adapters, unsharded
     shapes = {name: param.shape for name, param in reference.named_parameters() if param.requires_grad}
 
-    final = checkpoint_at(run, 6)
+    final = checkpoint_at(run, 4)
     assert {key: value.shape for key, value in final["state_dict"].items()} == shapes  # whole, and the adapters only
     shards = final["optimizer_states"][0][SHARDS_KEY]
     assert len(shards) == 2 and all(len(shard["state"]) == len(shapes) for shard in shards)
@@ -121,12 +121,12 @@ def test_fsdp_fit_saves_whole_adapters_and_resumes_like_the_uninterrupted_run(tm
     answers = greedy_answers(reference.model.eval(), load_tokenizer(TINY_MODEL), list(DEFAULT_PROMPTS), 4)
     for index, (prompt, answer) in enumerate(zip(DEFAULT_PROMPTS, answers, strict=True)):
         logged = events.Tensors(f"samples/{index}/text_summary")
-        assert [event.step for event in logged] == [0, 2, 4, 6]
+        assert [event.step for event in logged] == [0, 2, 4]
         assert logged[0].tensor_proto.string_val[0].decode() == f"**{as_prose(prompt)}**\n\n{as_prose(answer.strip())}"
 
-    # Resumed from step 4 (weights, 8-bit optimizer shards, scheduler, data position, each rank's random stream):
+    # Resumed from step 2 (weights, 8-bit optimizer shards, scheduler, data position, each rank's random stream):
     # it ends exactly where the uninterrupted run ended.
-    ckpt = next((run / "checkpoints").glob("step000004-*.ckpt"))
-    resumed = fsdp_fit(tmp_path / "resumed", "--trainer.max_steps", "6", "--ckpt_path", str(ckpt))
-    for key, value in checkpoint_at(resumed, 6)["state_dict"].items():
+    ckpt = next((run / "checkpoints").glob("step000002-*.ckpt"))
+    resumed = fsdp_fit(tmp_path / "resumed", "--trainer.max_steps", "4", "--ckpt_path", str(ckpt))
+    for key, value in checkpoint_at(resumed, 4)["state_dict"].items():
         torch.testing.assert_close(value, final["state_dict"][key], rtol=0, atol=0, msg=key)
