@@ -274,6 +274,16 @@ def _versions() -> dict:
     return v
 
 
+def emit_trainer_run(system: str, variant: str, args, timer, settings: dict, train_output) -> None:
+    """`result_line` + `emit` for a run of HF's Trainer (the walkthrough's and TRL's), with its training loss."""
+    extra = {"train_loss": round(train_output.training_loss, 4)}
+    timing = timer.result()
+    line = result_line(
+        system, variant, args.shape, args.max_length, timing, args.device, settings, args.peak_tflops, extra
+    )
+    emit(line, args.out)
+
+
 def emit(line: dict, out_path: str | None = None):
     s = json.dumps(line, default=str)
     if out_path:

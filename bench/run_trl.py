@@ -173,18 +173,7 @@ def main(argv=None):
         "model_dir": model_dir,
         "peak_mem_window": "from train start (weights already loaded)",
     }
-    line = common.result_line(
-        "trl",
-        variant,
-        a.shape,
-        a.max_length,
-        timer.result(),
-        a.device,
-        settings,
-        a.peak_tflops,
-        extra={"train_loss": round(out.training_loss, 4)},
-    )
-    common.emit(line, a.out)
+    common.emit_trainer_run("trl", variant, a, timer, settings, out)
 
 
 if __name__ == "__main__":
