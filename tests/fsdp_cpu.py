@@ -4,8 +4,9 @@
         --trainer.strategy.class_path fsdp_cpu.CPUFSDPStrategy --trainer.accelerator cpu --trainer.devices 2 ...
 
 qlora_lit's strategy refuses CPUs (so does Lightning's FSDPStrategy), and Lightning hands torch's FSDP a device index
-of None, which torch reads as "find an accelerator". This subclass wraps the module itself with `device_id=cpu`;
-everything else (checkpoints, optimizer state, resuming) is qlora_lit's and Lightning's own code.
+of None, which torch reads as "find an accelerator", and Lightning's FSDP precision autocasts CUDA tensors only. This
+subclass wraps the module itself with `device_id=cpu` and autocasts on the CPU; everything else (mixed precision,
+checkpoints, optimizer state, resuming) is qlora_lit's and Lightning's own code.
 """
 
 from __future__ import annotations
@@ -13,15 +14,24 @@ from __future__ import annotations
 import sys
 
 import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from qlora_lit.fsdp import QLoRAFSDPStrategy
 
 
+class CPUFSDPPrecision(FSDPPrecision):
+    def forward_context(self):
+        if self.precision == "bf16-mixed":  # Lightning's autocasts CUDA tensors only
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return super().forward_context()
+
+
 class CPUFSDPStrategy(QLoRAFSDPStrategy):
     def setup_environment(self) -> None:
         FSDPStrategy.setup_environment(self)  # QLoRAFSDPStrategy's own refuses CPUs
+        self.precision_plugin = CPUFSDPPrecision(self.precision_plugin.precision)
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         wrapped = FullyShardedDataParallel(

@@ -1,6 +1,7 @@
-"""FSDP (configs/fsdp.yaml): the wrap policy, and a real two-process fit under Lightning's FSDP machinery on CPUs
-(gloo; tests/fsdp_cpu.py lets the GPU-only strategy run there): whole-adapter checkpoints, the adapter export,
-samples, and a resume that continues like the uninterrupted run."""
+"""FSDP (configs/fsdp.yaml): the wrap policy, and a real two-process fit with fsdp.yaml's settings (bf16-mixed, 4-bit
+weights in bf16 containers) under Lightning's FSDP machinery on CPUs (gloo; tests/fsdp_cpu.py lets the GPU-only
+strategy run there): whole-adapter checkpoints, the adapter export, samples, and a resume that continues exactly
+like the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -30,13 +31,12 @@ FSDP_CPU = ROOT / "tests" / "fsdp_cpu.py"
 # r=64: the LoRA matrices' shards reach bitsandbytes' 4096 elements, so the optimizer keeps 8-bit (blockwise) state.
 RANK = 64
 CPU_FSDP = ["--trainer.strategy.class_path", "fsdp_cpu.CPUFSDPStrategy", "--trainer.accelerator", "cpu"]
-CPU_FSDP += ["--trainer.devices", "2", "--trainer.precision", "32-true"]
-CPU_FSDP += ["--model.quantization.quant_storage", "float32"]  # on CPUs the whole run is fp32
+CPU_FSDP += ["--trainer.devices", "2", "--model.quantization.compute_dtype", "bfloat16"]  # fsdp.yaml's bf16 as is
 CPU_FSDP += ["--model.lora.r", str(RANK), "--trainer.val_check_interval", "2", "--samples.max_new_tokens", "4"]
 
 
-def tiny_module(**settings) -> QLoRAModule:
-    module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype="float32"), **settings)
+def tiny_module(compute_dtype: str = "float32", **settings) -> QLoRAModule:
+    module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype=compute_dtype), **settings)
     module.configure_model()
     return module
 
@@ -93,11 +93,12 @@ def fsdp_fit(folder: Path, *args: str) -> Path:
 @pytest.mark.slow
 def test_fsdp_fit_saves_whole_adapters_and_resumes_like_the_uninterrupted_run(tmp_path):
     run = fsdp_fit(tmp_path / "full", "--trainer.max_steps", "4")
-    reference = tiny_module(lora=LoraArgs(r=RANK, alpha=16))  # the same adapters, unsharded
+    reference = tiny_module("bfloat16", lora=LoraArgs(r=RANK, alpha=16))  # the same adapters, unsharded
     shapes = {name: param.shape for name, param in reference.named_parameters() if param.requires_grad}
 
     final = checkpoint_at(run, 4)
     assert {key: value.shape for key, value in final["state_dict"].items()} == shapes  # whole, and the adapters only
+    assert all(value.dtype == torch.float32 for value in final["state_dict"].values())  # bf16 compute, fp32 weights
     shards = final["optimizer_states"][0][SHARDS_KEY]
     assert len(shards) == 2 and all(len(shard["state"]) == len(shapes) for shard in shards)
     states = [state.get("__bnb_optimizer_quant_state__", state)["state1"] for state in shards[0]["state"].values()]
@@ -109,7 +110,7 @@ def test_fsdp_fit_saves_whole_adapters_and_resumes_like_the_uninterrupted_run(tm
     for key, value in final["state_dict"].items():
         peft_key = key.removeprefix("model.").replace(".default.", ".")
         torch.testing.assert_close(exported[peft_key], value, rtol=0, atol=0)
-    base = load_base_model(TINY_MODEL, QuantizationArgs(compute_dtype="float32"))
+    base = load_base_model(TINY_MODEL, QuantizationArgs(compute_dtype="bfloat16"))
     loaded = PeftModel.from_pretrained(base, run / "adapter")
     for name, param in loaded.named_parameters():
         if "lora_" in name:
@@ -118,7 +119,8 @@ def test_fsdp_fit_saves_whole_adapters_and_resumes_like_the_uninterrupted_run(tm
     # Samples: every rank generated along; the untrained model's answers are the base model's.
     events = EventAccumulator(str(run), size_guidance={"tensors": 0})
     events.Reload()
-    answers = greedy_answers(reference.model.eval(), load_tokenizer(TINY_MODEL), list(DEFAULT_PROMPTS), 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        answers = greedy_answers(reference.model.eval(), load_tokenizer(TINY_MODEL), list(DEFAULT_PROMPTS), 4)
     for index, (prompt, answer) in enumerate(zip(DEFAULT_PROMPTS, answers, strict=True)):
         logged = events.Tensors(f"samples/{index}/text_summary")
         assert [event.step for event in logged] == [0, 2, 4]
