@@ -263,6 +263,13 @@ class QLoRAModule(L.LightningModule):
         self._val_loss_sum.zero_()
         self._val_tokens.zero_()
 
+    def on_predict_start(self) -> None:
+        if isinstance(self.trainer.strategy, FSDPStrategy):  # ranks answering different prompts would deadlock
+            raise ConfigError(
+                "predict does not run under FSDP: leave configs/fsdp.yaml out (the default strategy or ddp); the "
+                "4-bit base with its adapter fits one GPU whenever FSDP could load it"
+            )
+
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, list]:
         """Answers to a batch of left-padded prompts (data.predict_path); PredictionWriter writes them."""
         tokenizer = self.trainer.datamodule.tokenizer  # the answers end at its EOS, as the training examples did

@@ -75,6 +75,13 @@ def test_lightnings_own_fsdp_strategy_is_refused_with_the_one_to_use():
         module.configure_model()
 
 
+def test_predict_under_fsdp_is_refused_with_what_to_use():
+    module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype="float32"))
+    module._trainer = SimpleNamespace(strategy=QLoRAFSDPStrategy(parallel_devices=[torch.device("cuda", 0)] * 2))
+    with pytest.raises(ConfigError, match="predict does not run under FSDP"):
+        module.on_predict_start()
+
+
 def test_resuming_on_another_number_of_processes_names_both():
     environment = LightningEnvironment()
     environment.set_world_size(2)
