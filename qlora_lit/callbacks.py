@@ -133,24 +133,27 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output: str | None = None) -> None:
         super().__init__(write_interval="batch")
         self.output = output
+        self.target: Path | None = None  # rank 0's output path, known to every rank once predict starts
 
     def output_path(self, trainer: L.Trainer) -> Path:
         if self.output:
             return Path(self.output)
         return run_dir(trainer) / "predictions.jsonl"
 
-    def part_path(self, trainer: L.Trainer, rank: int) -> Path:
-        output = self.output_path(trainer)
-        return output.with_name(f".{output.name}.rank{rank}")
+    def part_path(self, rank: int) -> Path:
+        return self.target.with_name(f".{self.target.name}.rank{rank}")
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        part = self.part_path(trainer, trainer.global_rank)
+        # Rank 0's: by default the output goes in the logger's folder, whose next version another rank could count
+        # differently once rank 0 has created it.
+        self.target = Path(trainer.strategy.broadcast(str(self.output_path(trainer))))
+        part = self.part_path(trainer.global_rank)
         part.parent.mkdir(parents=True, exist_ok=True)
         part.write_text("")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         rows = trainer.datamodule.predict_rows
-        with self.part_path(trainer, trainer.global_rank).open("a", encoding="utf-8") as part:
+        with self.part_path(trainer.global_rank).open("a", encoding="utf-8") as part:
             for index, answer in zip(prediction["index"], prediction["generated"], strict=True):
                 part.write(json.dumps([index, {**rows[index], "generated": answer}], ensure_ascii=False) + "\n")
 
@@ -158,9 +161,9 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier()  # every rank's part is complete
         if not trainer.is_global_zero:
             return
-        parts = [self.part_path(trainer, rank) for rank in range(trainer.world_size)]
+        parts = [self.part_path(rank) for rank in range(trainer.world_size)]
         indexed = [json.loads(line) for part in parts for line in part.read_text(encoding="utf-8").splitlines()]
-        output = self.output_path(trainer)
+        output = self.target
         partial = output.with_name(f".{output.name}.partial")
         with partial.open("w", encoding="utf-8") as sink:
             for _, row in sorted(indexed, key=lambda item: item[0]):
