@@ -94,8 +94,8 @@ def test_checkpoints_are_written_beside_their_target_never_through_the_temp_fold
 
 @pytest.mark.parametrize(
     ("file_name", "nth", "fault", "adapter_step"),
-    # Step 4's write: last.ckpt is written once per validation; the adapter with each checkpoint file (best and last)
-    [("last.ckpt", 2, disk_full, 4), ("adapter_model.safetensors", 3, safetensors_disk_full, 2)],
+    # Step 4's write: last.ckpt and the adapter are written once per validation
+    [("last.ckpt", 2, disk_full, 4), ("adapter_model.safetensors", 2, safetensors_disk_full, 2)],
     ids=["checkpoint", "adapter"],
 )
 def test_a_full_disk_mid_write_ends_with_a_message_and_keeps_the_previous_files(
