@@ -4,6 +4,9 @@ FSDP flattens the parameters of each wrapped unit into one buffer of one dtype, 
 frozen. So: the 4-bit weights are stored in the compute dtype (`quantization.quant_storage`), nothing is upcast to
 fp32 (`upcast_to_fp32: false`), every decoder layer is one unit, and every module that holds trainable parameters
 of its own (the LoRA A and B matrices) is a unit of its own inside it, so no unit mixes frozen and trained tensors.
+
+`QLoRAFSDPStrategy` is Lightning's FSDPStrategy with checkpoints that suit a frozen base: only the trained units are
+gathered (one small unit at a time), and the optimizer state stays per rank (see the class).
 """
 
 from __future__ import annotations
