@@ -73,19 +73,21 @@ class AdapterExport(Callback):
         return run_dir(trainer) / self.dirname
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        self.export(trainer, pl_module)
+        self.export(trainer, pl_module, checkpoint["state_dict"])
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.export(trainer, pl_module)
 
-    def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def export(self, trainer: L.Trainer, pl_module: L.LightningModule, state: dict | None = None) -> None:
+        """`state`: the module's state dict when a checkpoint has just gathered it (under FSDP, saves a second
+        gather)."""
         if pl_module.model is None or trainer.global_step == self.exported_step:
             return  # the weights change only at optimizer steps (one step saves its best and its last checkpoint)
         self.exported_step = trainer.global_step
         weights = None  # PEFT reads them from the model, unless they are sharded
         if isinstance(trainer.strategy, QLoRAFSDPStrategy):
-            gathered = trainer.strategy.lightning_module_state_dict()
-            weights = {key.removeprefix("model."): value for key, value in gathered.items()}
+            state = state if state is not None else trainer.strategy.lightning_module_state_dict()
+            weights = {key.removeprefix("model."): value for key, value in state.items()}
         if not trainer.is_global_zero:
             return
         target = self.adapter_dir(trainer)

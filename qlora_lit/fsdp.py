@@ -153,11 +153,15 @@ class QLoRAFSDPStrategy(FSDPStrategy):
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             shards = saved.get(SHARDS_KEY)
-            if shards is None or len(shards) != self.world_size:
-                saved_on = f"{len(shards)} processes" if shards else "another strategy"
+            if shards is None:
                 raise ConfigError(
-                    f"this checkpoint's optimizer state was saved by FSDP on {saved_on}, and this run has "
-                    f"{self.world_size}: resume with as many (trainer.devices x trainer.num_nodes), or start a new "
-                    "run from its adapter"
+                    "this checkpoint was saved without FSDP: resume it without configs/fsdp.yaml, or start a new run "
+                    "from its adapter"
+                )
+            if len(shards) != self.world_size:
+                raise ConfigError(
+                    f"this checkpoint's optimizer state was saved by FSDP on {len(shards)} processes, and this run "
+                    f"has {self.world_size}: resume with as many (trainer.devices x trainer.num_nodes), or start a "
+                    "new run from its adapter"
                 )
             optimizer.load_state_dict(shards[self.global_rank])

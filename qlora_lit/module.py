@@ -13,7 +13,7 @@ from peft import PeftModel
 
 from qlora_lit import attention
 from qlora_lit.errors import ConfigError, TrainingError
-from qlora_lit.fsdp import QLoRAFSDPStrategy, unwrapped_name
+from qlora_lit.fsdp import SHARDS_KEY, QLoRAFSDPStrategy, unwrapped_name
 from qlora_lit.generate import GenerationArgs, generate_texts
 from qlora_lit.loss import chunked_lm_loss_sum, supports_chunked_loss
 from qlora_lit.memory import activation_bytes, needs_checkpointing
@@ -324,6 +324,12 @@ class QLoRAModule(L.LightningModule):
             rank_zero_warn(
                 f"resuming a checkpoint trained on {trained_on!r} with model_name_or_path={self.model_name_or_path!r}"
                 " (fine if it is the same model at another path; the adapter shapes are checked next)"
+            )
+        saved_sharded = any(SHARDS_KEY in state for state in checkpoint.get("optimizer_states", []))
+        if saved_sharded and self.trainer.state.fn == "fit" and not isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ConfigError(
+                "this checkpoint was saved under FSDP (configs/fsdp.yaml), with the optimizer state in shards: "
+                "resume it with configs/fsdp.yaml on as many GPUs, or start a new run from its adapter"
             )
         if "torch_rng" in checkpoint:
             self.restore_random_streams(checkpoint["torch_rng"])

@@ -70,7 +70,7 @@ class SampleGenerations(Callback):
         self.max_new_tokens = max_new_tokens
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        sharded = isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1
+        sharded = isinstance(trainer.strategy, FSDPStrategy)  # QLoRAFSDPStrategy: two or more ranks
         if not (trainer.is_global_zero or sharded) or not self.prompts or pl_module.model is None:
             return
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.model_name_or_path)

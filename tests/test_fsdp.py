@@ -82,14 +82,25 @@ def test_predict_under_fsdp_is_refused_with_what_to_use():
         module.on_predict_start()
 
 
-def test_resuming_on_another_number_of_processes_names_both():
+@pytest.mark.parametrize(
+    ("saved", "message"),
+    [({SHARDS_KEY: [{}, {}, {}]}, "saved by FSDP on 3 processes, and this run has 2"), ({"state": {}}, "without FSDP")],
+)
+def test_resuming_another_runs_optimizer_state_says_how_it_was_saved(saved, message):
     environment = LightningEnvironment()
     environment.set_world_size(2)
     strategy = QLoRAFSDPStrategy(parallel_devices=[torch.device("cuda", 0)] * 2, cluster_environment=environment)
     strategy.optimizers = [torch.optim.SGD([torch.zeros(1, requires_grad=True)])]
-    checkpoint = {"optimizer_states": [{SHARDS_KEY: [{}, {}, {}]}]}
-    with pytest.raises(ConfigError, match="saved by FSDP on 3 processes, and this run has 2"):
-        strategy.load_optimizer_state_dict(checkpoint)
+    with pytest.raises(ConfigError, match=message):
+        strategy.load_optimizer_state_dict({"optimizer_states": [saved]})
+
+
+def test_an_fsdp_checkpoint_resumed_without_fsdp_says_so():
+    module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype="float32"))
+    module._trainer = SimpleNamespace(strategy=object(), state=SimpleNamespace(fn="fit"))
+    checkpoint = {"optimizer_states": [{SHARDS_KEY: [{}, {}]}], "state_dict": {}}
+    with pytest.raises(ConfigError, match="saved under FSDP"):
+        module.on_load_checkpoint(checkpoint)
 
 
 def fsdp_fit(folder: Path, *args: str) -> Path:
