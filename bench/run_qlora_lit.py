@@ -21,6 +21,8 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
                           settings as gc_decided)
     base-b2               base reaching the same examples per step with 2 rows per micro-batch x 4 (data.batch_size 2,
                           trainer.accumulate_grad_batches 4): 4096 tokens per micro-batch, like packed
+    base-as-configured    base.yaml exactly: one 2048-token row (about 8 examples, the walkthrough's effective batch)
+                          per optimizer step, so the optimizer steps after every micro-batch
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -38,6 +40,7 @@ import common  # noqa: E402
 import data as bench_data  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from step_profile import StepProfiler  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count  # noqa: E402
@@ -63,6 +66,7 @@ VARIANTS["packed-nocompile"] = {**PACKED, "compile": False, "warmup": 2}
 VARIANTS["packed-lowmem"] = {**PACKED, "gc": True, "chunk": 1024}
 VARIANTS["base"] = {**PACKED, "pack": 2048, "accum": 8, "gc": "auto"}
 VARIANTS["base-b2"] = {**VARIANTS["base"], "batch": 2, "accum": 4}
+VARIANTS["base-as-configured"] = {**VARIANTS["base"], "accum": 1}
 
 
 class RowCounter(common.CountingCollator):
@@ -103,6 +107,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_run_args(p)
     p.add_argument("--variant", default="fast", choices=sorted(VARIANTS))
+    p.add_argument(
+        "--profile_dir", default=None, help="profile the last warm-up optimizer step into this folder (step_profile.py)"
+    )
     a = p.parse_args()
     v = VARIANTS[a.variant]
     model_dir = common.default_model_dir(a.shape)
@@ -149,6 +156,9 @@ def main() -> None:
     module.checkpointing_for = record_checkpointing
     warmup = v.get("warmup", a.warmup_steps)
     timer = LightningStepTimer(counter, warmup, v["accum"], a.max_seconds)
+    callbacks = [timer]
+    if a.profile_dir:  # first: its trace export then counts in the profiled warm-up step, not in the next one
+        callbacks.insert(0, StepProfiler(warmup - 1, a.profile_dir, v["accum"]))
     trainer = L.Trainer(
         accelerator="gpu" if on_gpu else "cpu",
         devices=1,
@@ -161,7 +171,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[timer],
+        callbacks=callbacks,
     )
     trainer.fit(module, train_dataloaders=loader)
     settings = {
