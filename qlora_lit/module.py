@@ -176,6 +176,13 @@ class QLoRAModule(L.LightningModule):
         width = getattr(data, "pack_length", None) or getattr(data, "max_length", None)
         return width * data.batch_size if width else None
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Packed rows' sequence starts for `varlen`, computed while the batch is still on the host: on a GPU, finding
+        them (where positions restart, the longest example) makes the host wait for the GPU twice per micro-batch."""
+        if isinstance(batch, dict) and self.attn_implementation == attention.NAME:
+            return self.model_inputs(batch)
+        return batch
+
     def model_inputs(self, batch: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
         """Padded batches come with `attention_mask`; packed ones with `position_ids` restarting per example instead.
 
@@ -185,6 +192,8 @@ class QLoRAModule(L.LightningModule):
         if batch.get("position_ids") is None:
             return batch
         if self.attn_implementation == attention.NAME:
+            if "cu_seq_lens_q" in batch:  # computed on the host by on_before_batch_transfer
+                return batch
             return {**batch, **attention.sequence_starts(batch["position_ids"])}
         if "flash" not in self.attn_implementation:
             return batch
@@ -203,9 +212,8 @@ class QLoRAModule(L.LightningModule):
     ):
         """The model's own forward and loss. No KV cache in training: with one, transformers would not derive the
         packed (block-diagonal) mask from the position ids."""
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        inputs = self.model_inputs({**inputs, "position_ids": position_ids})
-        return self.model(**inputs, use_cache=False, **loss_kwargs)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **loss_kwargs}
+        return self.model(**self.model_inputs({**inputs, "position_ids": position_ids}), use_cache=False)
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token loss over the labelled positions of `batch`, and how many there are."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL
 
+from qlora_lit import attention
 from qlora_lit.memory import activation_bytes, needs_checkpointing
 from qlora_lit.model import LoraArgs, QuantizationArgs, compile_decoder_layers
 from qlora_lit.module import QLoRAModule
@@ -74,6 +75,29 @@ def test_varlen_attention_keeps_padded_batches_masked_as_sdpa_does():
 
 LLAMA_8B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256)
 GIB = 2**30
+
+
+def test_varlen_finds_the_sequence_starts_before_the_batch_moves_to_the_gpu(monkeypatch):
+    """On a GPU, finding where positions restart would make the host wait for the device every micro-batch: the
+    starts are computed on the host in on_before_batch_transfer and the forward uses them as they are."""
+    module = tiny_module(attn_implementation="varlen")
+    module.eval()
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
+    batch = {"input_ids": ids, "labels": ids, "position_ids": positions}
+    with torch.no_grad():
+        expected = module(**batch).logits
+    moved = module.on_before_batch_transfer(dict(batch), 0)
+    assert moved["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 15, 18]
+    assert moved["max_length_q"] == 6 and moved["cu_seq_lens_q"].device.type == "cpu"
+
+    def found_again(position_ids):
+        raise AssertionError("sequence starts computed again after the transfer")
+
+    monkeypatch.setattr(attention, "sequence_starts", found_again)
+    with torch.no_grad():
+        assert torch.equal(module(**moved).logits, expected)
+    assert tiny_module().on_before_batch_transfer(dict(batch), 0).keys() == batch.keys()  # sdpa: left to its mask
 
 
 def test_the_activation_estimate_matches_the_measured_8b_peak():
