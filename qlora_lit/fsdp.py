@@ -67,10 +67,7 @@ def trained_units(root: FullyShardedDataParallel) -> list[tuple[str, FullySharde
 
 def unit_parameters(name: str, unit: FullyShardedDataParallel) -> dict[str, torch.nn.Parameter]:
     """The unit's own parameters (not those of units nested in it), named as the unwrapped model names them."""
-    return {
-        unwrapped_name(f"{name}.{fqn}"): unit.module.get_parameter(fqn)
-        for fqn in unit._handle.flat_param._fqns
-    }
+    return {unwrapped_name(f"{name}.{fqn}"): unit.module.get_parameter(fqn) for fqn in unit._handle.flat_param._fqns}
 
 
 @torch.no_grad()
