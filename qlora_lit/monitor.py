@@ -131,18 +131,20 @@ def _synchronized_time(device: torch.device) -> float:
 
 
 def example_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Real (non-padding) length of every example in a padded or packed batch, flattened.
+    """Real (non-padding) length of every example in a padded or packed batch, flattened; for packed rows, zeros stand
+    in the slots of their padding and of unused segments (they add nothing to sums of lengths or of causal pairs).
 
     Padded rows carry an `attention_mask`. Packed rows carry `position_ids` restarting at 0 per example; their
-    padding is the trailing segment, the only one without a single label.
+    padding is the trailing segment, the only one without a single label. It runs before every micro-batch, so it
+    uses no operation whose output size depends on the data (bincount, boolean indexing): on a GPU those make the
+    host wait for the device.
     """
     if "attention_mask" in batch:
         return batch["attention_mask"].sum(dim=1)
     segment = (batch["position_ids"] == 0).cumsum(dim=1) - 1  # segment number of every position in its row
     rows, width = segment.shape
-    flat = segment + torch.arange(rows, device=segment.device)[:, None] * width
-    lengths = torch.bincount(flat.flatten(), minlength=rows * width)
-    labelled = torch.bincount(
-        flat.flatten(), weights=(batch["labels"] != IGNORE_INDEX).flatten().float(), minlength=rows * width
-    )
-    return lengths[labelled > 0]
+    flat = (segment + torch.arange(rows, device=segment.device)[:, None] * width).flatten()
+    slots = torch.zeros(rows * width, dtype=torch.long, device=flat.device)
+    lengths = slots.scatter_add(0, flat, torch.ones_like(flat))
+    labelled = slots.scatter_add(0, flat, (batch["labels"] != IGNORE_INDEX).flatten().long())
+    return torch.where(labelled > 0, lengths, 0)
