@@ -44,8 +44,10 @@ class PreemptionCheckpoint(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # mid-accumulation: the partial gradients would be lost
-        flag = torch.tensor(float(self.received or 0), device=pl_module.device)
-        signum = int(trainer.strategy.reduce(flag, reduce_op="max").item()) if trainer.world_size > 1 else int(flag)
+        signum = self.received or 0
+        if trainer.world_size > 1:  # every rank stops at the same step, or the others wait for it forever
+            flag = torch.tensor(float(signum), device=pl_module.device)
+            signum = int(trainer.strategy.reduce(flag, reduce_op="max").item())
         if not signum:
             return
         path = self.checkpoint_path(trainer)

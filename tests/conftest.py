@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -103,3 +104,20 @@ def checkpoint_at(run: Path, step: int) -> dict:
     """The checkpoint a run saved at `step` (qlora_lit's file names start with the step)."""
     (path,) = (run / "checkpoints").glob(f"step{step:06d}-*.ckpt")
     return torch.load(path, weights_only=True)
+
+
+class NoHostWaits(TorchDispatchMode):
+    """Fails on any operation that, on a GPU, makes the host wait for the device: reading a value (.item(), int(),
+    bool()) or an output whose size depends on the data (nonzero, bincount, boolean indexing). For code that runs
+    every micro-batch. `ops` counts what was dispatched at all."""
+
+    WAITS = {"aten._local_scalar_dense", "aten.nonzero", "aten.bincount", "aten.masked_select", "aten.index"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert str(func.overloadpacket) not in self.WAITS, f"{func} would make the host wait for the GPU"
+        self.ops += 1
+        return func(*args, **(kwargs or {}))

@@ -10,10 +10,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import SHORT_FIT, TINY_MODEL
+from conftest import SHORT_FIT, TINY_MODEL, NoHostWaits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,3 +137,14 @@ def test_kill_9_while_writing_the_adapter_keeps_the_previous_adapter_loadable(tm
     base = AutoModelForCausalLM.from_pretrained(resolve_asset(TINY_MODEL))
     model = PeftModel.from_pretrained(base, run / "adapter")
     assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_a_single_process_checks_for_signals_without_touching_the_device():
+    """The check runs after every optimizer step; a process on its own needs no tensor for it (reading one back
+    from a GPU makes the host wait for the device)."""
+    from qlora_lit.preemption import PreemptionCheckpoint
+
+    trainer = SimpleNamespace(accumulate_grad_batches=1, world_size=1)
+    with NoHostWaits() as guard:
+        PreemptionCheckpoint().on_train_batch_end(trainer, SimpleNamespace(device=torch.device("cpu")), None, {}, 0)
+    assert guard.ops == 0
