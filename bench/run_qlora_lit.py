@@ -23,6 +23,8 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
                           trainer.accumulate_grad_batches 4): 4096 tokens per micro-batch, like packed
     base-as-configured    base.yaml exactly: one 2048-token row (about 8 examples, the walkthrough's effective batch)
                           per optimizer step, so the optimizer steps after every micro-batch
+    base-cli, base-b2-cli base and base-b2 with the callbacks `python -m qlora_lit fit` adds (TrainingMonitor,
+                          PreemptionCheckpoint, the rich progress bar): what they cost per micro-batch
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -40,6 +42,7 @@ import common  # noqa: E402
 import data as bench_data  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import RichProgressBar  # noqa: E402
 from step_profile import StepProfiler  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -48,7 +51,9 @@ from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows  # 
 from qlora_lit.data.sampler import EpochBatchSampler  # noqa: E402
 from qlora_lit.model import LoraArgs, QuantizationArgs  # noqa: E402
 from qlora_lit.module import QLoRAModule  # noqa: E402
+from qlora_lit.monitor import TrainingMonitor  # noqa: E402
 from qlora_lit.optim import OptimizerArgs  # noqa: E402
+from qlora_lit.preemption import PreemptionCheckpoint  # noqa: E402
 
 VARIANTS = {
     "walkthrough-settings": {"batch": 2, "accum": 32, "group": False, "gc": True, "upcast": True},
@@ -67,6 +72,8 @@ VARIANTS["packed-lowmem"] = {**PACKED, "gc": True, "chunk": 1024}
 VARIANTS["base"] = {**PACKED, "pack": 2048, "accum": 8, "gc": "auto"}
 VARIANTS["base-b2"] = {**VARIANTS["base"], "batch": 2, "accum": 4}
 VARIANTS["base-as-configured"] = {**VARIANTS["base"], "accum": 1}
+VARIANTS["base-cli"] = {**VARIANTS["base"], "cli": True}
+VARIANTS["base-b2-cli"] = {**VARIANTS["base-b2"], "cli": True}
 
 
 class RowCounter(common.CountingCollator):
@@ -157,6 +164,8 @@ def main() -> None:
     warmup = v.get("warmup", a.warmup_steps)
     timer = LightningStepTimer(counter, warmup, v["accum"], a.max_seconds)
     callbacks = [timer]
+    if v.get("cli"):
+        callbacks += [TrainingMonitor(), PreemptionCheckpoint(), RichProgressBar()]
     if a.profile_dir:  # first: its trace export then counts in the profiled warm-up step, not in the next one
         callbacks.insert(0, StepProfiler(warmup - 1, a.profile_dir, v["accum"]))
     trainer = L.Trainer(
@@ -168,7 +177,7 @@ def main() -> None:
         gradient_clip_val=1.0,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=bool(v.get("cli")),
         enable_model_summary=False,
         use_distributed_sampler=False,
         callbacks=callbacks,
