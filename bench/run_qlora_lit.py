@@ -118,6 +118,8 @@ def main() -> None:
         "--profile_dir", default=None, help="profile the last warm-up optimizer step into this folder (step_profile.py)"
     )
     a = p.parse_args()
+    if a.profile_dir and os.path.exists(a.profile_dir) and not os.path.isdir(a.profile_dir):
+        p.error(f"--profile_dir {a.profile_dir} is a file; give a folder (it is created if missing)")
     v = VARIANTS[a.variant]
     model_dir = common.default_model_dir(a.shape)
     rows = bench_data.load(common.default_data_dir(a.n_examples, a.max_length))

@@ -102,11 +102,12 @@ class StepProfiler(L.Callback):
         os.makedirs(self.out_dir, exist_ok=True)
         raw = os.path.join(self.out_dir, "trace.json")
         self.prof.export_chrome_trace(raw)
-        with open(raw) as f:
-            trace = json.load(f)
-        with open(raw, "rb") as f, gzip.open(raw + ".gz", "wb") as g:
-            g.write(f.read())
+        with open(raw, "rb") as f:
+            data = f.read()
+        with gzip.open(raw + ".gz", "wb") as g:
+            g.write(data)
         os.remove(raw)
+        trace = json.loads(data)
         averages = self.prof.key_averages()
         text = "\n\n".join(
             [

@@ -212,8 +212,9 @@ class QLoRAModule(L.LightningModule):
     ):
         """The model's own forward and loss. No KV cache in training: with one, transformers would not derive the
         packed (block-diagonal) mask from the position ids."""
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **loss_kwargs}
-        return self.model(**self.model_inputs({**inputs, "position_ids": position_ids}), use_cache=False)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        inputs.update(position_ids=position_ids, **loss_kwargs)
+        return self.model(**self.model_inputs(inputs), use_cache=False)
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token loss over the labelled positions of `batch`, and how many there are."""

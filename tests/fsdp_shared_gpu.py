@@ -90,6 +90,8 @@ def check(out: Path, extra: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["check"]:
+        if len(sys.argv) < 3:
+            raise SystemExit("usage: python tests/fsdp_shared_gpu.py check OUT_DIR [CLI overrides...]")
         check(Path(sys.argv[2]).resolve(), sys.argv[3:])
     else:
         from qlora_lit.cli import cli_main
