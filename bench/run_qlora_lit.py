@@ -24,8 +24,7 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     base-as-configured    base.yaml exactly: one 2048-token row (about 8 examples, the walkthrough's effective batch)
                           per optimizer step, so the optimizer steps after every micro-batch
     base-cli, base-b2-cli base and base-b2 with the callbacks `python -m qlora_lit fit` adds (TrainingMonitor,
-                          PreemptionCheckpoint, QuietRichProgressBar): what they cost per micro-batch
-    base-cli-stockbar     base-cli with Lightning's RichProgressBar, which reads the metrics after every micro-batch
+                          PreemptionCheckpoint, the rich progress bar): what they cost per micro-batch
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -55,7 +54,6 @@ from qlora_lit.module import QLoRAModule  # noqa: E402
 from qlora_lit.monitor import TrainingMonitor  # noqa: E402
 from qlora_lit.optim import OptimizerArgs  # noqa: E402
 from qlora_lit.preemption import PreemptionCheckpoint  # noqa: E402
-from qlora_lit.progress import QuietRichProgressBar  # noqa: E402
 
 VARIANTS = {
     "walkthrough-settings": {"batch": 2, "accum": 32, "group": False, "gc": True, "upcast": True},
@@ -76,7 +74,6 @@ VARIANTS["base-b2"] = {**VARIANTS["base"], "batch": 2, "accum": 4}
 VARIANTS["base-as-configured"] = {**VARIANTS["base"], "accum": 1}
 VARIANTS["base-cli"] = {**VARIANTS["base"], "cli": True}
 VARIANTS["base-b2-cli"] = {**VARIANTS["base-b2"], "cli": True}
-VARIANTS["base-cli-stockbar"] = {**VARIANTS["base"], "cli": "stockbar"}
 
 
 class RowCounter(common.CountingCollator):
@@ -170,8 +167,7 @@ def main() -> None:
     timer = LightningStepTimer(counter, warmup, v["accum"], a.max_seconds)
     callbacks = [timer]
     if v.get("cli"):
-        bar = RichProgressBar() if v["cli"] == "stockbar" else QuietRichProgressBar()
-        callbacks += [TrainingMonitor(), PreemptionCheckpoint(), bar]
+        callbacks += [TrainingMonitor(), PreemptionCheckpoint(), RichProgressBar()]
     if a.profile_dir:  # first: its trace export then counts in the profiled warm-up step, not in the next one
         callbacks.insert(0, StepProfiler(warmup - 1, a.profile_dir, v["accum"]))
     trainer = L.Trainer(

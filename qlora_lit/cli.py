@@ -14,7 +14,7 @@ from typing import Any
 from jsonargparse import ArgumentParser, auto_cli
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
@@ -27,7 +27,6 @@ from qlora_lit.model import count_lora_parameters
 from qlora_lit.module import QLoRAModule
 from qlora_lit.monitor import TrainingMonitor
 from qlora_lit.preemption import PreemptionCheckpoint
-from qlora_lit.progress import QuietRichProgressBar
 from qlora_lit.samples import SampleGenerations
 from qlora_lit.text_log import SaveAndLogConfig
 from qlora_lit.trainer_settings import check_trainer_settings
@@ -93,9 +92,9 @@ class QLoRACLI(LightningCLI):
             fit_args["weights_only"] = True
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Refuse impossible settings, add a rich progress bar (QuietRichProgressBar) unless the config has another
-        or turns it off (Lightning refuses both at once), and write checkpoints atomically (AtomicCheckpointIO) unless
-        the config names another CheckpointIO."""
+        """Refuse impossible settings, add a rich progress bar unless the config has another or turns it off
+        (Lightning refuses both at once), and write checkpoints atomically (AtomicCheckpointIO) unless the config
+        names another CheckpointIO."""
         trainer_config = self._get(self.config_init, "trainer", default={})
         check_trainer_settings(
             trainer_config.get("accelerator", "auto"),
@@ -106,7 +105,7 @@ class QLoRACLI(LightningCLI):
         callbacks = trainer_config.get("callbacks") or []
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
-            trainer_config["callbacks"] = [*callbacks, QuietRichProgressBar()]
+            trainer_config["callbacks"] = [*callbacks, RichProgressBar()]
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
