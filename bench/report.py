@@ -4,7 +4,7 @@ max length.
 python bench/report.py bench/results/raw/2026-11-29-h200-*.jsonl --out bench/results/2026-11-29-h200.json
 
 "x walkthrough" divides by the walkthrough run of the same input file (the same call) when there is one, else by
-the first walkthrough run of that model and max length; "-" where there is none.
+the walkthrough run of that model and max length timed over the most optimizer steps; "-" where there is none.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def load_runs(paths: list[str]) -> list[dict]:
 def walkthrough_reference(run: dict, group: list[dict]) -> float | None:
     walkthroughs = [r for r in group if r["system"] == "walkthrough"]
     same_call = [r for r in walkthroughs if r["source"] == run["source"]]
-    chosen = (same_call or walkthroughs or [None])[0]
+    longest = sorted(walkthroughs, key=lambda r: r["steps_timed"] or 0, reverse=True)
+    chosen = (same_call or longest or [None])[0]
     return chosen["tokens_per_s"] if chosen else None
 
 
