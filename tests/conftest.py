@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
+from runs import DEMO_CONFIG, checkpoint_at, fit_in_subprocess  # noqa: F401 (the tests import them from here)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,7 +15,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_MODEL = "builtin:tiny-llama"
 SAMPLE_DATA = "builtin:koalpaca_sample.jsonl"
-DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 # A short demo fit with a validation, and so a checkpoint and an adapter export, at steps 2, 4 and 6.
 SHORT_FIT = ["fit", "--config", DEMO_CONFIG, "--trainer.max_steps", "6", "--trainer.val_check_interval", "2"]
 SHORT_FIT += ["--trainer.enable_progress_bar", "false", "--samples.prompts", "[]"]
@@ -83,27 +80,6 @@ def shown_by_tensorboard(markdown: str) -> str:
     from tensorboard.plugin_util import markdown_to_safe_html
 
     return html.unescape(re.sub(r"<[^>]+>", "", markdown_to_safe_html(markdown)))
-
-
-def fit_in_subprocess(folder: Path, *args: str, entry: tuple[str, ...] = ("-m", "qlora_lit")) -> Path:
-    """`fit` of the demo config with `args` in a child process (several ranks need their own processes), logging
-    under `folder`; returns the run folder. The child sees no Slurm job's variables (they would redirect Lightning)
-    and uses one thread per process: two ranks share the 2 cores, and runs repeat bit for bit."""
-    root = Path(__file__).resolve().parents[1]
-    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
-    env.update(PYTHONPATH=f"{root}:{root / 'tests'}", OMP_NUM_THREADS="1")
-    command = [sys.executable, *entry, "fit", "--config", DEMO_CONFIG, *args]
-    command += ["--trainer.logger.init_args.save_dir", str(folder), "--trainer.enable_progress_bar", "false"]
-    folder.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return folder / "demo" / "version_0"
-
-
-def checkpoint_at(run: Path, step: int) -> dict:
-    """The checkpoint a run saved at `step` (qlora_lit's file names start with the step)."""
-    (path,) = (run / "checkpoints").glob(f"step{step:06d}-*.ckpt")
-    return torch.load(path, weights_only=True)
 
 
 class NoHostWaits(TorchDispatchMode):

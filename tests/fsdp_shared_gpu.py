@@ -14,16 +14,13 @@ resumed run's adapters are from the uninterrupted run's, and whether the exporte
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from runs import ROOT, checkpoint_at, fit_in_subprocess
 
 from qlora_lit.fsdp import QLoRAFSDPStrategy
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class SharedGPUFSDPStrategy(QLoRAFSDPStrategy):
@@ -36,43 +33,29 @@ class SharedGPUFSDPStrategy(QLoRAFSDPStrategy):
 
 
 def fit(folder: Path, *args: str) -> Path:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
-    env["PYTHONPATH"] = f"{ROOT}:{ROOT / 'tests'}:{env.get('PYTHONPATH', '')}"
-    command = [sys.executable, __file__, "fit", "--config", str(ROOT / "configs" / "demo.yaml")]
-    command += ["--config", str(ROOT / "configs" / "fsdp.yaml")]
-    command += ["--trainer.strategy.class_path", "fsdp_shared_gpu.SharedGPUFSDPStrategy"]
-    command += ["--trainer.accelerator", "gpu", "--trainer.devices", "1", "--model.quantization.compute_dtype"]
-    command += ["bfloat16", "--trainer.val_check_interval", "3", "--data.batch_size", "4"]
-    command += ["--samples.max_new_tokens", "4", "--trainer.enable_progress_bar", "false"]
-    command += [*args, "--trainer.logger.init_args.save_dir", str(folder)]
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "log.txt", "w") as log:
-        result = subprocess.run(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=1200)
-    if result.returncode:
-        tail = (folder / "log.txt").read_text()[-3000:]
-        raise SystemExit(f"fit in {folder} failed ({result.returncode}):\n{tail}")
-    return folder / "demo" / "version_0"
-
-
-def checkpoint(run: Path, step: int) -> dict:
-    (path,) = (run / "checkpoints").glob(f"step{step:06d}-*.ckpt")
-    return torch.load(path, weights_only=True, map_location="cpu")
+    """The demo config with fsdp.yaml on two ranks sharing cuda:0 (its output in folder/log.txt); the run folder."""
+    shared = ["--config", str(ROOT / "configs" / "fsdp.yaml")]
+    shared += ["--trainer.strategy.class_path", "fsdp_shared_gpu.SharedGPUFSDPStrategy"]
+    shared += ["--trainer.accelerator", "gpu", "--trainer.devices", "1", "--model.quantization.compute_dtype"]
+    shared += ["bfloat16", "--trainer.val_check_interval", "3", "--data.batch_size", "4"]
+    shared += ["--samples.max_new_tokens", "4"]
+    return fit_in_subprocess(folder, *shared, *args, entry=(__file__,), timeout=1200)
 
 
 def check(out: Path, extra: list[str]) -> None:
     from safetensors.torch import load_file
 
     full = fit(out / "full", "--trainer.max_steps", "6", *extra)
-    final = checkpoint(full, 6)["state_dict"]
+    final = checkpoint_at(full, 6)["state_dict"]
     ckpt = next((full / "checkpoints").glob("step000003-*.ckpt"))
-    resumed = checkpoint(fit(out / "resumed", "--trainer.max_steps", "6", "--ckpt_path", str(ckpt), *extra), 6)
+    resumed = checkpoint_at(fit(out / "resumed", "--trainer.max_steps", "6", "--ckpt_path", str(ckpt), *extra), 6)
     try:
         gc = fit(out / "gc", "--trainer.max_steps", "4", "--model.gradient_checkpointing", "true", *extra)
         gc_steps = sorted(int(p.name[4:10]) for p in (gc / "checkpoints").glob("step*.ckpt"))
-    except SystemExit as failed:
+    except RuntimeError as failed:
         gc_steps = str(failed)[-600:]
     exported = load_file(full / "adapter" / "adapter_model.safetensors")
-    moved = max((final[k] - checkpoint(full, 3)["state_dict"][k]).abs().max().item() for k in final)
+    moved = max((final[k] - checkpoint_at(full, 3)["state_dict"][k]).abs().max().item() for k in final)
     report = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "adapter_tensors": len(final),
@@ -80,7 +63,7 @@ def check(out: Path, extra: list[str]) -> None:
         "exported_equals_checkpoint": all(
             torch.equal(exported[k.removeprefix("model.").replace(".default.", ".")], v) for k, v in final.items()
         ),
-        "optimizer_shards": len(checkpoint(full, 6)["optimizer_states"][0].get("fsdp_rank_states", [])),
+        "optimizer_shards": len(checkpoint_at(full, 6)["optimizer_states"][0].get("fsdp_rank_states", [])),
         "resumed_max_abs_diff": max((resumed["state_dict"][k] - v).abs().max().item() for k, v in final.items()),
         "moved_steps_4_to_6_max_abs": moved,
         "gradient_checkpointing_run": gc_steps,
