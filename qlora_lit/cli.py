@@ -27,6 +27,7 @@ from qlora_lit.model import count_lora_parameters
 from qlora_lit.module import QLoRAModule
 from qlora_lit.monitor import TrainingMonitor
 from qlora_lit.preemption import PreemptionCheckpoint
+from qlora_lit.resume import continue_newest_run
 from qlora_lit.samples import SampleGenerations
 from qlora_lit.text_log import SaveAndLogConfig
 from qlora_lit.trainer_settings import check_trainer_settings
@@ -79,6 +80,11 @@ class QLoRACLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if self.subcommand == "fit" and config.ckpt_path == "last" and config.checkpoint.dirpath is None:
+            continue_newest_run(config.trainer.logger)  # before the logger exists: it names the run's folder
 
     def before_fit(self) -> None:
         if self.trainer.is_global_zero:  # rank 0 writes the run's files (another rank would name the next version)

@@ -1,0 +1,85 @@
+"""`fit --ckpt_path last` continues the newest run of the config instead of training a new folder from step 0."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEMO_CONFIG
+from jsonargparse import Namespace
+
+from qlora_lit.cli import cli_main
+from qlora_lit.resume import continue_newest_run
+
+
+def logger_config(save_dir: Path, version=None) -> Namespace:
+    return Namespace(
+        class_path="TensorBoardLogger", init_args=Namespace(save_dir=str(save_dir), name="demo", version=version)
+    )
+
+
+def save_last(run: Path, mtime: float) -> Path:
+    path = run / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"checkpoint")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_an_unfixed_version_becomes_the_folder_of_the_newest_last_checkpoint(tmp_path):
+    save_last(tmp_path / "demo" / "version_0", 2_000)  # saved last, though its folder is older
+    save_last(tmp_path / "demo" / "version_1", 1_000)
+    (tmp_path / "demo" / "version_2").mkdir()  # a run that saved nothing
+    logger = logger_config(tmp_path)
+    continue_newest_run(logger)
+    assert logger.init_args.version == "version_0"
+
+
+def test_with_no_checkpoint_anywhere_training_starts_over_with_a_warning(tmp_path):
+    logger = logger_config(tmp_path)
+    with pytest.warns(UserWarning, match="no run in .*demo has a checkpoints/last.ckpt; training starts at step 0"):
+        continue_newest_run(logger)
+    assert logger.init_args.version is None
+
+
+def test_a_fixed_version_is_kept_and_an_earlier_runs_checkpoint_is_named(tmp_path):
+    earlier = save_last(tmp_path / "demo" / "slurm-41", 1_000)
+    logger = logger_config(tmp_path, version="slurm-42")
+    with pytest.warns(UserWarning, match=f"slurm-42.*does not exist.*--ckpt_path {earlier}"):
+        continue_newest_run(logger)
+    assert logger.init_args.version == "slurm-42"
+
+
+def test_a_fixed_version_with_its_own_checkpoint_says_nothing(tmp_path, recwarn):
+    save_last(tmp_path / "demo" / "version_3", 1_000)
+    save_last(tmp_path / "demo" / "version_4", 2_000)
+    logger = logger_config(tmp_path, version=3)
+    continue_newest_run(logger)
+    assert logger.init_args.version == 3 and not [w for w in recwarn if "ckpt_path" in str(w.message)]
+
+
+def test_loggers_without_a_folder_layout_are_left_alone():
+    for logger in (None, False, [logger_config(Path("runs"))]):
+        continue_newest_run(logger)
+
+
+def demo_fit(save_dir: Path, max_steps: int, *args: str):
+    overrides = ["--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.max_steps", str(max_steps)]
+    overrides += ["--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false"]
+    return cli_main(["fit", "--config", DEMO_CONFIG, *overrides, "--samples.prompts", "[]", *args])
+
+
+def test_fit_with_ckpt_path_last_continues_the_run_in_its_own_folder(tmp_path):
+    """A 2-step demo run, then `fit --ckpt_path last` to step 4: restored from the first run's last.ckpt, trained on
+    in the same folder, its last.ckpt overwritten."""
+    demo_fit(tmp_path, 2)
+    last = tmp_path / "demo" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    cli = demo_fit(tmp_path, 4, "--ckpt_path", "last")
+    assert cli.trainer.ckpt_path == str(last)  # what Lightning restored from
+    assert Path(cli.trainer.log_dir) == last.parent.parent
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["version_0"]
+    assert sorted(p.name for p in last.parent.glob("last*")) == ["last.ckpt"]
+    assert cli.trainer.global_step == 4 and torch.load(last, weights_only=True)["global_step"] == 4
