@@ -9,8 +9,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
 def newest_last_checkpoint(runs: Path) -> Path | None:
-    """The `last.ckpt` saved most recently by any version of a run (`runs/<name>/<version>/checkpoints/`)."""
-    found = [path for path in runs.glob("*/checkpoints/last.ckpt") if path.is_file()]
+    """The `last.ckpt` saved most recently by any version of a run (`runs/<name>/<version>/checkpoints/`), counting
+    Lightning's `last-v1.ckpt`, ... (written when a moved run folder resumes), among which `--ckpt_path last` takes
+    the newest too."""
+    found = [path for path in runs.glob("*/checkpoints/last*.ckpt") if path.is_file()]
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 

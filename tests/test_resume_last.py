@@ -20,9 +20,9 @@ def logger_config(save_dir: Path, version=None) -> Namespace:
     )
 
 
-def save_last(run: Path, mtime: float) -> Path:
-    path = run / "checkpoints" / "last.ckpt"
-    path.parent.mkdir(parents=True)
+def save_last(run: Path, mtime: float, name: str = "last.ckpt") -> Path:
+    path = run / "checkpoints" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"checkpoint")
     os.utime(path, (mtime, mtime))
     return path
@@ -35,6 +35,10 @@ def test_an_unfixed_version_becomes_the_folder_of_the_newest_last_checkpoint(tmp
     logger = logger_config(tmp_path)
     continue_newest_run(logger)
     assert logger.init_args.version == "version_0"
+    # Lightning's last-v1.ckpt (a moved run folder resumed) counts, as it does for Lightning's own choice.
+    save_last(tmp_path / "demo" / "version_1", 3_000, name="last-v1.ckpt")
+    continue_newest_run(logger := logger_config(tmp_path))
+    assert logger.init_args.version == "version_1"
 
 
 def test_with_no_checkpoint_anywhere_training_starts_over_with_a_warning(tmp_path):
