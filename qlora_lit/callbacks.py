@@ -13,7 +13,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 from qlora_lit.data.datamodule import load_tokenizer
-from qlora_lit.errors import ConfigError, TrainingError, is_disk_full
+from qlora_lit.errors import TrainingError, is_disk_full
 from qlora_lit.fsdp import QLoRAFSDPStrategy, save_gathered_adapter
 
 CONFIG_NAME = "qlora_lit_config.yaml"
@@ -25,20 +25,6 @@ def run_dir(trainer: L.Trainer) -> Path:
     rank 0 asks."""
     logger_dir = trainer.loggers[0].log_dir if trainer.loggers else None
     return Path(logger_dir or trainer.default_root_dir)
-
-
-def ensure_writable(folder: Path) -> None:
-    """Fail with one message, before any model is loaded, if a run's outputs cannot be written to `folder`."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            f"cannot write the run's outputs to {folder}: {err}. Point trainer.logger.init_args.save_dir "
-            "(or trainer.default_root_dir) at a writable folder"
-        ) from None
 
 
 class DataStatsExport(Callback):

@@ -18,10 +18,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from qlora_lit.callbacks import AdapterExport, DataStatsExport, PredictionWriter, ensure_writable, run_dir
+from qlora_lit.callbacks import AdapterExport, DataStatsExport, PredictionWriter, run_dir
 from qlora_lit.checkpoint_io import AtomicCheckpointIO
 from qlora_lit.data import KoAlpacaDataModule
-from qlora_lit.disk_space import ensure_free_space, run_size_estimate
+from qlora_lit.disk_space import ensure_free_space, ensure_writable, run_size_estimate
 from qlora_lit.errors import ConfigError, TrainingError
 from qlora_lit.model import count_lora_parameters
 from qlora_lit.module import QLoRAModule
@@ -89,13 +89,19 @@ class QLoRACLI(LightningCLI):
     def before_fit(self) -> None:
         if self.trainer.is_global_zero:  # rank 0 writes the run's files (another rank would name the next version)
             folder = run_dir(self.trainer)
-            ensure_writable(folder)
+            save_dir = "trainer.logger.init_args.save_dir (or trainer.default_root_dir)"
+            ensure_writable(folder, "the run's outputs", save_dir)
             lora = count_lora_parameters(self.model.model_name_or_path, self.model.lora, self.model.trust_remote_code)
             ensure_free_space(folder, run_size_estimate(lora, self.trainer.checkpoint_callback))
         fit_args = self.config_init["fit"]
         if fit_args.get("weights_only") is None:
             # Checkpoints hold tensors and plain containers only: resume without running pickled code.
             fit_args["weights_only"] = True
+
+    def before_predict(self) -> None:
+        writers = [callback for callback in self.trainer.callbacks if isinstance(callback, PredictionWriter)]
+        if self.trainer.is_global_zero and writers:  # before the model loads
+            ensure_writable(writers[0].output_path(self.trainer).parent, "the predictions", "predictions.output")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Refuse impossible settings, add a rich progress bar unless the config has another or turns it off

@@ -1,14 +1,27 @@
-"""Whether a run's outputs fit on the disk, checked before the model loads: a full disk fails in seconds, not at
-the first checkpoint an hour in."""
+"""Whether outputs can be written and fit on the disk, checked before the model loads: a full disk or a mistyped
+folder fails in seconds, not at the first checkpoint an hour in (or after a merge of many minutes)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from qlora_lit.errors import ConfigError
+
+
+def ensure_writable(folder: Path, what: str, setting: str) -> None:
+    """Fail with one message naming `setting` if `what` cannot be written into `folder` (created if absent)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write {what} to {folder}: {err}. Point {setting} at a writable folder") from None
+
 
 # A checkpoint holds, per trainable parameter, its fp32 weight (4 bytes) and AdamW's two fp32 moments (8 bytes);
 # the 8-bit optimizers keep 1-byte moments for large tensors, so 12 errs on the safe side.

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from qlora_lit.callbacks import CONFIG_NAME
 from qlora_lit.data.inference import encode_prompts, left_pad
+from qlora_lit.disk_space import ensure_writable
 from qlora_lit.errors import ConfigError
 from qlora_lit.generate import check_adapter_dir, load_for_generation, trained_prompt_format
 
@@ -53,6 +54,7 @@ def export(
     target = Path(output).expanduser()
     if target.is_file() or (target.is_dir() and any(target.iterdir()) and not overwrite):
         raise ConfigError(f"output {output!r} is a file or a folder that is not empty; choose another or --overwrite")
+    ensure_writable(target.parent, "the merged model", "--output")
     peft_model, tokenizer, run_config = load_for_generation(adapter, model, quantize="none", dtype=dtype, device=device)
     samples = left_pad(tokenizer, encode_prompts(tokenizer, CHECK_ROWS, trained_prompt_format(run_config)))
     unmerged = real_token_logits(peft_model, samples)

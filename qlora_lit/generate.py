@@ -24,6 +24,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from qlora_lit.callbacks import CONFIG_NAME
 from qlora_lit.data.datamodule import load_tokenizer
 from qlora_lit.data.inference import PromptFormat, encode_prompts, left_pad, read_prompts_file
+from qlora_lit.disk_space import ensure_writable
 from qlora_lit.errors import ConfigError
 from qlora_lit.model import QuantizationArgs, load_base_model
 
@@ -111,7 +112,20 @@ def check_adapter_dir(adapter: str) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    """`auto`: the first GPU if there is one, else the CPU. A device this machine lacks is refused with a message."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {device!r}: torch sees no CUDA GPU on this machine; use cpu (or auto)")
+        if target.index is not None and target.index >= count:
+            raise ConfigError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return target
 
 
 def resolve_dtype(dtype: DTypeFlag, device: torch.device) -> str:
@@ -202,6 +216,8 @@ def generate(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     rows = [{"instruction": prompt, "input": input}] if prompt is not None else read_prompts_file(prompts_file)
+    if output is not None:
+        ensure_writable(Path(output).expanduser().parent, "the answers", "--output")
     loaded, tokenizer, run_config = load_for_generation(adapter, model, quantize, dtype, device)
     prompt_format = prompt_format or trained_prompt_format(run_config)
     if seed is not None:

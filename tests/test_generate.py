@@ -126,6 +126,38 @@ def test_usage_errors_are_one_message(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA GPU")
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", "device 'gpu' is not a device name: use auto, cpu, cuda or cuda:N"),
+        pytest.param("cuda", "device 'cuda': torch sees no CUDA GPU on this machine", marks=NO_CUDA),
+        pytest.param("cuda:1", "device 'cuda:1': torch sees no CUDA GPU on this machine", marks=NO_CUDA),
+    ],
+)
+def test_a_device_the_machine_lacks_is_one_message_before_loading(adapter, device, message, capsys, monkeypatch):
+    monkeypatch.setattr("qlora_lit.generate.load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for command in (["generate", "--prompt", "안녕?"], ["export", "--output", "merged"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([*command, "--adapter", adapter, "--device", device])
+        assert exit_info.value.code == 2
+        assert f"qlora_lit: error: {message}" in capsys.readouterr().err
+
+
+def test_an_unwritable_output_is_one_message_before_loading(adapter, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("qlora_lit.generate.load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "a-file").write_text("not a folder")
+    answers = ["generate", "--prompts_file", write_prompts(tmp_path / "p.jsonl"), "--output"]
+    for command, what in ((answers, "the answers"), (["export", "--output"], "the merged model")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([*command, str(tmp_path / "a-file" / "out" / "x"), "--adapter", adapter])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert f"cannot write {what} to {tmp_path / 'a-file' / 'out'}" in error and "Point --output at" in error
+
+
 def test_adapter_folder_without_adapter_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["generate", "--adapter", str(tmp_path), "--prompt", "안녕?"])

@@ -66,6 +66,16 @@ def test_predict_writes_the_answers_of_generate_in_file_order(trained_run, promp
     assert not list(tmp_path.glob(".predictions.jsonl*"))  # the per-rank parts are gone
 
 
+def test_an_unwritable_output_is_one_message_before_loading(trained_run, prompts, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("qlora_lit.module.load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(predict_args(trained_run[0], prompts, tmp_path / "a-file" / "answers.jsonl"))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"cannot write the predictions to {tmp_path / 'a-file'}" in error and "Point predictions.output at" in error
+
+
 @pytest.mark.slow
 def test_predict_on_two_processes(trained_run, prompts, generated, tmp_path):
     output = tmp_path / "predictions.jsonl"
