@@ -60,6 +60,12 @@ PLAIN_COMMANDS: dict[str, str] = {
 }
 
 
+DESCRIPTION = (
+    "QLoRA fine-tuning of causal language models with Lightning: fit, validate, test, predict (below), and "
+    f"{', '.join(PLAIN_COMMANDS)} (python -m qlora_lit COMMAND --help)."
+)
+
+
 class QLoRACLI(LightningCLI):
     """LightningCLI with the tokenizer linked to the model, a configurable checkpoint policy and a rich progress bar."""
 
@@ -160,6 +166,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
             save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            parser_kwargs={"prog": "python -m qlora_lit", "description": DESCRIPTION},
             args=args,
             run=run,
         )

@@ -36,6 +36,15 @@ def test_every_shipped_config_parses(config, capsys):
     assert "model_name_or_path:" in printed
 
 
+def test_help_names_every_command_and_how_to_run_it(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--help"])
+    assert exit_info.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert shown.startswith("usage: python -m qlora_lit ") and "{fit,validate,test,predict}" in shown
+    assert "generate, export, data-stats (python -m qlora_lit COMMAND --help)" in shown
+
+
 def test_tokenizer_follows_the_model():
     cli = cli_main(["--config", str(ROOT / "configs/demo.yaml"), "--model.model_name_or_path", "some/model"], run=False)
     assert cli.datamodule.tokenizer_name == "some/model"
