@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -27,6 +28,10 @@ from qlora_lit.model import (
     load_base_model,
 )
 from qlora_lit.optim import OptimizerArgs, build_optimizer, build_scheduler
+
+# Lightning tells every run that the module's on_before_batch_transfer is used although a DataModule is given: that is
+# the intent (the data module has none), so the line is only noise.
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 class QLoRAModule(L.LightningModule):
