@@ -37,9 +37,9 @@ def continue_newest_run(logger: Any) -> None:
         rank_zero_info(f"--ckpt_path last: continuing {newest.parent.parent} from {newest.name}")
         return
     version = args.version if isinstance(args.version, str) else f"version_{args.version}"
-    own = runs / version / "checkpoints" / "last.ckpt"
-    if not own.is_file() and newest is not None:
+    own = runs / version / "checkpoints"
+    if newest is not None and not any(own.glob("last*.ckpt")):
         rank_zero_warn(
-            f"--ckpt_path last: {own} does not exist, so training starts at step 0 in {own.parent.parent}; "
+            f"--ckpt_path last: {own} has no last.ckpt, so training starts at step 0 in {own.parent}; "
             f"to continue the newest earlier run instead, pass --ckpt_path {newest}"
         )

@@ -51,7 +51,7 @@ def test_with_no_checkpoint_anywhere_training_starts_over_with_a_warning(tmp_pat
 def test_a_fixed_version_is_kept_and_an_earlier_runs_checkpoint_is_named(tmp_path):
     earlier = save_last(tmp_path / "demo" / "slurm-41", 1_000)
     logger = logger_config(tmp_path, version="slurm-42")
-    with pytest.warns(UserWarning, match=f"slurm-42.*does not exist.*--ckpt_path {earlier}"):
+    with pytest.warns(UserWarning, match=f"slurm-42/checkpoints has no last.ckpt.*--ckpt_path {earlier}"):
         continue_newest_run(logger)
     assert logger.init_args.version == "slurm-42"
 
