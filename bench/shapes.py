@@ -13,7 +13,9 @@ saved once with `save_pretrained`, and every system then loads the same weights 
 
 The data are token ids (see data.py), so no real tokenizer is needed; `make_tokenizer` builds a
 stand-in with Llama 3's special-token ids (BOS 128000, EOS 128001, no pad token) for the APIs that
-insist on one (`tokenizer.pad`, TRL's `processing_class`). It is saved beside the weights.
+insist on one (`tokenizer.pad`, TRL's `processing_class`), and the words t1 ... t127999 as ids 1 ...
+127999, so text made of them (scaling.py's data for the CLI) tokenizes one word to one token. It is
+saved beside the weights.
 """
 
 from __future__ import annotations
@@ -131,13 +133,14 @@ def n_params(shape: str) -> dict[str, int]:
 
 
 def make_tokenizer():
-    """A stand-in tokenizer: only the special ids matter (data are token ids already)."""
+    """A stand-in tokenizer: Llama 3's special ids, and one token per word `t<id>` (anything else is <unk>, id 0)."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<|begin_of_text|>": BOS_ID, "<|end_of_text|>": EOS_ID}
+    vocab = {"<unk>": 0, **{f"t{i}": i for i in range(1, FIRST_SPECIAL_ID)}}
+    vocab.update({"<|begin_of_text|>": BOS_ID, "<|end_of_text|>": EOS_ID})
     tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = WhitespaceSplit()
     tok = PreTrainedTokenizerFast(
