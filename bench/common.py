@@ -252,7 +252,7 @@ def result_line(system, variant, shape, max_length, timer_res, device, settings,
             "peak_tflops": peak_tflops,
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **_versions(),
+            **versions(),
         },
         "step_times_s": timer_res["step_times_s"],
         "step_tokens": timer_res["step_tokens"],
@@ -264,7 +264,7 @@ def result_line(system, variant, shape, max_length, timer_res, device, settings,
     return out
 
 
-def _versions() -> dict:
+def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     v = {}

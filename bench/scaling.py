@@ -92,7 +92,9 @@ def measured(run: Path, window: int) -> dict:
     events.Reload()
     tags = set(events.Tags()["scalars"])
     series = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in SERIES if tag in tags}
-    steps = sorted(step for step in series["throughput/tokens_per_s"] if step > window)
+    steps = sorted(step for step in series.get("throughput/tokens_per_s", {}) if step > window)
+    if not steps:
+        raise SystemExit(f"{run} logged no throughput after step {window} (did the fit train past its first window?)")
     seconds = [series["throughput/step_time_s"][step] * window for step in steps]
     total = sum(seconds)
 
@@ -124,8 +126,10 @@ def main() -> None:
     p.add_argument("--cli_args", default="", help="more overrides for every fit, as one string")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     a = p.parse_args()
-    if any(n < 1 for n in a.devices):
-        p.error(f"--devices must be positive, got {a.devices}")
+    for name in ("devices", "window", "windows"):
+        values = getattr(a, name) if name == "devices" else [getattr(a, name)]
+        if any(value < 1 for value in values):
+            p.error(f"--{name} must be at least 1, got {getattr(a, name)}")
     model_dir = shapes.build_model_dir(a.shape, common.default_model_dir(a.shape), a.model_device)
     shapes.make_tokenizer().save_pretrained(model_dir)  # a folder built before the word tokens existed gets them
     data_file = Path(a.work_dir) / f"text-n{a.n_examples}-l{a.max_length}.jsonl"
@@ -155,7 +159,7 @@ def main() -> None:
             "env": {
                 "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                **common._versions(),
+                **common.versions(),
             },
         }
         common.emit(line, a.out)
