@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PeftModel
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from qlora_lit import attention
 from qlora_lit.errors import ConfigError, TrainingError
@@ -295,6 +296,17 @@ class QLoRAModule(L.LightningModule):
         optimizer = build_optimizer(trainable, self.optimizer_args)
         scheduler = build_scheduler(optimizer, self.optimizer_args, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        root = self.trainer.model
+        if gradient_clip_val and gradient_clip_algorithm != "value" and isinstance(root, FullyShardedDataParallel):
+            # Lightning's FSDP precision refuses to clip by norm: the norm spans every rank's shard, and only the
+            # root FSDP module computes it (its clip_grad_norm_ all-reduces the shards' squares).
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def trainable_keys(self) -> set[str]:
         """Names of the trained tensors as state dicts spell them (FSDP's wrapper prefix removed)."""

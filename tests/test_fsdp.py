@@ -150,3 +150,23 @@ def test_fsdp_fit_saves_whole_adapters_and_resumes_like_the_uninterrupted_run(tm
     resumed = fsdp_fit(tmp_path / "resumed", "--trainer.max_steps", "4", "--ckpt_path", str(ckpt))
     for key, value in checkpoint_at(resumed, 4)["state_dict"].items():
         torch.testing.assert_close(value, final["state_dict"][key], rtol=0, atol=0, msg=key)
+
+
+def logged(run: Path, tag: str) -> dict[int, float]:
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+@pytest.mark.slow
+def test_fsdp_clips_by_norm_and_logs_the_norm_over_every_shard(tmp_path):
+    """base.yaml clips the gradient norm, which Lightning's FSDP precision refuses; under qlora_lit's FSDP the root
+    module clips it, and train/grad_norm is the norm of the whole gradient, as two DDP ranks see it in the first step
+    (same weights, same batches), not rank 0's shard."""
+    steps = ["--trainer.max_steps", "1", "--trainer.log_every_n_steps", "1", "--trainer.gradient_clip_val", "0.5"]
+    steps += ["--samples.prompts", "[]"]
+    (sharded,) = logged(fsdp_fit(tmp_path / "fsdp", *steps), "train/grad_norm").values()
+    ddp = ["--config", FSDP_CONFIG, *CPU_FSDP, "--trainer.strategy", "ddp", *steps]  # fsdp.yaml's dtypes, no FSDP
+    (replicated,) = logged(fit_in_subprocess(tmp_path / "ddp", *ddp), "train/grad_norm").values()
+    assert replicated > 0.5  # so the clipping acts
+    assert sharded == pytest.approx(replicated, rel=0.01)
