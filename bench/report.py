@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 KEEP = ("system", "variant", "model", "max_length", "tokens_per_s", "peak_mem_gib", "mfu", "settings")
-EXTRA = ("steps_timed", "examples_per_step")  # not in issue 7's JSON shape, kept for reading the runs
+EXTRA = ("steps_timed", "examples_per_step", "devices")  # not in issue 7's JSON shape, kept for reading the runs
 
 
 def load_runs(paths: list[str]) -> list[dict]:
