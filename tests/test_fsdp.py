@@ -108,9 +108,18 @@ def fsdp_fit(folder: Path, *args: str) -> Path:
     return fit_in_subprocess(folder, "--config", FSDP_CONFIG, *CPU_FSDP, *args, entry=(str(FSDP_CPU),))
 
 
+# base.yaml's norm clipping (tighter, so that it acts on the tiny model), the gradient norm logged every step.
+CLIPPED = ["--trainer.gradient_clip_val", "0.5", "--trainer.log_every_n_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> Path:
+    return fsdp_fit(tmp_path_factory.mktemp("fsdp") / "full", "--trainer.max_steps", "4", *CLIPPED)
+
+
 @pytest.mark.slow
-def test_fsdp_fit_saves_whole_adapters_and_resumes_like_the_uninterrupted_run(tmp_path):
-    run = fsdp_fit(tmp_path / "full", "--trainer.max_steps", "4")
+def test_fsdp_fit_saves_whole_adapters_and_resumes_like_the_uninterrupted_run(fsdp_run, tmp_path):
+    run = fsdp_run
     reference = tiny_module("bfloat16", lora=LoraArgs(r=RANK, alpha=16))  # the same adapters, unsharded
     shapes = {name: param.shape for name, param in reference.named_parameters() if param.requires_grad}
 
@@ -147,26 +156,23 @@ def test_fsdp_fit_saves_whole_adapters_and_resumes_like_the_uninterrupted_run(tm
     # Resumed from step 2 (weights, 8-bit optimizer shards, scheduler, data position, each rank's random stream):
     # it ends exactly where the uninterrupted run ended.
     ckpt = next((run / "checkpoints").glob("step000002-*.ckpt"))
-    resumed = fsdp_fit(tmp_path / "resumed", "--trainer.max_steps", "4", "--ckpt_path", str(ckpt))
+    resumed = fsdp_fit(tmp_path / "resumed", "--trainer.max_steps", "4", *CLIPPED, "--ckpt_path", str(ckpt))
     for key, value in checkpoint_at(resumed, 4)["state_dict"].items():
         torch.testing.assert_close(value, final["state_dict"][key], rtol=0, atol=0, msg=key)
 
 
-def logged(run: Path, tag: str) -> dict[int, float]:
+def scalars(run: Path, tag: str) -> dict[int, float]:
     events = EventAccumulator(str(run))
     events.Reload()
     return {event.step: event.value for event in events.Scalars(tag)}
 
 
 @pytest.mark.slow
-def test_fsdp_clips_by_norm_and_logs_the_norm_over_every_shard(tmp_path):
+def test_fsdp_clips_by_norm_and_logs_the_norm_over_every_shard(fsdp_run, tmp_path):
     """base.yaml clips the gradient norm, which Lightning's FSDP precision refuses; under qlora_lit's FSDP the root
-    module clips it, and train/grad_norm is the norm of the whole gradient, as two DDP ranks see it in the first step
-    (same weights, same batches), not rank 0's shard."""
-    steps = ["--trainer.max_steps", "1", "--trainer.log_every_n_steps", "1", "--trainer.gradient_clip_val", "0.5"]
-    steps += ["--samples.prompts", "[]"]
-    (sharded,) = logged(fsdp_fit(tmp_path / "fsdp", *steps), "train/grad_norm").values()
-    ddp = ["--config", FSDP_CONFIG, *CPU_FSDP, "--trainer.strategy", "ddp", *steps]  # fsdp.yaml's dtypes, no FSDP
-    (replicated,) = logged(fit_in_subprocess(tmp_path / "ddp", *ddp), "train/grad_norm").values()
+    module clips it (the run above trained), and train/grad_norm is the norm of the whole gradient, as two DDP ranks
+    see it in the first step (same weights, same batches), not rank 0's shard."""
+    ddp = ["--config", FSDP_CONFIG, *CPU_FSDP, "--trainer.strategy", "ddp", "--trainer.max_steps", "1", *CLIPPED]
+    replicated = scalars(fit_in_subprocess(tmp_path / "ddp", *ddp), "train/grad_norm")[0]  # fsdp.yaml's dtypes
     assert replicated > 0.5  # so the clipping acts
-    assert sharded == pytest.approx(replicated, rel=0.01)
+    assert scalars(fsdp_run, "train/grad_norm")[0] == pytest.approx(replicated, rel=0.01)
