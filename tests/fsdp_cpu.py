@@ -5,8 +5,9 @@
 
 qlora_lit's strategy refuses CPUs (so does Lightning's FSDPStrategy), and Lightning hands torch's FSDP a device index
 of None, which torch reads as "find an accelerator", and Lightning's FSDP precision autocasts CUDA tensors only. This
-subclass wraps the module itself with `device_id=cpu` and autocasts on the CPU; everything else (mixed precision,
-checkpoints, optimizer state, resuming) is qlora_lit's and Lightning's own code.
+subclass wraps the module itself with `device_id=cpu`, autocasts on the CPU and leaves peft's input casts out as CUDA
+autocast does (below); everything else (mixed precision, checkpoints, optimizer state, resuming) is qlora_lit's and
+Lightning's own code.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
+from peft.tuners.lora import LoraLayer
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from qlora_lit.fsdp import QLoRAFSDPStrategy
@@ -34,6 +36,13 @@ class CPUFSDPStrategy(QLoRAFSDPStrategy):
         self.precision_plugin = CPUFSDPPrecision(self.precision_plugin.precision)
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        for layer in model.modules():
+            if isinstance(layer, LoraLayer):
+                # peft casts a 4-bit layer's input to the LoRA weights' dtype unless CUDA autocast is on (it asks
+                # torch.is_autocast_enabled(), which reads CUDA's). Under CPU autocast it would cast, to the sharded
+                # fp32 weights in the forward pass but to the gathered bf16 ones when checkpointing recomputes it:
+                # not how it runs on GPUs, and torch.utils.checkpoint refuses the changed dtype.
+                layer.cast_input_dtype_enabled = False
         wrapped = FullyShardedDataParallel(
             model,
             mixed_precision=self.mixed_precision_config,

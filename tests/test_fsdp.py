@@ -108,8 +108,10 @@ def fsdp_fit(folder: Path, *args: str) -> Path:
     return fit_in_subprocess(folder, "--config", FSDP_CONFIG, *CPU_FSDP, *args, entry=(str(FSDP_CPU),))
 
 
-# base.yaml's norm clipping (tighter, so that it acts on the tiny model), the gradient norm logged every step.
+# base.yaml's norm clipping (tighter, so that it acts on the tiny model), the gradient norm logged every step, and
+# recomputed activations (lowmem.yaml) inside the FSDP units.
 CLIPPED = ["--trainer.gradient_clip_val", "0.5", "--trainer.log_every_n_steps", "1"]
+CLIPPED += ["--model.gradient_checkpointing", "true"]
 
 
 @pytest.fixture(scope="module")
