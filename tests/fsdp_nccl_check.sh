@@ -6,6 +6,7 @@
 # (bench/scaling.py leaves a random-init 8B shape in bench/.cache/models/llama-3.1-8b and data in
 # bench/.cache/scaling/text-n16384-l512.jsonl.) Not a speed measurement: no compile, 6 steps.
 set -u
+[ $# -eq 3 ] || { echo "usage: bash tests/fsdp_nccl_check.sh OUT_DIR MODEL_DIR DATA.jsonl" >&2; exit 2; }
 OUT=$1 MODEL=$2 DATA=$3 WORK=${WORK:-/tmp/fsdp-nccl}; PYTHON=${PYTHON:-python}
 mkdir -p "$OUT"; rm -rf "$WORK"
 F="$PYTHON -m qlora_lit fit --config configs/base.yaml --config configs/fsdp.yaml --trainer.devices 2
@@ -21,7 +22,7 @@ echo "resumed rc $?"
 (cd tests && WORK=$WORK $PYTHON - <<'PY'
 import json, os, torch
 from pathlib import Path
-from runs import checkpoint_at
+from runs import checkpoint_at, peft_key
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -37,8 +38,7 @@ def distance(a, b):  # largest element, and the norm relative to how far steps 4
 
 report = {"gpus": torch.cuda.device_count(), "tensors": len(final), "dtypes": sorted({str(v.dtype) for v in final.values()}),
           "optimizer_shards": len(full["optimizer_states"][0].get("fsdp_rank_states", [])),
-          "exported_equals_checkpoint": all(torch.equal(exported[k.removeprefix("model.").replace(".default.", ".")], v)
-                                            for k, v in final.items()),
+          "exported_equals_checkpoint": all(torch.equal(exported[peft_key(k)], v) for k, v in final.items()),
           "again_vs_full": distance(checkpoint_at(work / "again", 6)["state_dict"], final),
           "resumed_vs_full": distance(checkpoint_at(work / "resumed", 6)["state_dict"], final)}
 for run in ("full", "again", "resumed"):

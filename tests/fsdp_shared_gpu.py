@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from runs import ROOT, checkpoint_at, fit_in_subprocess
+from runs import ROOT, checkpoint_at, fit_in_subprocess, peft_key
 
 from qlora_lit.fsdp import QLoRAFSDPStrategy
 
@@ -60,9 +60,7 @@ def check(out: Path, extra: list[str]) -> None:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "adapter_tensors": len(final),
         "dtypes": sorted({str(v.dtype) for v in final.values()}),
-        "exported_equals_checkpoint": all(
-            torch.equal(exported[k.removeprefix("model.").replace(".default.", ".")], v) for k, v in final.items()
-        ),
+        "exported_equals_checkpoint": all(torch.equal(exported[peft_key(k)], v) for k, v in final.items()),
         "optimizer_shards": len(checkpoint_at(full, 6)["optimizer_states"][0].get("fsdp_rank_states", [])),
         "resumed_max_abs_diff": max((resumed["state_dict"][k] - v).abs().max().item() for k, v in final.items()),
         "moved_steps_4_to_6_max_abs": moved,

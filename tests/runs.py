@@ -39,3 +39,8 @@ def checkpoint_at(run: Path, step: int) -> dict:
     """The checkpoint a run saved at `step` (qlora_lit's file names start with the step), loaded onto the CPU."""
     (path,) = (run / "checkpoints").glob(f"step{step:06d}-*.ckpt")
     return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def peft_key(checkpoint_key: str) -> str:
+    """A checkpoint's adapter key (`model.` prefix, the adapter's name) as PEFT's adapter file spells it."""
+    return checkpoint_key.removeprefix("model.").replace(".default.", ".")

@@ -14,6 +14,7 @@ from conftest import TINY_MODEL, checkpoint_at, fit_in_subprocess
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
 from peft import PeftModel
+from runs import peft_key
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -137,8 +138,7 @@ def test_fsdp_fit_saves_whole_adapters_and_resumes_like_the_uninterrupted_run(fs
     exported = load_file(run / "adapter" / "adapter_model.safetensors")
     assert len(exported) == len(shapes)
     for key, value in final["state_dict"].items():
-        peft_key = key.removeprefix("model.").replace(".default.", ".")
-        torch.testing.assert_close(exported[peft_key], value, rtol=0, atol=0)
+        torch.testing.assert_close(exported[peft_key(key)], value, rtol=0, atol=0)
     base = load_base_model(TINY_MODEL, QuantizationArgs(compute_dtype="bfloat16"))
     loaded = PeftModel.from_pretrained(base, run / "adapter")
     for name, param in loaded.named_parameters():
