@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
@@ -116,7 +117,7 @@ def load_base_model(
     check_attn_implementation(attn_implementation)
     path = resolve_asset(name_or_path)
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path,
             quantization_config=quantization.to_bnb_config(),
             dtype=to_dtype(quantization.compute_dtype),
@@ -130,6 +131,23 @@ def load_base_model(
         if attn_implementation == "sdpa":
             raise
         raise ConfigError(f"model.attn_implementation={attn_implementation} cannot be used here: {err}") from err
+    keep_training_layout(model)
+    return model
+
+
+def keep_training_layout(model: torch.nn.Module) -> int:
+    """Keep every 4-bit layer in the one layout that training computes with, whatever the CPU; returns how many.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) converts a `Linear4bit`'s weight in place to a CPU inference layout
+    (absmax in bf16, double quantization undone) at its first forward in eval mode without grad (a validation, a
+    sample, generation) and keeps it: the frozen base then computes other logits (about 0.1 apart on the tiny model),
+    and training forwards through a converted layer pass no gradient to its input. With the flag off, such a CPU
+    computes exactly what every other CPU does.
+    """
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def check_attn_implementation(attn_implementation: str) -> None:

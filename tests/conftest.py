@@ -97,3 +97,25 @@ class NoHostWaits(TorchDispatchMode):
         assert str(func.overloadpacket) not in self.WAITS, f"{func} would make the host wait for the GPU"
         self.ops += 1
         return func(*args, **(kwargs or {}))
+
+
+def plain_peft(adapter: Path, quantization=None):
+    """The adapter on its base in plain transformers + PEFT, in eval mode, as a user loads it (4-bit when
+    `quantization` is given). bitsandbytes' CPU inference layout stays off, as qlora_lit keeps it: on a CPU with
+    AVX512-BF16 an eval forward would otherwise compute through bf16 scales, logits about 0.1 away from what training
+    computed, which is a property of that CPU's kernel, not of the adapter."""
+    import bitsandbytes as bnb
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora_lit.assets import resolve_asset
+
+    bnb_config = {"quantization_config": quantization.to_bnb_config()} if quantization else {}
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_asset(TINY_MODEL), dtype=torch.float32, device_map="cpu", **bnb_config
+    )
+    for layer in base.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = False
+    return PeftModel.from_pretrained(base, adapter).eval()

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, plain_peft
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -98,13 +98,7 @@ def test_adapter_round_trip_generate_and_plain_peft_have_the_trained_logits(trai
     _, module = trained_run
     batch = left_pad(tokenizer, encode_prompts(tokenizer, ROWS))
     loaded, _, _ = load_for_generation(adapter, quantize="4bit", dtype="fp32")
-    base = AutoModelForCausalLM.from_pretrained(
-        resolve_asset(TINY_MODEL),
-        quantization_config=QuantizationArgs(compute_dtype="float32").to_bnb_config(),
-        dtype=torch.float32,
-        device_map="cpu",
-    )
-    plain = PeftModel.from_pretrained(base, adapter).eval()
+    plain = plain_peft(adapter, QuantizationArgs(compute_dtype="float32"))
     with torch.no_grad():
         expected = module(batch["input_ids"], batch["attention_mask"]).logits
         for model in (loaded, plain):

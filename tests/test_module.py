@@ -10,10 +10,8 @@ import bitsandbytes as bnb
 import lightning as L
 import pytest
 import torch
-from conftest import SAMPLE_DATA, TINY_MODEL, cpu_trainer
+from conftest import SAMPLE_DATA, TINY_MODEL, cpu_trainer, plain_peft
 from lightning.pytorch.callbacks import ModelCheckpoint
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
 import qlora_lit.module
 from qlora_lit.assets import resolve_asset
@@ -125,10 +123,7 @@ def test_adapter_loads_in_plain_peft_with_the_same_logits(trained, datamodule):
     root, trainer, module = trained
     adapter = root / "run" / "version_0" / "adapter"
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {p.name for p in adapter.iterdir()}
-    base = AutoModelForCausalLM.from_pretrained(
-        resolve_asset(TINY_MODEL), quantization_config=FP32.to_bnb_config(), dtype=torch.float32, device_map="cpu"
-    )
-    plain = PeftModel.from_pretrained(base, adapter).eval()
+    plain = plain_peft(adapter, FP32)
     batch = next(iter(datamodule.val_dataloader()))
     module.model.eval()
     with torch.no_grad():
