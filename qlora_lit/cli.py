@@ -11,7 +11,7 @@ import inspect
 import sys
 from typing import Any
 
-from jsonargparse import ArgumentParser, auto_cli
+from jsonargparse import auto_cli
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
@@ -138,13 +138,10 @@ def run_plain_command(name: str, args: list[str]) -> Any:
     module_name, function_name = PLAIN_COMMANDS[name].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
     prog = f"python -m qlora_lit {name}"
-    if "config" not in inspect.signature(function).parameters:
-        # as_positional=False: required arguments are `--name value` options too, like everything else on this CLI.
-        return auto_cli(function, args=args, prog=prog, as_positional=False)
-    # auto_cli drops a function's own `config` argument (jsonargparse 4.53 pops it as its config-file option)
-    parser = ArgumentParser(prog=prog, description=inspect.getdoc(function).split("\n\n")[0])
-    parser.add_function_arguments(function, as_positional=False)
-    return function(**parser.instantiate(parser.parse_args(args)).as_dict())
+    if list(inspect.signature(function).parameters) == ["argv", "prog"]:  # reads fit's config itself (data-stats)
+        return function(args, prog)
+    # as_positional=False: required arguments are `--name value` options too, like everything else on this CLI.
+    return auto_cli(function, args=args, prog=prog, as_positional=False, allow_abbrev=False)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
@@ -166,7 +163,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
             save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
-            parser_kwargs={"prog": "python -m qlora_lit", "description": DESCRIPTION},
+            parser_kwargs={"prog": "python -m qlora_lit", "description": DESCRIPTION, "allow_abbrev": False},
             args=args,
             run=run,
         )

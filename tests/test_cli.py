@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning.fabric.accelerators.cuda
 import pytest
 import torch
-from conftest import shown_by_tensorboard
+from conftest import DEMO_CONFIG, TINY_MODEL, shown_by_tensorboard
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qlora_lit.cli import cli_main
@@ -224,7 +224,7 @@ def test_demo_fit_on_gpu_adds_mfu_and_memory(tmp_path):
 
 
 def test_data_stats_command_reads_the_fit_config(capsys):
-    report = cli_main(["data-stats", "--config", str(ROOT / "configs/demo.yaml"), "--group_by_length", "true"])
+    report = cli_main(["data-stats", "--config", str(ROOT / "configs/demo.yaml"), "--data.group_by_length", "true"])
     printed = capsys.readouterr().out
     for line in ("rows read", "duplicates dropped", "longer than max_length=256", "tokens", "prompt", "response"):
         assert line in printed
@@ -233,14 +233,45 @@ def test_data_stats_command_reads_the_fit_config(capsys):
     assert lengths["prompt"]["p50"] < lengths["total"]["p50"] <= lengths["total"]["max"]
     assert 0 < report["overlong_share"] < 0.1
     assert report["padding_configured"] < report["padding_random"] / 2  # grouped by length vs plain random
-    packed = cli_main(["data-stats", "--config", str(ROOT / "configs/demo.yaml"), "--pack_length", "1024"])
+    packed = cli_main(["data-stats", "--config", str(ROOT / "configs/demo.yaml"), "--data.pack_length", "1024"])
     assert packed["padding_configured"] < 0.05 < packed["padding_random"]
 
 
-def test_data_stats_command_names_unknown_settings(tmp_path, capsys):
+def test_data_stats_takes_fit_configs_layered_and_the_data_overrides_of_fit(tmp_path, capsys):
+    """base.yaml names hub ids; layered with lowmem.yaml and overridden as `fit` would be, it runs offline."""
+    rows = [{"instruction": f"질문 {i}", "output": f"답 {i}"} for i in range(40)]
+    data_file = tmp_path / "my.jsonl"
+    data_file.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows), encoding="utf-8")
+    args = ["data-stats", "--config", str(ROOT / "configs/base.yaml"), f"--config={ROOT / 'configs/lowmem.yaml'}"]
+    args += ["--data.path", str(data_file), "--data.tokenizer", TINY_MODEL, "--data.max_length", "64"]
+    report = cli_main(args)
+    assert report["rows_read"] == 40 and report["duplicates_dropped"] == 0
+    assert f"data {data_file} | tokenizer {TINY_MODEL}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "is a folder"),
+        ("data: [\n", "is not valid YAML"),
+        ("- data\n- model\n", "must hold a mapping of sections"),
+    ],
+)
+def test_data_stats_names_a_config_it_cannot_read(tmp_path, capsys, content, message):
     config = tmp_path / "fit.yaml"
-    config.write_text("model:\n  model_name_or_path: builtin:tiny-llama\ndata:\n  path: x.jsonl\n  max_len: 5\n")
+    if content is None:
+        config.mkdir()
+    else:
+        config.write_text(content)
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["data-stats", "--config", str(config)])
     assert exit_info.value.code == 2
-    assert "unknown data settings ['max_len']" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def test_an_abbreviated_option_is_refused_not_taken_for_a_longer_one(capsys):
+    """argparse would read --data.max_len as --data.max_length: a typo must not set another key."""
+    for command in ("fit", "data-stats"):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--config", DEMO_CONFIG, "--data.max_len", "5"])
+        assert "unrecognized arguments: --data.max_len" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from jsonargparse import ArgumentParser
 
 from qlora_lit.data.datamodule import KoAlpacaDataModule
 from qlora_lit.data.sampler import EpochBatchSampler
@@ -22,44 +23,61 @@ from qlora_lit.errors import ConfigError
 PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99, "max": 100}
 
 
-def data_stats(
-    config: str,
-    max_length: int | None = None,
-    batch_size: int | None = None,
-    group_by_length: bool | None = None,
-    pack_length: int | None = None,
-) -> dict:
-    """Print token statistics of the training data of a fit config.
+def data_stats(argv: list[str], prog: str = "python -m qlora_lit data-stats") -> dict:
+    """Print token statistics of the training data of a fit config; the same `--data.*` overrides as `fit` apply.
 
-    Args:
-        config: the YAML file given to `fit` (its `data:` section and `model.model_name_or_path` are used).
-        max_length: try another `data.max_length` than the config's.
-        batch_size: try another `data.batch_size`.
-        group_by_length: try another `data.group_by_length`.
-        pack_length: try another `data.pack_length` (0: no packing).
+        python -m qlora_lit data-stats --config configs/base.yaml [--config more.yaml] [--data.max_length 1024 ...]
+
+    Returns the report (what is printed, as a dict).
     """
-    overrides = {"max_length": max_length, "batch_size": batch_size, "group_by_length": group_by_length}
-    overrides["pack_length"] = pack_length
-    data = datamodule_from_config(config, {key: value for key, value in overrides.items() if value is not None})
+    parser = ArgumentParser(prog=prog, description=inspect.getdoc(data_stats).split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--config", action="append", required=True, help="the YAML file(s) given to fit, in order")
+    parser.add_class_arguments(KoAlpacaDataModule, "data")
+    parser.set_defaults({f"data.{key}": value for key, value in fit_data_settings(config_files(argv)).items()})
+    data = parser.instantiate_classes(parser.parse_args(argv)).data
     data.setup()
     report = collect(data)
     print(format_report(data, report))
     return report
 
 
-def datamodule_from_config(config: str, overrides: dict) -> KoAlpacaDataModule:
-    try:
-        settings = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {config!r} does not exist") from None
-    data = _init_args(settings.get("data"))
-    model_name = _init_args(settings.get("model")).get("model_name_or_path")
-    if model_name:
-        data["tokenizer"] = model_name  # as `fit` links them
+def config_files(argv: list[str]) -> list[str]:
+    """The values of every `--config FILE` (or `--config=FILE`) in a command line, in order."""
+    files = []
+    for flag, value in zip(argv, [*argv[1:], None], strict=True):
+        if flag == "--config" and value is not None:
+            files.append(value)
+        elif flag.startswith("--config="):
+            files.append(flag.removeprefix("--config="))
+    return files
+
+
+def fit_data_settings(configs: list[str]) -> dict:
+    """The `data:` settings of fit configs (later files win), with the tokenizer linked to the model as `fit` does."""
+    data: dict = {}
+    for config in configs:
+        settings = read_config(config)
+        data.update(_init_args(settings.get("data")))
+        model_name = _init_args(settings.get("model")).get("model_name_or_path")
+        if model_name:
+            data["tokenizer"] = model_name
     unknown = sorted(set(data) - set(inspect.signature(KoAlpacaDataModule).parameters))
     if unknown:
-        raise ConfigError(f"{config}: unknown data settings {unknown}")
-    return KoAlpacaDataModule(**{**data, **overrides})
+        raise ConfigError(f"{', '.join(configs)}: unknown data settings {unknown}")
+    return data
+
+
+def read_config(config: str) -> dict:
+    path = Path(config).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file {config!r} {'is a folder' if path.is_dir() else 'does not exist'}")
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {config!r} is not valid YAML: {err}") from None
+    if not isinstance(settings, dict | None):
+        raise ConfigError(f"config file {config!r} must hold a mapping of sections (data:, model:, ...)")
+    return settings or {}
 
 
 def _init_args(section: dict | None) -> dict:
