@@ -80,9 +80,13 @@ def generate_texts(
     args: GenerationArgs,
     streamer: TextStreamer | None = None,
 ) -> list[str]:
-    """Answers to a batch of left-padded prompts: the new tokens only, decoded, up to the EOS."""
+    """Answers to a batch of left-padded prompts: the new tokens only, decoded, up to the EOS.
+
+    Compiled decoder layers run eagerly here: compiled for training's shapes, they would recompile for every
+    prompt length and KV-cache size (and hit dynamo's recompile limit) for a few forward passes.
+    """
     input_ids = batch["input_ids"].to(model.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
         output = model.generate(
             input_ids=input_ids,
             attention_mask=batch["attention_mask"].to(model.device),

@@ -5,21 +5,24 @@ No Lightning here: `build_qlora_model` is plain transformers + bitsandbytes + pe
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from qlora_lit import attention  # noqa: F401 - registers attn_implementation "varlen" with transformers
 from qlora_lit.assets import resolve_asset
+from qlora_lit.data.datamodule import default_cache_dir
 from qlora_lit.errors import ConfigError, not_found_message
+from qlora_lit.preflight import choose_attention, expert_parameters, model_config
 
 DTypeName = Literal["bfloat16", "float16", "float32"]
-AttnImplementation = Literal["sdpa", "eager", "varlen", "flash_attention_2", "flex_attention"]
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "varlen", "flash_attention_2", "flex_attention")
+AttnImplementation = Literal["auto", "sdpa", "eager", "varlen", "flash_attention_2", "flex_attention"]
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen", "flash_attention_2", "flex_attention")
 
 
 def to_dtype(name: str) -> torch.dtype:
@@ -107,15 +110,18 @@ def load_base_model(
     quantization: QuantizationArgs,
     device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
-    attn_implementation: AttnImplementation = "sdpa",
+    attn_implementation: AttnImplementation = "auto",
 ) -> PreTrainedModel:
     """Load the base causal LM onto one device, quantized if asked (never `device_map="auto"`: it breaks DDP).
 
-    `attn_implementation`: every one of them keeps packed examples apart (see data/packing.py); on a GPU,
-    flash_attention_2 (needs the flash-attn package) or flex_attention are the fast ones for packed rows.
+    `attn_implementation`: every one of them keeps packed examples apart (see data/packing.py); `auto` takes the
+    fastest that computes this architecture exactly on `device` (qlora_lit/preflight.py).
     """
     check_attn_implementation(attn_implementation)
     path = resolve_asset(name_or_path)
+    if attn_implementation == "auto":
+        config = model_config(name_or_path, trust_remote_code)
+        attn_implementation = choose_attention("auto", config, torch.device(device))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -128,9 +134,11 @@ def load_base_model(
     except OSError as err:
         raise ConfigError(not_found_message("model", name_or_path, err)) from err
     except (ImportError, ValueError) as err:  # transformers' "attention implementation not available here"
-        if attn_implementation == "sdpa":
+        if "attn_implementation" not in str(err) and "attention" not in str(err):
             raise
-        raise ConfigError(f"model.attn_implementation={attn_implementation} cannot be used here: {err}") from err
+        raise ConfigError(
+            f"model.attn_implementation={attn_implementation} cannot be used here: {err} (auto chooses one that can)"
+        ) from err
     keep_training_layout(model)
     return model
 
@@ -157,9 +165,14 @@ def check_attn_implementation(attn_implementation: str) -> None:
         )
 
 
-def linear_layer_names(model: torch.nn.Module) -> list[str]:
-    """Short names of the linear layers LoRA can adapt (bitsandbytes layers subclass nn.Linear)."""
-    linear = (name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear))
+def linear_layer_names(model: torch.nn.Module, with_head: bool = True) -> list[str]:
+    """Short names of the linear layers LoRA can adapt (bitsandbytes layers subclass nn.Linear); `with_head=False`
+    leaves the output head out, as all-linear does."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = None if with_head or get_head is None else get_head()
+    linear = (
+        name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and module is not head
+    )
     return sorted({name.rsplit(".", 1)[-1] for name in linear})
 
 
@@ -168,20 +181,39 @@ def check_target_modules(model: torch.nn.Module, lora: LoraArgs) -> None:
         return
     available = linear_layer_names(model)
     missing = [name for name in lora.target_modules if name not in available]
-    if missing:
-        raise ConfigError(f"lora.target_modules {missing} are not linear layers of this model; it has {available}")
+    if not missing:
+        return
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    advice = f"this {model_type} model has the linear layers {linear_layer_names(model, False)} (or use all-linear)"
+    if expert_parameters(model):
+        advice += (
+            "; its experts are fused tensors, not linear layers: all-linear with lora.dropout 0 adapts them too "
+            "(peft's target_parameters), the attention projections alone leave them frozen"
+        )
+    raise ConfigError(f"lora.target_modules {missing} are not linear layers of this model: {advice}")
+
+
+def empty_model(config, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model without weights (meta device): its module tree and shapes, in about a second even at 70B."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def count_lora_parameters(name_or_path: str, lora: LoraArgs, trust_remote_code: bool = False) -> int:
-    """Trainable parameters LoRA gives this model, counted on an empty copy (meta device): no weights are read."""
-    try:
-        config = AutoConfig.from_pretrained(resolve_asset(name_or_path), trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise ConfigError(not_found_message("model", name_or_path, err)) from err
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    """Trainable parameters LoRA gives this model, counted on an empty copy (meta device): no weights are read.
+    Settings peft cannot apply to this architecture stop here, before anything is loaded."""
+    model = empty_model(model_config(name_or_path, trust_remote_code), trust_remote_code)
     check_target_modules(model, lora)
-    return get_peft_model(model, lora.to_peft_config()).get_nb_trainable_parameters()[0]
+    try:
+        return get_peft_model(model, lora.to_peft_config()).get_nb_trainable_parameters()[0]
+    except ValueError as err:
+        if "lora_dropout" in str(err):  # peft's ParamWrapper: LoRA on fused expert tensors
+            raise ConfigError(
+                f"lora: {err}. The mixture-of-experts weights of {name_or_path!r} are fused tensors, which peft adapts "
+                "only without dropout: set lora.dropout 0, or list the attention projections alone in "
+                "lora.target_modules (the experts then stay frozen)"
+            ) from err
+        raise ConfigError(f"lora settings cannot be applied to {name_or_path!r}: {err}") from err
 
 
 def attach_lora(
@@ -221,7 +253,12 @@ def attach_lora(
 
 def compile_decoder_layers(model: PeftModel) -> None:
     """torch.compile every decoder layer in place (regional compilation: the layers share one compiled graph, and
-    parameter names stay as they are). Shapes are dynamic: batches differ in length."""
+    parameter names stay as they are). Shapes are dynamic: batches differ in length.
+
+    The compiled code is cached under the qlora_lit cache (torch's default is /tmp, which cluster nodes empty
+    between jobs), so a resumed or repeated run loads it instead of compiling again; TORCHINDUCTOR_CACHE_DIR wins.
+    """
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "torchinductor"))
     base = model.get_base_model()
     layer_classes = set(getattr(base, "_no_split_modules", None) or [])
     layers = [module for module in base.modules() if type(module).__name__ in layer_classes]

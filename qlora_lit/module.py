@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -26,13 +25,18 @@ from qlora_lit.model import (
     attach_lora,
     check_attn_implementation,
     compile_decoder_layers,
+    count_lora_parameters,
     load_base_model,
+    to_dtype,
 )
 from qlora_lit.optim import OptimizerArgs, build_optimizer, build_scheduler
-
-# Lightning tells every run that the module's on_before_batch_transfer is used although a DataModule is given: that is
-# the intent (the data module has none), so the line is only noise.
-warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
+from qlora_lit.preflight import (
+    check_gpu_generation,
+    check_vocabulary,
+    choose_attention,
+    describe_experts,
+    model_config,
+)
 
 
 class QLoRAModule(L.LightningModule):
@@ -51,9 +55,11 @@ class QLoRAModule(L.LightningModule):
         loss_chunk_tokens: compute logits only at labelled positions, this many at a time, recomputed in backward
             (saves the largest activation with big vocabularies); 0 uses the model's own loss over full logits.
         generation: how `predict` decodes answers.
-        attn_implementation: attention kernel: sdpa (default, everywhere), eager, varlen (packed rows through torch's
+        attn_implementation: attention kernel: sdpa (everywhere), eager, varlen (packed rows through torch's
             variable-length flash kernel, no mask: the fast one for data.pack_length on a GPU), flash_attention_2
-            (needs the flash-attn package) or flex_attention.
+            (needs the flash-attn package), flex_attention, or auto: the fastest that computes this architecture
+            exactly on this device (varlen on Ampere and newer GPUs, sdpa elsewhere; eager for soft-capped
+            attention, Gemma 2), said at the start of the run.
         compile: torch.compile each decoder layer, fusing the element-wise work (norms, rotary embeddings,
             activation, LoRA dropout and scaling) between the matrix products. The first steps pay the compilation
             (about 2 minutes for an 8B model on an H200). GPUs only: ignored, with a message, on a CPU.
@@ -72,7 +78,7 @@ class QLoRAModule(L.LightningModule):
         trust_remote_code: bool = False,
         loss_chunk_tokens: int = 4096,
         generation: GenerationArgs = GenerationArgs(),  # noqa: B008
-        attn_implementation: AttnImplementation = "sdpa",
+        attn_implementation: AttnImplementation = "auto",
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         compile: bool = False,
     ) -> None:
@@ -132,22 +138,20 @@ class QLoRAModule(L.LightningModule):
                 f"trainer.precision={precision} casts the whole model, which 4/8-bit weights cannot take; "
                 "use bf16-mixed or 32-true (the 4-bit layers compute in quantization.compute_dtype either way)"
             )
-        if (
-            device.type == "cuda"
-            and not torch.cuda.is_bf16_supported()
-            and "bfloat16"
-            in (
-                self.quantization.compute_dtype,
-                "bfloat16" if precision.startswith("bf16") else "",
-            )
-        ):
-            raise ConfigError(
-                f"{torch.cuda.get_device_name(device)} has no bf16: set trainer.precision=16-mixed and "
-                "model.quantization.compute_dtype=float16"
-            )
+        check_gpu_generation(device, precision, self.quantization.compute_dtype)
+        config = model_config(self.model_name_or_path, self.trust_remote_code)
+        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is not None:
+            check_vocabulary(config, tokenizer, self.model_name_or_path)
+        count_lora_parameters(self.model_name_or_path, self.lora, self.trust_remote_code)  # targets, on meta
+        longest = getattr(getattr(self._trainer, "datamodule", None), "max_length", None)
+        self.attn_implementation = choose_attention(self.attn_implementation, config, device, longest)
         base = load_base_model(
             self.model_name_or_path, self.quantization, device, self.trust_remote_code, self.attn_implementation
         )
+        experts = describe_experts(base, config, to_dtype(self.quantization.compute_dtype))
+        if experts:
+            rank_zero_info(experts)
         self.model = attach_lora(base, self.lora, self.checkpointing_for(base, device), self.upcast_to_fp32)
         if self.compile and device.type == "cuda":
             compile_decoder_layers(self.model)

@@ -47,7 +47,8 @@ def greedy_answers(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    output = model.generate(**inputs, generation_config=greedy, synced_gpus=synced)
+    with torch.compiler.set_stance("force_eager"):  # see generate_texts: no recompiling of training's layers
+        output = model.generate(**inputs, generation_config=greedy, synced_gpus=synced)
     return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 

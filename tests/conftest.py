@@ -99,7 +99,7 @@ class NoHostWaits(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def plain_peft(adapter: Path, quantization=None):
+def plain_peft(adapter: Path, quantization=None, base_model: str = TINY_MODEL):
     """The adapter on its base in plain transformers + PEFT, in eval mode, as a user loads it (4-bit when
     `quantization` is given). bitsandbytes' CPU inference layout stays off, as qlora_lit keeps it: on a CPU with
     AVX512-BF16 an eval forward would otherwise compute through bf16 scales, logits about 0.1 away from what training
@@ -113,7 +113,7 @@ def plain_peft(adapter: Path, quantization=None):
 
     bnb_config = {"quantization_config": quantization.to_bnb_config()} if quantization else {}
     base = AutoModelForCausalLM.from_pretrained(
-        resolve_asset(TINY_MODEL), dtype=torch.float32, device_map="cpu", **bnb_config
+        resolve_asset(base_model), dtype=torch.float32, device_map="cpu", **bnb_config
     )
     for layer in base.modules():
         if isinstance(layer, bnb.nn.Linear4bit):

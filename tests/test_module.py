@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
-from unittest.mock import Mock
 
 import bitsandbytes as bnb
 import lightning as L
@@ -13,7 +11,6 @@ import torch
 from conftest import SAMPLE_DATA, TINY_MODEL, cpu_trainer, plain_peft
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-import qlora_lit.module
 from qlora_lit.assets import resolve_asset
 from qlora_lit.callbacks import AdapterExport
 from qlora_lit.data import KoAlpacaDataModule
@@ -146,35 +143,3 @@ def test_resuming_under_another_model_name_warns_and_still_checks_shapes(trained
     )
     with pytest.warns(UserWarning, match="resuming a checkpoint trained on 'builtin:tiny-llama'"):
         make_trainer(tmp_path, max_steps=4).fit(same_model_elsewhere, datamodule, ckpt_path=root / "ckpt" / "last.ckpt")
-
-
-def on_a_fake_gpu(module: QLoRAModule, precision: str, has_bf16: bool, monkeypatch) -> None:
-    """Attach `module` to a stand-in trainer on CUDA device 0, a GPU with or without bf16 (a V100 has none)."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: has_bf16)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: "Tesla V100-SXM2-16GB")
-    module.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), precision=precision)
-
-
-class ModelLoadReached(Exception):
-    """The checks passed and configure_model went on to load the base."""
-
-
-@pytest.mark.parametrize(
-    ("precision", "compute_dtype"), [("bf16-mixed", "float16"), ("16-mixed", "bfloat16"), ("32-true", "bfloat16")]
-)
-def test_bf16_on_a_gpu_without_it_is_refused_before_loading(precision, compute_dtype, monkeypatch):
-    module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype=compute_dtype))
-    on_a_fake_gpu(module, precision, has_bf16=False, monkeypatch=monkeypatch)
-    monkeypatch.setattr(qlora_lit.module, "load_base_model", Mock(side_effect=ModelLoadReached))
-    expected = "Tesla V100-SXM2-16GB has no bf16: set trainer.precision=16-mixed and model.quantization.compute_dtype"
-    with pytest.raises(ConfigError, match=expected):
-        module.configure_model()
-
-
-@pytest.mark.parametrize("has_bf16", [False, True])
-def test_float16_on_any_gpu_and_bf16_on_a_gpu_with_it_go_on_to_load(has_bf16, monkeypatch):
-    module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype="bfloat16" if has_bf16 else "float16"))
-    on_a_fake_gpu(module, "bf16-mixed" if has_bf16 else "16-mixed", has_bf16=has_bf16, monkeypatch=monkeypatch)
-    monkeypatch.setattr(qlora_lit.module, "load_base_model", Mock(side_effect=ModelLoadReached))
-    with pytest.raises(ModelLoadReached):
-        module.configure_model()

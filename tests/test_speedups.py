@@ -127,3 +127,24 @@ def test_auto_checkpointing_asks_the_gpu_and_the_data_and_stays_off_on_a_cpu(mon
         assert module.checkpointing_for(base, torch.device("cuda")) is expected
     monkeypatch.setattr(module, "micro_batch_tokens", lambda: None)
     assert module.checkpointing_for(base, torch.device("cuda")) is True  # nothing to judge by: the safe choice
+
+
+@pytest.mark.parametrize("window", [None, 32])
+def test_the_gpu_varlen_call_gets_half_precision_and_the_window(window, monkeypatch):
+    """The flash kernel takes fp16/bf16 only (GPT-NeoX's attention inputs are fp32) and the sliding window as
+    (window - 1, 0); the call is checked here with the kernel replaced, as no GPU runs the tests."""
+    import torch.nn.attention.varlen as varlen_module
+
+    from qlora_lit.attention import _kernel_varlen
+
+    seen = {}
+
+    def fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        seen.update(dtype=q.dtype, window_size=window_size, kv_heads=k.shape[1])
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", fake_varlen_attn)
+    q, k = torch.randn(10, 4, 8), torch.randn(10, 2, 8)
+    out = _kernel_varlen(q, k, k, torch.tensor([0, 6, 10], dtype=torch.int32), 6, None, window)
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    assert seen == {"dtype": torch.bfloat16, "window_size": (window - 1 if window else -1, 0), "kv_heads": 4}

@@ -1,0 +1,138 @@
+"""What a model's config says about the settings, checked before any weight is read.
+
+Architectures differ in what they need: Gemma 2 soft-caps its attention scores (sdpa and varlen cannot), some
+tokenizers have more tokens than the model has embedding rows, mixture-of-experts models keep their experts in fused
+tensors that bitsandbytes leaves unquantized, and GPUs before Ampere have neither bf16 nor flash attention. Each is
+found here from the config (and an empty copy of the model on the meta device), so a run stops in seconds with a
+message naming what to change, not minutes later in the middle of the sanity check.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from qlora_lit.assets import resolve_asset
+from qlora_lit.errors import ConfigError, not_found_message
+
+AMPERE = (8, 0)  # compute capability of the first GPUs with bf16 and flash attention (A100, RTX 30xx)
+PRE_AMPERE_OVERRIDES = "--trainer.precision 16-mixed --model.quantization.compute_dtype float16"
+
+
+def model_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(resolve_asset(name_or_path), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ConfigError(not_found_message("model", name_or_path, err)) from err
+
+
+def attention_softcap(config: PretrainedConfig) -> float | None:
+    """The cap on attention scores (tanh soft-capping) of architectures that have one (Gemma 2), else None."""
+    return getattr(config.get_text_config(), "attn_logit_softcapping", None) or None
+
+
+def sliding_window(config: PretrainedConfig) -> int | None:
+    """The attention window of the architecture's sliding layers (Mistral, Gemma 2/3, EXAONE 4), else None."""
+    text = config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window if window and getattr(text, "use_sliding_window", True) else None
+
+
+def varlen_has_window() -> bool:
+    """Whether this torch's varlen kernel takes a sliding window (torch 2.13 does; older ones are causal only)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "window_size" in inspect.signature(varlen_attn).parameters
+
+
+def gpu_capability(device: torch.device) -> tuple[int, int] | None:
+    return tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+
+
+def choose_attention(
+    requested: str, config: PretrainedConfig, device: torch.device, longest_example: int | None = None
+) -> str:
+    """`auto` becomes the fastest attention that computes this architecture exactly on this device (and says
+    which); an explicit choice that would compute another model, or cannot run here, is refused.
+    `longest_example`: data.max_length, which decides whether a sliding window can bind at all."""
+    softcap = attention_softcap(config)
+    capability = gpu_capability(device)
+    modern_gpu = capability is not None and capability >= AMPERE
+    window = sliding_window(config)
+    window_binds = window is not None and (longest_example is None or longest_example > window)
+    if requested == "auto" and modern_gpu and window_binds and not softcap and not varlen_has_window():
+        choice, why = "sdpa", f"its sliding window of {window} binds, and this torch's varlen kernel has none"
+        rank_zero_info(f"model.attn_implementation auto: {choice} for {config.model_type} ({why})")
+        return choice
+    if requested == "auto":
+        if softcap:  # flex_attention computes it too, but not inside compiled layers (torch 2.11's inductor fails)
+            choice, why = "eager", f"it soft-caps attention scores at {softcap}, which sdpa and varlen cannot"
+        elif modern_gpu:
+            choice, why = "varlen", "packed rows through the flash kernel; padded batches and generation take sdpa"
+        else:
+            choice, why = "sdpa", "no flash kernel on " + ("this GPU" if capability else device.type)
+        rank_zero_info(f"model.attn_implementation auto: {choice} for {config.model_type} ({why})")
+        return choice
+    if softcap and requested in ("sdpa", "varlen"):
+        raise ConfigError(
+            f"model.attn_implementation={requested} would train {config.model_type} without its attention "
+            f"soft-capping ({softcap}), a different model than the checkpoint's: use auto, eager or flex_attention"
+        )
+    if capability is not None and not modern_gpu and requested in ("varlen", "flash_attention_2", "flex_attention"):
+        raise ConfigError(
+            f"model.attn_implementation={requested} needs an Ampere or newer GPU; "
+            f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}: use auto "
+            "or sdpa"
+        )
+    return requested
+
+
+def check_gpu_generation(device: torch.device, precision: str, compute_dtype: str) -> None:
+    """GPUs before Ampere (V100, T4) have no bf16: base.yaml's bf16 settings stop here, naming the overrides.
+    (torch's `is_bf16_supported()` says yes on them: it counts emulation, which is slow and not what QLoRA asks.)"""
+    capability = gpu_capability(device)
+    if capability is None or capability >= AMPERE:
+        return
+    bf16 = [f"trainer.precision={precision}"] if precision.startswith("bf16") else []
+    bf16 += ["model.quantization.compute_dtype=bfloat16"] if compute_dtype == "bfloat16" else []
+    if bf16:
+        raise ConfigError(
+            f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]}) has no bf16, "
+            f"which {' and '.join(bf16)} need: add {PRE_AMPERE_OVERRIDES} (model.attn_implementation auto then "
+            "takes sdpa)"
+        )
+
+
+def check_vocabulary(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, model_name: str) -> None:
+    """A tokenizer with more tokens than the model's embedding matrix has rows fails at the first such token."""
+    rows = config.get_text_config().vocab_size
+    if rows is not None and len(tokenizer) > rows:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens, but {model_name!r} has embeddings for {rows}: token ids "
+            f"{rows} and above would fail in the middle of training. Use the model's own tokenizer (leave "
+            "data.tokenizer unset) or a model trained with this one"
+        )
+
+
+def expert_parameters(model: torch.nn.Module) -> int:
+    """Parameters of fused mixture-of-experts weights (3-D tensors of experts x out x in): bitsandbytes quantizes
+    linear layers only, so these stay in the compute dtype."""
+    return sum(param.numel() for param in model.parameters() if param.dim() == 3)
+
+
+def describe_experts(model: torch.nn.Module, config: PretrainedConfig, compute_dtype: torch.dtype) -> str | None:
+    """One line on what a mixture-of-experts model keeps unquantized and how much memory it takes, else None."""
+    count = expert_parameters(model)
+    if not count:
+        return None
+    size = count * torch.finfo(compute_dtype).bits / 8 / 2**30
+    return (
+        f"{config.model_type}: its experts are fused tensors that bitsandbytes does not quantize: {count:,} parameters "
+        f"({size:.2f} GiB) stay in {str(compute_dtype).removeprefix('torch.')}; only the other linear layers are 4-bit"
+    )

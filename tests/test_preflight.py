@@ -1,0 +1,156 @@
+"""Checks made before any weight is read: GPUs before Ampere, the attention each architecture and device can take,
+tokenizers larger than the embeddings, LoRA targets an architecture lacks, experts; generation never recompiles."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from unittest.mock import Mock
+
+import pytest
+import torch
+from conftest import TINY_MODEL
+from torch._dynamo.testing import CompileCounter
+from zoo import build_zoo_model
+
+import qlora_lit.module
+import qlora_lit.preflight
+from qlora_lit.assets import resolve_asset
+from qlora_lit.errors import ConfigError
+from qlora_lit.model import LoraArgs, QuantizationArgs
+from qlora_lit.module import QLoRAModule
+from qlora_lit.preflight import PRE_AMPERE_OVERRIDES, choose_attention, model_config
+from qlora_lit.samples import greedy_answers
+
+BASE_YAML_LORA = LoraArgs(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
+GPUS = {"Tesla V100-SXM2-16GB": (7, 0), "Tesla T4": (7, 5), "NVIDIA A100-SXM4-80GB": (8, 0), "NVIDIA H200": (9, 0)}
+
+
+class ModelLoadReached(Exception):
+    """The checks passed and configure_model went on to load the base."""
+
+
+def on_a_fake_gpu(module: QLoRAModule, gpu: str, precision: str, monkeypatch) -> Mock:
+    """Attach `module` to a stand-in trainer on CUDA device 0 of the kind `gpu`; returns the (stopped) loader."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: GPUS[gpu])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # what torch says on a T4
+    module.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), precision=precision)
+    loader = Mock(side_effect=ModelLoadReached)
+    monkeypatch.setattr(qlora_lit.module, "load_base_model", loader)
+    return loader
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("preflight_zoo")
+    return lambda name, **sizes: str(build_zoo_model(name, root / f"{name}{len(sizes)}", **sizes))
+
+
+@pytest.mark.parametrize("gpu", ["Tesla V100-SXM2-16GB", "Tesla T4"])
+def test_base_yaml_on_a_gpu_before_ampere_stops_before_loading_and_names_the_overrides(gpu, monkeypatch):
+    module = QLoRAModule(TINY_MODEL, QuantizationArgs(compute_dtype="bfloat16"), attn_implementation="auto")
+    loader = on_a_fake_gpu(module, gpu, "bf16-mixed", monkeypatch)
+    with pytest.raises(ConfigError) as error:
+        module.configure_model()
+    assert f"{gpu} (compute capability {GPUS[gpu][0]}.{GPUS[gpu][1]}) has no bf16" in str(error.value)
+    assert PRE_AMPERE_OVERRIDES in str(error.value)
+    assert "trainer.precision=bf16-mixed and model.quantization.compute_dtype=bfloat16" in str(error.value)
+    loader.assert_not_called()
+
+
+@pytest.mark.parametrize(("gpu", "attention"), [("Tesla T4", "sdpa"), ("NVIDIA A100-SXM4-80GB", "varlen")])
+def test_with_the_overrides_auto_takes_an_attention_the_gpu_has(gpu, attention, monkeypatch):
+    module = QLoRAModule(TINY_MODEL, QuantizationArgs(compute_dtype="float16"), attn_implementation="auto")
+    loader = on_a_fake_gpu(module, gpu, "16-mixed", monkeypatch)
+    with pytest.raises(ModelLoadReached):
+        module.configure_model()
+    assert loader.call_args.args[-1] == attention
+
+
+@pytest.mark.parametrize("attention", ["varlen", "flash_attention_2", "flex_attention"])
+def test_flash_kernels_on_a_gpu_before_ampere_are_refused(attention, monkeypatch):
+    module = QLoRAModule(TINY_MODEL, QuantizationArgs(compute_dtype="float16"), attn_implementation=attention)
+    on_a_fake_gpu(module, "Tesla T4", "16-mixed", monkeypatch)
+    with pytest.raises(ConfigError, match=f"attn_implementation={attention} needs an Ampere or newer GPU; Tesla T4"):
+        module.configure_model()
+
+
+def test_soft_capped_gemma2_takes_eager_attention_on_cpus_and_gpus(zoo, monkeypatch):
+    config = model_config(zoo("gemma2"))
+    assert choose_attention("auto", config, torch.device("cpu")) == "eager"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: (9, 0))
+    assert choose_attention("auto", config, torch.device("cuda", 0)) == "eager"
+    assert choose_attention("auto", model_config(zoo("mistral")), torch.device("cuda", 0)) == "varlen"
+
+
+def test_a_tokenizer_larger_than_the_embeddings_stops_before_loading(zoo, tokenizer):
+    """Qwen2's tokenizer class adds <|endoftext|> (id 2048) to the tiny Llama's 2048 tokens; it would be the pad
+    token, and the first padded batch would index past the embeddings."""
+    module = QLoRAModule(zoo("qwen2", vocab_size=2048), QuantizationArgs(compute_dtype="float32"))
+    from qlora_lit.data.datamodule import load_tokenizer
+
+    module.trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        precision="32-true",
+        datamodule=SimpleNamespace(tokenizer=load_tokenizer(module.model_name_or_path)),
+    )
+    with pytest.raises(ConfigError, match="the tokenizer has 2049 tokens, but .* has embeddings for 2048"):
+        module.configure_model()
+    assert module.model is None
+
+
+def configure_on_cpu(path: str, lora: LoraArgs) -> QLoRAModule:
+    module = QLoRAModule(path, QuantizationArgs(compute_dtype="float32"), lora)
+    module.configure_model()
+    return module
+
+
+def test_an_architecture_without_the_llama_projections_is_told_its_own_names(zoo):
+    with pytest.raises(ConfigError) as error:
+        configure_on_cpu(zoo("gpt_neox"), BASE_YAML_LORA)
+    message = str(error.value)
+    assert (
+        "this gpt_neox model has the linear layers ['dense', 'dense_4h_to_h', 'dense_h_to_4h', 'query_key_value']"
+        in message
+    )
+    assert "lm_head" not in message
+
+
+def test_moe_experts_need_dropout_0_and_are_described_when_trained(zoo, capsys, caplog):
+    path = zoo("qwen3_moe")
+    with pytest.raises(ConfigError, match="fused tensors, which peft adapts only without dropout: set lora.dropout 0"):
+        configure_on_cpu(path, LoraArgs(dropout=0.05))
+    with pytest.raises(ConfigError, match="its experts are fused tensors, not linear layers"):
+        configure_on_cpu(path, BASE_YAML_LORA)
+    module = configure_on_cpu(path, LoraArgs(dropout=0.0))
+    trained = [name for name, param in module.named_parameters() if param.requires_grad]
+    assert any("experts" in name for name in trained)
+    experts = sum(p.numel() for n, p in module.named_parameters() if "experts" in n and p.dim() == 3)
+    logged = capsys.readouterr().err + caplog.text
+    assert f"qwen3_moe: its experts are fused tensors that bitsandbytes does not quantize: {experts:,} parameters" in (
+        logged
+    )
+
+
+def test_generation_never_compiles_the_training_layers(tokenizer):
+    """Compiled layers (model.compile) run eagerly in samples and generate; outside, they do compile (the test
+    could see a compilation)."""
+    module = configure_on_cpu(resolve_asset(TINY_MODEL), LoraArgs())
+    counter = CompileCounter()
+    for layer in module.model.get_base_model().model.layers:
+        layer.compile(backend=counter, dynamic=True)
+    module.eval()
+    greedy_answers(module.model, tokenizer, ["안녕?", "한국의 수도는?"], max_new_tokens=3)
+    assert counter.frame_count == 0
+    with torch.no_grad():
+        module(torch.tensor([[5, 6, 7]]))
+    assert counter.frame_count > 0
+
+
+@pytest.mark.parametrize(("longest", "attention"), [(96, "sdpa"), (16, "varlen")])
+def test_a_sliding_window_that_binds_avoids_a_varlen_kernel_without_windows(zoo, longest, attention, monkeypatch):
+    """torch 2.11's varlen kernel is causal only: auto takes sdpa when examples are longer than the window."""
+    monkeypatch.setattr(qlora_lit.preflight, "varlen_has_window", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: (9, 0))
+    config = model_config(zoo("mistral"))
+    assert choose_attention("auto", config, torch.device("cuda", 0), longest_example=longest) == attention
