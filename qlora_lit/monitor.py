@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
 from qlora_lit.data.collate import IGNORE_INDEX
 from qlora_lit.flops import LoraFlops, peak_tflops
@@ -39,9 +40,11 @@ class TrainingMonitor(Callback):
     def __init__(self, peak_tflops: float | None = None) -> None:
         self.peak_tflops = peak_tflops
         self._clock: float | None = None  # start of the running time segment; None while paused
+        self._first_step_from: float | None = None
         self._grad_norm: torch.Tensor | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_step_from = _synchronized_time(pl_module.device)
         self._flops = LoraFlops.of(pl_module.model)
         self._peak = self.peak_tflops
         if self._peak is None and pl_module.device.type == "cuda":
@@ -73,6 +76,11 @@ class TrainingMonitor(Callback):
             return  # accumulating gradients: no optimizer step yet
         self._steps += trainer.global_step - self._last_step
         self._last_step = trainer.global_step
+        if self._first_step_from is not None:
+            seconds = _synchronized_time(pl_module.device) - self._first_step_from
+            compiled = " (compiling the decoder layers included)" if getattr(pl_module, "compile", False) else ""
+            rank_zero_info(f"first optimizer step: {seconds:.1f} s{compiled}")
+            self._first_step_from = None
         if self._logs_at(trainer, trainer.global_step):
             metrics = self._window_metrics(trainer, pl_module)
             pl_module.log("throughput/tokens_per_s", metrics.pop("throughput/tokens_per_s"), prog_bar=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import os
-import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -32,9 +31,6 @@ from qlora_lit.data.token_cache import cache_key, read_tokens, tokenizer_fingerp
 from qlora_lit.errors import ConfigError, not_found_message
 
 OVERLONG_POLICIES = ("truncate", "drop")
-# Lightning warns on mid-epoch resume unless the DataLoader is stateful; here the DataModule carries the position
-# (state_dict below) and the sampler skips what was trained, so the warning would be wrong.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def default_cache_dir() -> Path:
