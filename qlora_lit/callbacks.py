@@ -98,7 +98,9 @@ class AdapterExport(Callback):
             pl_module.model.save_pretrained(partial, safe_serialization=True)
         else:
             save_gathered_adapter(pl_module.model, weights, partial)
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.model_name_or_path)
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(
+            pl_module.model_name_or_path, pl_module.trust_remote_code
+        )
         tokenizer.save_pretrained(partial)
         folder = run_dir(trainer)
         for name, copy_name in (("config.yaml", CONFIG_NAME), (DATA_STATS_NAME, DATA_STATS_NAME)):
@@ -162,9 +164,14 @@ class PredictionWriter(BasePredictionWriter):
 
 
 def _replace_dir(source: Path, target: Path) -> None:
-    """Move `source` to `target`; the old `target` disappears only after the new one is complete."""
+    """Move `source` to `target`; the old `target` disappears only after the new one is complete. What the old one
+    holds that the new one does not (files the user put there: answers, a merged model) moves into the new one."""
     retired = target.with_name(f".{target.name}.old")
     shutil.rmtree(retired, ignore_errors=True)
+    if target.is_dir():
+        for entry in target.iterdir():
+            if not (source / entry.name).exists():
+                os.replace(entry, source / entry.name)
     if target.exists():
         os.replace(target, retired)
     os.replace(source, target)

@@ -71,6 +71,7 @@ class QLoRACLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "predictions")  # used by `predict` only
         # Always on, and configurable in the YAML (`monitor:`, `samples:`), unlike instances in trainer_defaults.
@@ -86,6 +87,13 @@ class QLoRACLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI lays a checkpoint's hyperparameters over the command line and configs; qlora_lit does not.
+        What the user passes is what runs (and what config.yaml records): a checkpoint from elsewhere cannot turn on
+        trust_remote_code or swap the base model, and a resume takes the learning rate or schedule the user gives.
+        The settings that decide the adapters' shapes are compared with the checkpoint's when it is loaded
+        (QLoRAModule.on_load_checkpoint)."""
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else None

@@ -36,6 +36,7 @@ def export(
     model: str | None = None,
     device: str = "auto",
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> float:
     """Merge the adapter into the full-precision base, save model + tokenizer, report the merge's logit difference.
 
@@ -46,16 +47,26 @@ def export(
         model: base model (hub id or folder) instead of the one the adapter was trained on.
         device: where the merge runs: cuda, cpu, or auto (the first GPU if there is one).
         overwrite: replace what is in `output`.
+        trust_remote_code: run Python code shipped with the base model. Only for models you trust; never taken from
+            the adapter's saved config.
 
     Returns:
         The largest absolute logit difference between the merged model and base + adapter on a few sample prompts.
     """
     check_adapter_dir(adapter)
     target = Path(output).expanduser()
+    for given, flag in ((adapter, "--adapter"), (model, "--model")):
+        if given and Path(given).exists() and target.resolve().is_relative_to(Path(given).resolve()):
+            raise ConfigError(
+                f"--output {output!r} is the {flag} folder or inside it: the merge would overwrite or be mixed with "
+                "its input; choose a folder outside it"
+            )
     if target.is_file() or (target.is_dir() and any(target.iterdir()) and not overwrite):
         raise ConfigError(f"output {output!r} is a file or a folder that is not empty; choose another or --overwrite")
     ensure_writable(target.parent, "the merged model", "--output")
-    peft_model, tokenizer, run_config = load_for_generation(adapter, model, quantize="none", dtype=dtype, device=device)
+    peft_model, tokenizer, run_config = load_for_generation(
+        adapter, model, quantize="none", dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    )
     samples = left_pad(tokenizer, encode_prompts(tokenizer, CHECK_ROWS, trained_prompt_format(run_config)))
     unmerged = real_token_logits(peft_model, samples)
     merged = peft_model.merge_and_unload()

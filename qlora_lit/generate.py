@@ -146,9 +146,12 @@ def load_for_generation(
     quantize: Literal["4bit", "none"] = "4bit",
     dtype: DTypeFlag = "auto",
     device: str = "auto",
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """The base (from `model`, else the one the adapter was trained on) with the adapter on top, in eval mode.
 
+    `trust_remote_code` is the caller's (the user's flag) only: an adapter or model folder may come from anyone, so
+    its saved config never turns it on, and the base model it names is shown before anything is loaded.
     Returns the model, the tokenizer (the adapter's copy when there is one) and the training run's config ({} if none).
     """
     if adapter is None and model is None:
@@ -158,6 +161,15 @@ def load_for_generation(
     run_config = read_run_config(adapter or (model if Path(model).is_dir() else None))
     trained = run_config.get("model") or {}
     base_name = model or trained.get("model_name_or_path") or _adapter_base_name(adapter)
+    if model is None:
+        print(f"base model: {base_name!r}, as named in the adapter folder {adapter!r}", file=sys.stderr)
+    if trained.get("trust_remote_code") and not trust_remote_code:
+        print(
+            f"note: the saved config in {adapter or model!r} says trust_remote_code: true; a file you did not write "
+            "never turns it on: pass --trust_remote_code true yourself if you trust the code of "
+            f"{base_name!r}",
+            file=sys.stderr,
+        )
     target = resolve_device(device)
     # 4-bit as in training (its NF4/FP4 choice), computing in `dtype`; "none" loads plain bf16/fp32 weights.
     trained_quantization = trained.get("quantization") or {}
@@ -167,10 +179,10 @@ def load_for_generation(
         double_quant=trained_quantization.get("double_quant", True),
         compute_dtype=resolve_dtype(dtype, target),
     )
-    loaded = load_base_model(base_name, quantization, target, trained.get("trust_remote_code", False))
+    loaded = load_base_model(base_name, quantization, target, trust_remote_code)
     if adapter is not None:
         loaded = PeftModel.from_pretrained(loaded, adapter)
-    tokenizer = load_tokenizer(adapter or base_name)
+    tokenizer = load_tokenizer(adapter or base_name, trust_remote_code)
     return loaded.eval(), tokenizer, run_config
 
 
@@ -197,6 +209,7 @@ def generate(
     batch_size: int = 8,
     device: str = "auto",
     seed: int | None = None,
+    trust_remote_code: bool = False,
 ) -> list[str]:
     """Answer one prompt (streamed to the terminal) or a JSONL file of prompts with a trained adapter.
 
@@ -214,6 +227,8 @@ def generate(
         batch_size: prompts generated together from `prompts_file` (left-padded).
         device: cuda, cuda:1, cpu, or auto (the first GPU if there is one).
         seed: seed for sampling, for repeatable answers.
+        trust_remote_code: run Python code shipped with the base model. Only for models you trust; never taken from
+            the adapter's or model's saved config.
     """
     if (prompt is None) == (prompts_file is None):
         raise ConfigError("give exactly one of --prompt or --prompts_file")
@@ -222,7 +237,7 @@ def generate(
     rows = [{"instruction": prompt, "input": input}] if prompt is not None else read_prompts_file(prompts_file)
     if output is not None:
         ensure_writable(Path(output).expanduser().parent, "the answers", "--output")
-    loaded, tokenizer, run_config = load_for_generation(adapter, model, quantize, dtype, device)
+    loaded, tokenizer, run_config = load_for_generation(adapter, model, quantize, dtype, device, trust_remote_code)
     prompt_format = prompt_format or trained_prompt_format(run_config)
     if seed is not None:
         torch.manual_seed(seed)

@@ -119,8 +119,8 @@ def load_base_model(
     """
     check_attn_implementation(attn_implementation)
     path = resolve_asset(name_or_path)
+    config = model_config(name_or_path, trust_remote_code)  # a model with its own code stops here unless trusted
     if attn_implementation == "auto":
-        config = model_config(name_or_path, trust_remote_code)
         attn_implementation = choose_attention("auto", config, torch.device(device))
     try:
         model = AutoModelForCausalLM.from_pretrained(

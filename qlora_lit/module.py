@@ -29,7 +29,7 @@ from qlora_lit.model import (
     load_base_model,
     to_dtype,
 )
-from qlora_lit.optim import OptimizerArgs, build_optimizer, build_scheduler
+from qlora_lit.optim import OptimizerArgs, apply_optimizer_settings, build_optimizer, build_scheduler
 from qlora_lit.preflight import (
     check_gpu_generation,
     check_vocabulary,
@@ -37,6 +37,7 @@ from qlora_lit.preflight import (
     describe_experts,
     model_config,
 )
+from qlora_lit.resume import fixed_setting_changes
 
 
 class QLoRAModule(L.LightningModule):
@@ -347,6 +348,10 @@ class QLoRAModule(L.LightningModule):
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
 
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path:
+            apply_optimizer_settings(self.trainer, self.optimizer_args)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """With strict loading off, check ourselves that every trained tensor is in the checkpoint, shape for shape."""
         trained_on = checkpoint.get("hyper_parameters", {}).get("model_name_or_path")
@@ -354,6 +359,13 @@ class QLoRAModule(L.LightningModule):
             rank_zero_warn(
                 f"resuming a checkpoint trained on {trained_on!r} with model_name_or_path={self.model_name_or_path!r}"
                 " (fine if it is the same model at another path; the adapter shapes are checked next)"
+            )
+        changed = fixed_setting_changes(checkpoint.get("hyper_parameters", {}), self.hparams)
+        if changed:
+            raise ConfigError(
+                "resuming this checkpoint cannot change what its adapters are: "
+                + "; ".join(f"{key} was {saved!r}, now {now!r}" for key, saved, now in changed)
+                + ". Resume with the checkpoint's values, or start a new run (leave --ckpt_path out)"
             )
         saved_sharded = any(SHARDS_KEY in state for state in checkpoint.get("optimizer_states", []))
         if saved_sharded and self.trainer.state.fn == "fit" and not isinstance(self.trainer.strategy, FSDPStrategy):

@@ -101,3 +101,20 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], args: OptimizerArgs) -
 def build_scheduler(optimizer: torch.optim.Optimizer, args: OptimizerArgs, total_steps: int):
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[args.schedule]
     return get_scheduler(name, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps)
+
+
+def apply_optimizer_settings(trainer, args: OptimizerArgs) -> None:
+    """After a resume restored the optimizer and scheduler states, continue with the settings the user gave now:
+    their learning rate (through the schedule built from today's settings, at the restored step), weight decay and
+    betas. The restored states carry the checkpoint's, so a lower `optimizer.lr` after a NaN loss would do nothing.
+    With unchanged settings this sets exactly the values that were restored."""
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        scheduler.base_lrs = [args.lr] * len(scheduler.base_lrs)
+        for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = args.lr
+            group["lr"] = args.lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            group["weight_decay"], group["betas"] = args.weight_decay, tuple(args.betas)

@@ -27,6 +27,18 @@ def model_config(name_or_path: str, trust_remote_code: bool = False) -> Pretrain
         return AutoConfig.from_pretrained(resolve_asset(name_or_path), trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ConfigError(not_found_message("model", name_or_path, err)) from err
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ConfigError(remote_code_message(name_or_path)) from err
+
+
+def remote_code_message(name_or_path: str) -> str:
+    return (
+        f"the model {name_or_path!r} ships its own Python code, which qlora_lit runs only when you say so: "
+        "model.trust_remote_code: true in your config (fit, predict) or --trust_remote_code true (generate, export). "
+        "Only for code you trust; a setting saved in an adapter, model folder or checkpoint is never enough"
+    )
 
 
 def attention_softcap(config: PretrainedConfig) -> float | None:

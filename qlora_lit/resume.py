@@ -1,4 +1,5 @@
-"""`fit --ckpt_path last` continues the newest run of the config, not a new, empty version folder."""
+"""Resuming: `fit --ckpt_path last` continues the newest run of the config, not a new, empty version folder; and
+what a resume may change (the user's settings win, except those that decide what the adapters are)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,31 @@ def continue_newest_run(logger: Any) -> None:
             f"--ckpt_path last: {own} has no last.ckpt, so training starts at step 0 in {own.parent}; "
             f"to continue the newest earlier run instead, pass --ckpt_path {newest}"
         )
+
+
+# Settings that decide what the trained adapters are (their shapes, what they adapt, the base they sit on): a resume
+# that changed one would continue another model. Everything else (learning rate, schedule, max_steps, data, logging,
+# dropout, compute dtype) is the user's to change on resume.
+FIXED_ON_RESUME = {
+    "lora": ("r", "alpha", "target_modules", "bias", "modules_to_save"),
+    "quantization": ("load_in_4bit", "load_in_8bit", "quant_type", "double_quant"),
+}
+
+
+def fixed_setting_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, current value) for each FIXED_ON_RESUME setting that differs; checkpoints saved
+    without hyperparameters compare as equal."""
+    changes = []
+    for group, keys in FIXED_ON_RESUME.items():
+        before, after = saved.get(group) or {}, now.get(group) or {}
+        for key in keys:
+            if key in before and key in after and _canonical(before[key]) != _canonical(after[key]):
+                changes.append((f"model.{group}.{key}", before[key], after[key]))
+    return changes
+
+
+def _canonical(value: Any) -> Any:
+    """Lists of module names compare as sets (order does not matter to peft); tuples as lists."""
+    if isinstance(value, (list, tuple, set)):
+        return sorted(map(str, value))
+    return value

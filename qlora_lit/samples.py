@@ -74,7 +74,9 @@ class SampleGenerations(Callback):
         sharded = isinstance(trainer.strategy, FSDPStrategy)  # QLoRAFSDPStrategy: two or more ranks
         if not (trainer.is_global_zero or sharded) or not self.prompts or pl_module.model is None:
             return
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.model_name_or_path)
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(
+            pl_module.model_name_or_path, pl_module.trust_remote_code
+        )
         model = pl_module.model
         was_training = model.training
         cuda_devices = [model.device] if model.device.type == "cuda" else []

@@ -112,8 +112,13 @@ def test_resume_restores_the_trained_adapters(trained, datamodule, tmp_path):
 
 def test_checkpoint_of_another_lora_shape_is_refused(trained, datamodule, tmp_path):
     root, _, _ = trained
-    with pytest.raises(ConfigError, match="does not match this model's adapters"):
+    with pytest.raises(ConfigError, match="cannot change what its adapters are: model.lora.r was 8, now 4"):
         make_trainer(tmp_path, max_steps=4).fit(make_module(r=4), datamodule, ckpt_path=root / "ckpt" / "last.ckpt")
+    bare = torch.load(root / "ckpt" / "last.ckpt", weights_only=True)
+    del bare["hyper_parameters"]  # a checkpoint saved without them: the tensors' shapes still tell
+    torch.save(bare, tmp_path / "bare.ckpt")
+    with pytest.raises(ConfigError, match="does not match this model's adapters"):
+        make_trainer(tmp_path, max_steps=4).fit(make_module(r=4), datamodule, ckpt_path=tmp_path / "bare.ckpt")
 
 
 def test_adapter_loads_in_plain_peft_with_the_same_logits(trained, datamodule):

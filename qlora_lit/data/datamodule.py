@@ -29,6 +29,7 @@ from qlora_lit.data.sampler import EpochBatchSampler
 from qlora_lit.data.sources import check_columns, clean_table, load_sources, source_fingerprint
 from qlora_lit.data.token_cache import cache_key, read_tokens, tokenizer_fingerprint, write_tokens
 from qlora_lit.errors import ConfigError, not_found_message
+from qlora_lit.preflight import remote_code_message
 
 OVERLONG_POLICIES = ("truncate", "drop")
 
@@ -37,12 +38,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("QLORA_LIT_CACHE", Path.home() / ".cache" / "qlora_lit"))
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The model's tokenizer; one without a pad token pads with EOS (safe: labels are masked by position)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_asset(name_or_path))
+        # trust_remote_code always given: left unset, transformers asks on the terminal whether to run the code
+        tokenizer = AutoTokenizer.from_pretrained(resolve_asset(name_or_path), trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ConfigError(not_found_message("tokenizer", name_or_path, err)) from err
+    except ValueError as err:  # transformers: the tokenizer's own code would have to run
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ConfigError(remote_code_message(name_or_path)) from err
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer {name_or_path!r} has no EOS token: the model could not learn to stop")
     if tokenizer.pad_token_id is None:
@@ -76,6 +82,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         cache_dir: where the tokenized data are kept (default `$QLORA_LIT_CACHE` or ~/.cache/qlora_lit).
         predict_path: JSONL prompts file (an "instruction" and optional "input" per line) that `predict` answers.
+        trust_remote_code: run code shipped with the tokenizer; LightningCLI links it to `model.trust_remote_code`.
     """
 
     def __init__(
@@ -97,6 +104,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         predict_path: str | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         check_settings(path, columns, encoding, prompt_format, max_length, overlong, pack_length, batch_size, val_size)
@@ -125,6 +133,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         self.resume_position: dict[str, int] = {}
         self.predict_path = predict_path
         self.predict_rows: list[dict] = []
+        self.trust_remote_code = trust_remote_code
 
     @property
     def paths(self) -> list[str]:
@@ -132,7 +141,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.tokenizer_name)
+            self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
             check_chat_template(self.tokenizer, self.prompt_format, self.tokenizer_name)
         return self.tokenizer
 
@@ -202,7 +211,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         """Only the prompts to answer: predicting never reads (or downloads) the training data."""
         if self.predict_path is None:
             raise ConfigError('predict needs data.predict_path: a JSONL file with an "instruction" per line')
-        self.tokenizer = self.tokenizer or load_tokenizer(self.tokenizer_name)
+        self.tokenizer = self.tokenizer or load_tokenizer(self.tokenizer_name, self.trust_remote_code)
         self.predict_rows = read_prompts_file(self.predict_path)
 
     def _split(self, examples: list[dict]) -> tuple[list[dict], list[dict]]:
