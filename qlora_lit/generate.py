@@ -232,6 +232,8 @@ def generate(
     """
     if (prompt is None) == (prompts_file is None):
         raise ConfigError("give exactly one of --prompt or --prompts_file")
+    if prompt is not None and not prompt.strip():
+        raise ConfigError("--prompt is empty: give an instruction to answer")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     rows = [{"instruction": prompt, "input": input}] if prompt is not None else read_prompts_file(prompts_file)

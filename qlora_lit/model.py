@@ -5,6 +5,7 @@ No Lightning here: `build_qlora_model` is plain transformers + bitsandbytes + pe
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -88,6 +89,8 @@ class LoraArgs:
     def __post_init__(self) -> None:
         if self.r <= 0:
             raise ConfigError(f"lora.r must be a positive integer, got {self.r}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be a positive number, got {self.alpha} (0 would train nothing)")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.target_modules, list) and not self.target_modules:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import bitsandbytes as bnb
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_scheduler
 
 from qlora_lit.errors import ConfigError
@@ -31,8 +33,10 @@ class OptimizerArgs:
     """Decay after warm-up: cosine or linear to 0 at the last step, or constant."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"optimizer.lr must be a positive number, got {self.lr}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"optimizer.weight_decay must be a number >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not all(0.0 <= beta < 1.0 for beta in self.betas):
@@ -99,6 +103,11 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], args: OptimizerArgs) -
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: OptimizerArgs, total_steps: int):
+    if args.warmup_steps >= total_steps:
+        rank_zero_warn(
+            f"optimizer.warmup_steps={args.warmup_steps} is not shorter than the run's {total_steps} optimizer steps: "
+            "the learning rate never reaches optimizer.lr"
+        )
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[args.schedule]
     return get_scheduler(name, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps)
 

@@ -62,6 +62,10 @@ def test_overrides_reach_the_resolved_config(capsys):
         (["--model.lora.rank", "4"], "rank"),
         (["--model.lora.r", "0"], "lora.r must be a positive integer"),
         (["--model.lora.dropout", "1.5"], "lora.dropout must be in [0, 1)"),
+        (["--model.lora.alpha", "0"], "lora.alpha must be a positive number, got 0.0 (0 would train nothing)"),
+        (["--model.optimizer.lr", ".nan"], "optimizer.lr must be a positive number, got nan"),
+        (["--data.pad_to_multiple_of", "0"], "data.pad_to_multiple_of must be >= 1 (1: no rounding), got 0"),
+        (["--data.num_workers=-1"], "data.num_workers must be >= 0 (0: load in the main process), got -1"),
         (["--model.quantization.load_in_8bit", "true"], "load_in_4bit and load_in_8bit are both true"),
         (["--model.attn_implementation", "flash"], "attn_implementation"),
         (["--data.overlong", "cut"], "overlong"),
@@ -275,3 +279,17 @@ def test_an_abbreviated_option_is_refused_not_taken_for_a_longer_one(capsys):
         with pytest.raises(SystemExit):
             cli_main([command, "--config", DEMO_CONFIG, "--data.max_len", "5"])
         assert "unrecognized arguments: --data.max_len" in capsys.readouterr().err
+
+
+def test_lr_nan_in_a_yaml_file_is_one_message(tmp_path, capsys):
+    config = tmp_path / "nan.yaml"
+    config.write_text("model:\n  optimizer:\n    lr: .nan\n")
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(config)])
+    assert "optimizer.lr must be a positive number, got nan" in capsys.readouterr().err
+
+
+def test_an_empty_prompt_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "--model", "builtin:tiny-llama", "--prompt", "  "])
+    assert "--prompt is empty" in capsys.readouterr().err

@@ -48,3 +48,11 @@ def test_updates_and_state_equal_bitsandbytes(ours, theirs):
     assert not state[-1]
     eight_bit = [entry for entry in state if entry and entry["state1"].dtype == torch.uint8]
     assert len(eight_bit) == 1  # the 8 x 700 tensor: the blockwise 8-bit path was exercised, not only 32-bit state
+
+
+def test_a_warmup_as_long_as_the_run_is_said():
+    from qlora_lit.optim import OptimizerArgs, build_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.warns(UserWarning, match="warmup_steps=10 is not shorter than the run's 10 optimizer steps"):
+        build_scheduler(optimizer, OptimizerArgs(warmup_steps=10), 10)

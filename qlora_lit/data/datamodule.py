@@ -108,6 +108,10 @@ class KoAlpacaDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_settings(path, columns, encoding, prompt_format, max_length, overlong, pack_length, batch_size, val_size)
+        if pad_to_multiple_of < 1:
+            raise ConfigError(f"data.pad_to_multiple_of must be >= 1 (1: no rounding), got {pad_to_multiple_of}")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0 (0: load in the main process), got {num_workers}")
         self.save_hyperparameters()
         self.path = path
         self.tokenizer_name = tokenizer
