@@ -30,7 +30,7 @@ from qlora_lit.preemption import PreemptionCheckpoint
 from qlora_lit.resume import continue_newest_run
 from qlora_lit.samples import SampleGenerations
 from qlora_lit.text_log import SaveAndLogConfig
-from qlora_lit.trainer_settings import check_trainer_settings
+from qlora_lit.trainer_settings import check_run_settings, check_trainer_settings
 
 
 def trainer_defaults() -> dict:
@@ -97,6 +97,11 @@ class QLoRACLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else None
+        if self.subcommand == "fit":
+            checkpoint = config.get("checkpoint") or {}
+            check_run_settings(
+                config.trainer.get("val_check_interval"), checkpoint.get("save_top_k"), checkpoint.get("monitor")
+            )
         if self.subcommand == "fit" and config.ckpt_path == "last" and config.checkpoint.dirpath is None:
             continue_newest_run(config.trainer.logger)  # before the logger exists: it names the run's folder
 

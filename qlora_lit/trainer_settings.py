@@ -52,3 +52,33 @@ def requested_devices(devices: Any) -> int | None:
     if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
         return int(devices)
     return None
+
+
+# What a fit logs (QLoRAModule, TrainingMonitor): the metrics checkpoint.monitor can watch.
+MONITORABLE = (
+    "val_loss",
+    "val_ppl",
+    "train_loss",
+    "train/grad_norm",
+    "train/padding_fraction",
+    "throughput/tokens_per_s",
+    "throughput/label_tokens_per_s",
+    "throughput/samples_per_s",
+    "throughput/step_time_s",
+    "throughput/mfu",
+)
+
+
+def check_run_settings(val_check_interval: Any, save_top_k: Any, monitor: Any) -> None:
+    """Validation and checkpoint settings that would fail only later: Lightning divides by a validation interval of
+    0, refuses a save_top_k below -1 with a traceback, and finds a misspelt monitor only at the first validation,
+    after the model loaded and trained."""
+    if isinstance(val_check_interval, (int, float)) and val_check_interval <= 0:
+        raise ConfigError(
+            f"trainer.val_check_interval must be > 0 (training batches between validations, or a fraction of an "
+            f"epoch), got {val_check_interval}"
+        )
+    if isinstance(save_top_k, int) and save_top_k < -1:
+        raise ConfigError(f"checkpoint.save_top_k must be -1 (keep all), 0 (none) or more, got {save_top_k}")
+    if monitor is not None and monitor not in MONITORABLE:
+        raise ConfigError(f"checkpoint.monitor {monitor!r} is not a metric this run logs; choose one of {MONITORABLE}")

@@ -78,6 +78,10 @@ def test_overrides_reach_the_resolved_config(capsys):
         (["--trainer.devices", "0"], "trainer.devices must be >= 1, -1 (every GPU) or auto, got 0"),
         (["--trainer.devices", "-3"], "trainer.devices must be >= 1, -1 (every GPU) or auto, got -3"),
         (["--trainer.num_nodes", "0"], "trainer.num_nodes must be >= 1, got 0"),
+        (["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be > 0 (training batches"),
+        (["--checkpoint.save_top_k=-5"], "checkpoint.save_top_k must be -1 (keep all), 0 (none) or more, got -5"),
+        (["--checkpoint.monitor", "val_los"], "checkpoint.monitor 'val_los' is not a metric this run logs"),
+        (["--model.lora.target_modules", "foo_proj"], "lora settings cannot be applied to 'builtin:tiny-llama'"),
         (["--trainer.strategy", "dpp"], "trainer settings: You selected an invalid strategy name: `strategy='dpp'`"),
     ],
 )
