@@ -13,7 +13,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from qlora_lit.data.datamodule import load_tokenizer
-from qlora_lit.data.prompts import build_prompt
+from qlora_lit.data.inference import encode_prompts, left_pad
+from qlora_lit.data.prompts import PromptFormat
 from qlora_lit.text_log import as_prose, log_text
 
 DEFAULT_PROMPTS = (
@@ -30,15 +31,18 @@ def greedy_answers(
     instructions: list[str],
     max_new_tokens: int,
     synced: bool = False,
+    prompt_format: PromptFormat = "koalpaca",
 ) -> list[str]:
     """The model's greedy continuations of the training prompts for `instructions`, without the prompts.
 
-    All prompts go in one batch, padded on the left so that every row continues right after its own prompt.
+    The prompts are those training used (`prompt_format`, through the same code as `generate`), all in one batch,
+    padded on the left so that every row continues right after its own prompt.
     `synced`: every rank generates and each runs as many forward passes as the longest (sharded models, whose every
     forward gathers weights from all ranks).
     """
-    prompts = [build_prompt(instruction) for instruction in instructions]
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+    rows = [{"instruction": instruction} for instruction in instructions]
+    inputs = left_pad(tokenizer, encode_prompts(tokenizer, rows, prompt_format))
+    inputs = {key: value.to(model.device) for key, value in inputs.items()}
     # A config of its own: the model's may ask for sampling (temperature, top_p), which greedy search would warn about.
     greedy = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -62,7 +66,7 @@ class SampleGenerations(Callback):
     the random streams that training uses (a resumed run must continue exactly like an uninterrupted one).
 
     Args:
-        prompts: instructions, put into the training prompt template; empty turns samples off.
+        prompts: instructions, put into the training prompt template (data.prompt_format); empty turns samples off.
         max_new_tokens: length limit of each answer; keep it short, validation waits for it.
     """
 
@@ -87,7 +91,10 @@ class SampleGenerations(Callback):
                 trainer.precision_plugin.forward_context(),
                 root_weights_gathered(trainer.strategy.model) if sharded else nullcontext(),
             ):
-                answers = greedy_answers(model, tokenizer, self.prompts, self.max_new_tokens, synced=sharded)
+                prompt_format = getattr(trainer.datamodule, "prompt_format", "koalpaca")
+                answers = greedy_answers(
+                    model, tokenizer, self.prompts, self.max_new_tokens, synced=sharded, prompt_format=prompt_format
+                )
         finally:
             model.train(was_training)
         if not trainer.is_global_zero:

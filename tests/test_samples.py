@@ -63,3 +63,34 @@ def test_batched_answers_equal_one_by_one(tokenizer):
     batched = greedy_answers(model, tokenizer, prompts, max_new_tokens=8)
     assert batched == [greedy_answers(model, tokenizer, [prompt], max_new_tokens=8)[0] for prompt in prompts]
     assert all(answer.strip() for answer in batched)
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+
+
+def test_a_chat_format_runs_samples_are_prompted_with_the_chat_template(tmp_path, monkeypatch):
+    """The samples' prompts are rendered as training renders them (data.prompt_format), not always as KoAlpaca."""
+    import json
+    import shutil
+
+    import qlora_lit.samples
+    from qlora_lit.assets import resolve_asset
+
+    model = tmp_path / "chat-model"
+    shutil.copytree(resolve_asset(TINY_MODEL), model)
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "chat_template": CHAT_TEMPLATE}))
+    prompts = []
+
+    def recording(model_, tokenizer, instructions, max_new_tokens, synced=False, prompt_format="koalpaca"):
+        rows = [{"instruction": instruction} for instruction in instructions]
+        ids = qlora_lit.samples.encode_prompts(tokenizer, rows, prompt_format)
+        prompts.extend(tokenizer.decode(row) for row in ids)
+        return greedy_answers(model_, tokenizer, instructions, max_new_tokens, synced, prompt_format)
+
+    monkeypatch.setattr(qlora_lit.samples, "greedy_answers", recording)
+    module = QLoRAModule(str(model), quantization=QuantizationArgs(compute_dtype="float32"), lora=LoraArgs(r=4))
+    data = KoAlpacaDataModule(SAMPLE_DATA, str(model), prompt_format="chat", max_length=96, val_size=4)
+    trainer = cpu_trainer(tmp_path, max_steps=2, callbacks=[SampleGenerations(["안녕?"], max_new_tokens=2)])
+    trainer.fit(module, data)
+    assert prompts and set(prompts) == {"<user>안녕?<assistant>"}
