@@ -10,7 +10,6 @@ import json
 import re
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -234,19 +233,19 @@ def test_demo_trains_under_slurm_with_two_ranks(slurm_cluster, tmp_path):
 
 
 def test_preempted_job_requeues_and_resumes_where_it_stopped(slurm_cluster, tmp_path):
-    job = _submit_demo(slurm_cluster, tmp_path, "--trainer.max_steps", "24", "--trainer.val_check_interval", "12")
-    slurm_cluster.wait_for_output(job, "trainable parameters", timeout=180)
-    time.sleep(4)  # a few optimizer steps into the first epoch
+    job = _submit_demo(slurm_cluster, tmp_path, "--trainer.max_steps", "60", "--trainer.val_check_interval", "12")
+    # Signalled as soon as training runs (a fixed sleep let all the steps finish first on a fast machine).
+    slurm_cluster.wait_for_output(job, "first optimizer step", timeout=180)
     slurm_cluster.cancel(job, "USR1")
     slurm_cluster.wait_for(job, "COMPLETED", timeout=300)
     out = slurm_cluster.read_output(job)
     saved = re.search(r"received SIGUSR1: saving .*last\.ckpt at step (\d+)", out)
     assert saved, out
     stopped_at = int(saved.group(1))
-    assert 0 < stopped_at < 24, out
+    assert 0 < stopped_at < 60, out
     assert "requeued Slurm job" in out and "restart 1:" in out, out
     assert re.search(r"resuming the data at epoch \d+ after \d+ batches", out), out
-    assert _last_checkpoint(tmp_path, job)["global_step"] == 24  # no step lost or repeated in the total
+    assert _last_checkpoint(tmp_path, job)["global_step"] == 60  # no step lost or repeated in the total
     assert slurm_cluster.job_info(job)["Restarts"] == "1"
     versions = list((tmp_path / "runs" / "demo").iterdir())
     assert [v.name for v in versions] == [f"slurm-{job}"]  # both attempts logged into the same TensorBoard run
