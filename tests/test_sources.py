@@ -13,10 +13,11 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet", "folder"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet", "folder", ".JSONL", ".CSV"])
 def test_each_local_format_loads_the_same_rows(tmp_path, suffix):
     table = pd.DataFrame(ROWS)
     path = tmp_path / f"data{suffix}"
+    suffix = suffix.lower()  # file names in capitals (Windows exports) read as their format
     if suffix == ".jsonl":
         path.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in ROWS), encoding="utf-8")
     elif suffix == ".json":

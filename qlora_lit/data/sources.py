@@ -44,7 +44,7 @@ def load_table(path: str, encoding: str = "utf-8") -> pd.DataFrame:
             return _from_dataset(datasets.load_from_disk(str(local)))
         except FileNotFoundError as err:
             raise ConfigError(f"{str(local)!r} is a folder but not one written by datasets' save_to_disk") from err
-    if local.suffix in FILE_SUFFIXES:
+    if local.suffix.lower() in FILE_SUFFIXES:  # data.JSONL as well as data.jsonl
         if not local.is_file():
             raise ConfigError(f"data file {str(local)!r} does not exist")
         table = read_file(local, encoding)
@@ -69,17 +69,18 @@ def read_file(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
     """One local file as a table; broken lines and wrong encodings are reported with the file and line."""
     if path.stat().st_size == 0:
         raise ConfigError(f"data file {str(path)!r} is empty")
-    if path.suffix == ".parquet":
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
         return pd.read_parquet(path)
     text = read_text(path, encoding)
     if not text.strip():
         raise ConfigError(f"data file {str(path)!r} is empty (only blank space)")
-    if path.suffix == ".csv":
+    if suffix == ".csv":
         try:
             return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
         except pd.errors.ParserError as err:
             raise ConfigError(f"data file {str(path)!r} is not valid CSV: {err}") from err
-    if path.suffix == ".json":
+    if suffix == ".json":
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
