@@ -238,6 +238,8 @@ def generate(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     rows = [{"instruction": prompt, "input": input}] if prompt is not None else read_prompts_file(prompts_file)
     if output is not None:
+        if Path(output).expanduser().is_dir():
+            raise ConfigError(f"--output {output!r} is a folder; give the path of the JSONL file to write")
         ensure_writable(Path(output).expanduser().parent, "the answers", "--output")
     loaded, tokenizer, run_config = load_for_generation(adapter, model, quantize, dtype, device, trust_remote_code)
     prompt_format = prompt_format or trained_prompt_format(run_config)

@@ -297,3 +297,12 @@ def test_an_empty_prompt_is_refused(capsys):
     with pytest.raises(SystemExit):
         cli_main(["generate", "--model", "builtin:tiny-llama", "--prompt", "  "])
     assert "--prompt is empty" in capsys.readouterr().err
+
+
+def test_generate_output_that_is_a_folder_is_refused_before_loading(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "안녕?"}\n', encoding="utf-8")
+    args = ["--prompts_file", str(prompts), "--output", str(tmp_path)]
+    with pytest.raises(SystemExit):  # the model would not load either: the output is checked first
+        cli_main(["generate", "--model", "no/such-model", *args])
+    assert f"--output {str(tmp_path)!r} is a folder" in capsys.readouterr().err
