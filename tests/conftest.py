@@ -119,3 +119,17 @@ def plain_peft(adapter: Path, quantization=None, base_model: str = TINY_MODEL):
         if isinstance(layer, bnb.nn.Linear4bit):
             layer.support_avx512bf16_for_cpu = False
     return PeftModel.from_pretrained(base, adapter).eval()
+
+
+def examples_run_alone(module, examples: list[dict], rows: list[list[int]]):
+    """For each example of packed `rows` (indices into `examples`): its row, start, end in that row, and the logits
+    of the example run on its own, for comparison with its span of the packed logits."""
+    import torch
+
+    for row, indices in enumerate(rows):
+        start = 0
+        for index in indices:
+            ids = torch.tensor([examples[index]["input_ids"]])
+            alone = module(ids, attention_mask=torch.ones_like(ids)).logits[0]
+            yield row, start, start + ids.shape[1], alone
+            start += ids.shape[1]

@@ -184,6 +184,12 @@ SERIES = [
 GPU_SERIES = ["throughput/mfu", "memory/peak_allocated_gib", "memory/peak_reserved_gib"]
 
 
+def test_every_metric_checkpoint_monitor_accepts_is_one_the_run_logs():
+    from qlora_lit.trainer_settings import MONITORABLE
+
+    assert set(MONITORABLE) <= set(SERIES + GPU_SERIES)
+
+
 @pytest.mark.slow
 def test_demo_fit_end_to_end(tmp_path):
     result = run_cli("fit", "--config", "configs/demo.yaml", cwd=tmp_path)

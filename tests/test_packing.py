@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import SAMPLE_DATA, TINY_MODEL
+from conftest import SAMPLE_DATA, TINY_MODEL, examples_run_alone
 from test_loss_normalisation import first_step_gradients
 
 from qlora_lit.assets import resolve_asset
@@ -79,16 +79,10 @@ def test_logits_of_a_packed_row_equal_those_of_the_examples_run_separately(sampl
     with torch.no_grad():
         packed = module(**batch).logits
         contaminated = module(batch["input_ids"], attention_mask=torch.ones_like(batch["input_ids"])).logits
-        for row, indices in enumerate(rows.rows):
-            start = 0
-            for index in indices:
-                ids = torch.tensor([sample_examples[index]["input_ids"]])
-                alone = module(ids, attention_mask=torch.ones_like(ids)).logits[0]
-                end = start + ids.shape[1]
-                torch.testing.assert_close(packed[row, start:end], alone, rtol=1e-4, atol=1e-4)
-                if start > 0:  # the test can see contamination: without the packed mask the logits differ
-                    assert not torch.allclose(contaminated[row, start:end], alone, rtol=1e-2, atol=1e-2)
-                start = end
+        for row, start, end, alone in examples_run_alone(module, sample_examples, rows.rows):
+            torch.testing.assert_close(packed[row, start:end], alone, rtol=1e-4, atol=1e-4)
+            if start > 0:  # the test can see contamination: without the packed mask the logits differ
+                assert not torch.allclose(contaminated[row, start:end], alone, rtol=1e-2, atol=1e-2)
 
 
 def test_packed_and_unpacked_training_take_the_same_first_step(tmp_path):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SAMPLE_DATA, plain_peft
+from conftest import SAMPLE_DATA, examples_run_alone, plain_peft
 from zoo import ZOO, build_zoo_model
 
 from qlora_lit.cli import cli_main
@@ -59,14 +59,8 @@ def test_packed_rows_equal_the_examples_run_separately(zoo_models, examples, nam
     batch = PackingCollator(pad_id=1)([rows[0], rows[1]])
     with torch.no_grad():
         packed = module(**batch).logits
-        for row, indices in enumerate(rows.rows):
-            start = 0
-            for index in indices:
-                ids = torch.tensor([examples[index]["input_ids"]])
-                alone = module(ids, attention_mask=torch.ones_like(ids)).logits[0]
-                end = start + ids.shape[1]
-                torch.testing.assert_close(packed[row, start:end], alone, rtol=1e-4, atol=1e-4)
-                start = end
+        for row, start, end, alone in examples_run_alone(module, examples, rows.rows):
+            torch.testing.assert_close(packed[row, start:end], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_the_sliding_window_is_kept_in_packed_rows(zoo_models, examples):
