@@ -49,5 +49,5 @@ if [ "$rc" != 0 ]; then
     echo "install-slurm: apt-get failed (exit $rc); skipping (Slurm tests will be skipped)"
     exit 0
 fi
-echo "install-slurm: installed $(dpkg-query -W -f="slurm-wlm ${Version}" slurm-wlm 2>/dev/null) and munge"
+echo "install-slurm: installed $(dpkg-query -W -f='slurm-wlm ${Version}' slurm-wlm 2>/dev/null) and munge"
 exit 0
