@@ -19,13 +19,27 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from peft import PeftModel, get_peft_model
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE as FSDP_PREFIX
 from torch.distributed.fsdp._runtime_utils import _lazy_init
 from torch.optim import Optimizer
+from transformers import PreTrainedModel
 
 from qlora_lit.errors import ConfigError
+from qlora_lit.model import QuantizationArgs, to_dtype
+from qlora_lit.preflight import model_config
+from qlora_lit.sharded_load import (
+    SafetensorsCheckpoint,
+    ShardedLoader,
+    base_bytes,
+    checkpoint_folder,
+    describe,
+    empty_model,
+    missing_tensors,
+    prequantized_settings,
+)
 
 SHARDS_KEY = "fsdp_rank_states"
 
@@ -114,6 +128,57 @@ class QLoRAFSDPStrategy(FSDPStrategy):
     whole tensors, so a run resumes on as many processes as it saved from. FSDP needs GPUs and at least two
     processes: with one, torch runs it unsharded, which only adds overhead (and fails for tied embeddings).
     """
+
+    loader: ShardedLoader | None = None
+    checkpoint: SafetensorsCheckpoint | None = None
+
+    def empty_base(
+        self, name_or_path: str, quantization: QuantizationArgs, attn_implementation: str, trust_remote_code: bool
+    ) -> PreTrainedModel | None:
+        """The base model, empty (meta device), for FSDP to load one unit at a time (`load_while_wrapping`); None
+        where each rank loads it whole before sharding, as it did before: an 8-bit base, or a checkpoint whose tensor
+        names are not the model's (transformers converts some as it loads)."""
+        if quantization.load_in_8bit:
+            rank_zero_info("FSDP with an 8-bit base: each rank loads it whole before sharding (4-bit loads per unit)")
+            return None
+        config = model_config(name_or_path, trust_remote_code)
+        prequantized = prequantized_settings(config)
+        settings = None
+        if prequantized is not None:
+            settings = {"quant_type": prequantized["bnb_4bit_quant_type"]}
+            settings["double_quant"] = prequantized["bnb_4bit_use_double_quant"]
+        elif quantization.load_in_4bit:
+            settings = {"quant_type": quantization.quant_type, "double_quant": quantization.double_quant}
+        if settings is not None:
+            settings["storage"] = to_dtype(quantization.quant_storage)
+        dtype = to_dtype(quantization.compute_dtype)
+        base = empty_model(config, dtype, attn_implementation, settings, trust_remote_code)
+        checkpoint = SafetensorsCheckpoint(checkpoint_folder(name_or_path))
+        missing = missing_tensors(base, checkpoint)
+        if missing:
+            rank_zero_info(
+                f"FSDP: {name_or_path!r} stores tensors under other names than the model's (e.g. {missing[:2]}; "
+                "transformers converts them as it loads): each rank loads the base whole before sharding"
+            )
+            return None
+        self.checkpoint = checkpoint
+        return base
+
+    def load_while_wrapping(self, model: PeftModel) -> None:
+        """Make FSDP fill `model` (the empty base of `empty_base`, with LoRA attached) unit by unit as it wraps it."""
+        self.loader = ShardedLoader(model, self.checkpoint, self.root_device, torch.initial_seed())
+        self.kwargs["param_init_fn"] = self.loader
+
+    def bytes_per_rank(self, model: torch.nn.Module) -> int:
+        return base_bytes(model) // self.world_size
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        if self.loader is not None:
+            describe(self.loader, self.world_size)
+            self.checkpoint.close()
+            self.kwargs.pop("param_init_fn", None)
+            self.loader = self.checkpoint = None
 
     def setup_environment(self) -> None:
         if self.num_nodes * self.num_processes < 2:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -250,8 +251,25 @@ def attach_lora(
             model.enable_input_require_grads()
     model.config.use_cache = False
     peft_model = get_peft_model(model, lora.to_peft_config())
+    for name, param in peft_model.named_parameters():
+        if is_lora_a(name) and not param.is_meta:  # an empty (meta) model gets them as FSDP loads it
+            param.data = lora_a_init(name, param, torch.initial_seed())
     peft_model.train()  # from_pretrained returns eval mode: LoRA dropout and checkpointing would be off
     return peft_model
+
+
+def is_lora_a(name: str) -> bool:
+    return ".lora_A." in name
+
+
+def lora_a_init(name: str, like: torch.Tensor, seed: int) -> torch.Tensor:
+    """LoRA A as peft initialises it (Kaiming-uniform; B starts at zero), drawn from a stream of its own, seeded by
+    the run's seed and the matrix's name: the same adapters whether the model is loaded whole or by FSDP one unit at
+    a time, on any number of ranks, whatever else drew random numbers before."""
+    generator = torch.Generator().manual_seed((seed + zlib.crc32(name.encode())) % 2**63)
+    value = torch.empty(like.shape, dtype=like.dtype)
+    torch.nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
+    return value.to(like.device)
 
 
 def compile_decoder_layers(model: PeftModel) -> None:

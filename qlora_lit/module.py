@@ -147,13 +147,23 @@ class QLoRAModule(L.LightningModule):
         count_lora_parameters(self.model_name_or_path, self.lora, self.trust_remote_code)  # targets, on meta
         longest = getattr(getattr(self._trainer, "datamodule", None), "max_length", None)
         self.attn_implementation = choose_attention(self.attn_implementation, config, device, longest)
-        base = load_base_model(
-            self.model_name_or_path, self.quantization, device, self.trust_remote_code, self.attn_implementation
-        )
+        sharded = isinstance(strategy, QLoRAFSDPStrategy)
+        if sharded and self.upcast_to_fp32:
+            raise ConfigError(
+                "model.upcast_to_fp32 must be false under FSDP (configs/fsdp.yaml sets it): a unit holds one dtype"
+            )
+        args = (self.model_name_or_path, self.quantization)
+        base = strategy.empty_base(*args, self.attn_implementation, self.trust_remote_code) if sharded else None
+        sharded = base is not None
+        if base is None:
+            base = load_base_model(*args, device, self.trust_remote_code, self.attn_implementation)
         experts = describe_experts(base, config, to_dtype(self.quantization.compute_dtype))
         if experts:
             rank_zero_info(experts)
-        self.model = attach_lora(base, self.lora, self.checkpointing_for(base, device), self.upcast_to_fp32)
+        weights = strategy.bytes_per_rank(base) if sharded else None
+        self.model = attach_lora(base, self.lora, self.checkpointing_for(base, device, weights), self.upcast_to_fp32)
+        if sharded:
+            strategy.load_while_wrapping(self.model)
         if self.compile and device.type == "cuda":
             compile_decoder_layers(self.model)
         elif self.compile:  # inductor's CPU path fails on some dynamic shapes (torch 2.13), and gains little there
@@ -161,15 +171,15 @@ class QLoRAModule(L.LightningModule):
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
-    def checkpointing_for(self, base: torch.nn.Module, device: torch.device) -> bool:
-        """The `gradient_checkpointing` setting, with `auto` decided from the loaded weights, the GPU's memory and
-        the largest micro-batch the data module makes."""
+    def checkpointing_for(self, base: torch.nn.Module, device: torch.device, weights: int | None = None) -> bool:
+        """The `gradient_checkpointing` setting, with `auto` decided from the loaded weights (or `weights` bytes, for a
+        base FSDP loads later), the GPU's memory and the largest micro-batch the data module makes."""
         if self.gradient_checkpointing != "auto":
             return bool(self.gradient_checkpointing)
         tokens = self.micro_batch_tokens()
         if device.type != "cuda" or tokens is None:
             return device.type == "cuda"  # on a GPU without data settings to judge by: the safe choice
-        weights = torch.cuda.memory_allocated(device)
+        weights = torch.cuda.memory_allocated(device) if weights is None else weights
         total = torch.cuda.get_device_properties(device).total_memory
         chosen = needs_checkpointing(base.config, tokens, self.loss_chunk_tokens, weights, total)
         estimate = (weights + activation_bytes(base.config, tokens, self.loss_chunk_tokens)) / 2**30

@@ -123,6 +123,7 @@ def fsdp_run(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_fsdp_fit_saves_whole_adapters_and_resumes_like_the_uninterrupted_run(fsdp_run, tmp_path):
     run = fsdp_run
+    assert "FSDP sharded loading: each rank read" in (run.parents[1] / "log.txt").read_text()  # unit by unit
     reference = tiny_module("bfloat16", lora=LoraArgs(r=RANK, alpha=16))  # the same adapters, unsharded
     shapes = {name: param.shape for name, param in reference.named_parameters() if param.requires_grad}
 

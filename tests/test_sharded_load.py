@@ -1,0 +1,156 @@
+"""FSDP loads the base one unit at a time (qlora_lit/sharded_load.py): the model it builds is the one
+`from_pretrained` loads, for bf16 and pre-quantized 4-bit folders, and under FSDP no rank ever holds the whole base.
+The FSDP fits of tests/test_fsdp.py (train, checkpoint, resume, export) go through the same loader."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import TINY_MODEL
+from zoo import build_zoo_model
+
+from qlora_lit.model import LoraArgs, QuantizationArgs, attach_lora, load_base_model
+from qlora_lit.preflight import model_config
+from qlora_lit.sharded_load import (
+    SafetensorsCheckpoint,
+    ShardedLoader,
+    base_bytes,
+    checkpoint_folder,
+    empty_model,
+    fsdp_handles,
+    materialize,
+    missing_tensors,
+    prequantized_settings,
+)
+
+QUANTIZATION = QuantizationArgs(compute_dtype="bfloat16", quant_storage="bfloat16")  # fsdp.yaml's
+LORA = LoraArgs(r=4, dropout=0.0)
+TOKENS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def empty_peft_model(path: str, quantization: QuantizationArgs = QUANTIZATION):
+    config = model_config(path)
+    saved = prequantized_settings(config)
+    settings = {
+        "quant_type": saved["bnb_4bit_quant_type"] if saved else quantization.quant_type,
+        "double_quant": saved["bnb_4bit_use_double_quant"] if saved else quantization.double_quant,
+        "storage": torch.bfloat16,
+    }
+    base = empty_model(config, torch.bfloat16, "sdpa", settings)
+    checkpoint = SafetensorsCheckpoint(checkpoint_folder(path))
+    assert missing_tensors(base, checkpoint) == []
+    return attach_lora(base, LORA, gradient_checkpointing=False, upcast_to_fp32=False), checkpoint
+
+
+def whole_peft_model(path: str):
+    return attach_lora(load_base_model(path, QUANTIZATION), LORA, gradient_checkpointing=False, upcast_to_fp32=False)
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """Packed 4-bit weights in bf16 containers (fsdp.yaml's; a pre-quantized folder keeps its uint8) hold NaN bit
+    patterns: compare the bytes."""
+    return tensor.contiguous().view(torch.uint8).reshape(-1)
+
+
+def logits(model, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=tokens).logits.float()
+
+
+@pytest.fixture(scope="module")
+def prequantized_folder(tmp_path_factory) -> Path:
+    """The tiny model saved as a pre-quantized 4-bit folder, as `*-bnb-4bit` folders on the hub are."""
+    folder = tmp_path_factory.mktemp("tiny-bnb-4bit")
+    load_base_model(TINY_MODEL, QuantizationArgs(compute_dtype="bfloat16")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory) -> Path:
+    """Eight decoder layers that outweigh the (untied) embeddings: one unit is a small part of the whole."""
+    sizes = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 8}
+    return build_zoo_model("llama-untied", tmp_path_factory.mktemp("deep"), vocab_size=256, **sizes)
+
+
+@pytest.mark.parametrize("source", ["bf16", "prequantized"])
+def test_a_base_loaded_unit_by_unit_is_the_one_from_pretrained_loads(source, prequantized_folder):
+    path = TINY_MODEL if source == "bf16" else str(prequantized_folder)
+    torch.manual_seed(7)
+    whole = whole_peft_model(path)
+    torch.manual_seed(7)
+    model, checkpoint = empty_peft_model(path)
+    materialize(model, ShardedLoader(model, checkpoint, torch.device("cpu"), torch.initial_seed()))
+
+    assert not any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])
+    expected = whole.state_dict()
+    for key, value in model.state_dict().items():  # packed 4-bit weights, quantization state, norms, LoRA
+        assert torch.equal(as_bytes(value), as_bytes(expected[key])), key
+    assert model.get_base_model().lm_head.weight is model.get_base_model().model.embed_tokens.weight  # still tied
+    torch.testing.assert_close(logits(model), logits(whole), rtol=0, atol=0)
+
+
+def test_tensors_stored_under_other_names_are_found_before_loading(tmp_path):
+    """transformers renames some checkpoints' tensors as it loads them (here: fused mixture-of-experts weights); FSDP
+    then loads that base whole on each rank, as before, and the strategy says so."""
+    folder = build_zoo_model("qwen3_moe", tmp_path / "moe")
+    base = empty_model(model_config(str(folder)), torch.bfloat16, "sdpa", None)
+    assert missing_tensors(base, SafetensorsCheckpoint(folder))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wrap_and_report(rank: int, world_size: int, port: int, path: str, results: dict) -> None:
+    """One FSDP rank: the empty model, wrapped with fsdp.yaml's policy and the loader as param_init_fn."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from qlora_lit.fsdp import qlora_wrap_policy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    model, checkpoint = empty_peft_model(path)
+    whole = base_bytes(model)
+    loader = ShardedLoader(model, checkpoint, torch.device("cpu"), seed=7)
+    wrapped = FullyShardedDataParallel(
+        model,
+        auto_wrap_policy=qlora_wrap_policy,
+        param_init_fn=loader,
+        device_id=torch.device("cpu"),
+        use_orig_params=True,
+    )
+    frozen = [handle.flat_param for handle in fsdp_handles(wrapped) if not handle.flat_param.requires_grad]
+    results[rank] = {
+        "whole": whole,
+        "loaded": loader.loaded_bytes,
+        "peak": loader.peak_unsharded_bytes,
+        "local": sum(flat.numel() * flat.element_size() for flat in frozen),
+        "logits": logits(wrapped),
+    }
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_fsdp_no_rank_holds_the_whole_base_and_the_model_is_the_same(deep_model):
+    """Two ranks (gloo) load an 8-layer model through FSDP: each reads every tensor once, holds at most one unit
+    unsharded at a time (never the whole base), keeps half of it, and computes the logits of the model loaded whole."""
+    results = mp.Manager().dict()
+    mp.spawn(wrap_and_report, args=(2, free_port(), str(deep_model), results), nprocs=2)
+    torch.manual_seed(7)
+    reference = logits(whole_peft_model(str(deep_model)))
+    for rank in (0, 1):
+        report = results[rank]
+        assert report["loaded"] == report["whole"]  # every base tensor read, each once
+        assert report["peak"] < 0.2 * report["whole"], report  # the largest unit: embeddings and head, an eighth
+        assert report["local"] <= 0.5 * report["whole"] + 64, report  # its half of the base (FSDP pads shards)
+        torch.testing.assert_close(report["logits"], reference, rtol=0, atol=0)
