@@ -82,6 +82,25 @@ SHAPES: dict[str, dict] = {
             original_max_position_embeddings=8192,
         ),
     ),
+    # meta-llama/Llama-3.1-70B config.json (FSDP-QLoRA: its 4-bit base does not fit one 24 GB GPU)
+    "llama-3.1-70b": dict(
+        _COMMON,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            high_freq_factor=4.0,
+            low_freq_factor=1.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
     # CPU smoke tests: same vocabulary (so the same data files work), tiny body. Dimensions are
     # multiples of 64 so bitsandbytes NF4 blocks fit.
     "tiny": dict(

@@ -12,6 +12,7 @@ gathered (one small unit at a time), and the optimizer state stays per rank (see
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,14 +49,28 @@ def _own_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return list(module.parameters(recurse=False))
 
 
-def qlora_wrap_policy(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-    """FSDP `auto_wrap_policy`: decoder layers, and leaf modules whose parameters all train (LoRA matrices)."""
+def qlora_wrap_policy(
+    module: torch.nn.Module, recurse: bool, nonwrapped_numel: int, own_units: frozenset[int] = frozenset()
+) -> bool:
+    """FSDP `auto_wrap_policy`: decoder layers, leaf modules whose parameters all train (LoRA matrices), and the
+    modules in `own_units` (ids; QLoRAFSDPStrategy puts untied embeddings and output head there)."""
     if recurse:
         return True
-    if type(module).__name__.endswith("DecoderLayer"):
+    if type(module).__name__.endswith("DecoderLayer") or id(module) in own_units:
         return True
     own = _own_parameters(module)
     return bool(own) and not list(module.children()) and all(param.requires_grad for param in own)
+
+
+def embedding_units(model: torch.nn.Module) -> frozenset[int]:
+    """The input embeddings and the output head, as units of their own unless they share their weight: at 70B each
+    is 2 GB in bf16, and in the root unit both would stay gathered for the whole step (FSDP keeps the root's
+    parameters gathered from forward to backward)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embeddings, head = causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()
+    if embeddings is None or head is None or head.weight is embeddings.weight:
+        return frozenset()
+    return frozenset({id(embeddings), id(head)})
 
 
 def unwrapped_name(name: str) -> str:
@@ -173,6 +188,9 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         return base_bytes(model) // self.world_size
 
     def setup(self, trainer) -> None:
+        if self.kwargs.get("auto_wrap_policy") is qlora_wrap_policy:
+            units = embedding_units(self.lightning_module.model)
+            self.kwargs["auto_wrap_policy"] = functools.partial(qlora_wrap_policy, own_units=units)
         super().setup(trainer)
         if self.loader is not None:
             describe(self.loader, self.world_size)

@@ -17,6 +17,7 @@ Pre-quantized folders (`*-bnb-4bit`: packed weights and their quantization state
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -134,11 +135,15 @@ def checkpoint_key(parameter_name: str) -> str:
 def missing_tensors(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint) -> list[str]:
     """Base tensors of `model` (LoRA aside; the base or the PEFT model) that the checkpoint does not hold under the
     model's own names."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tied = set(getattr(base, "all_tied_weights_keys", {}) or {})
+    tied = set(getattr(causal_lm(model), "all_tied_weights_keys", {}) or {})
     names = [name for name, _ in model.named_parameters(remove_duplicate=False) if not is_lora(name)]
     names += [name for name, _ in model.named_buffers() if name.rsplit(".", 1)[-1] not in NON_PERSISTENT_BUFFERS]
     return [key for key in map(checkpoint_key, names) if key not in checkpoint and key not in tied]
+
+
+def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model, under peft or not."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 NON_PERSISTENT_BUFFERS = ("inv_freq", "original_inv_freq")
@@ -171,11 +176,13 @@ class ShardedLoader:
             for name, param in module.named_parameters(recurse=False):
                 self.owners.setdefault(id(param), []).append((module, name))
         self.made: list[torch.Tensor] = []
+        self.started: float | None = None
         self.loaded_bytes = 0
         self.peak_unsharded_bytes = 0
 
     @torch.no_grad()
     def __call__(self, module: torch.nn.Module) -> None:
+        self.started = self.started or time.perf_counter()
         prefix = self.names.get(id(module))
         if prefix is None:  # a wrapper around the model (the LightningModule): nothing of its own to load
             return
@@ -191,7 +198,7 @@ class ShardedLoader:
                 module._buffers[name] = value.to(self.device, buffer.dtype)
                 computed |= not stored
         if computed and not list(module.parameters(recurse=False)):
-            self.model.get_base_model()._init_weights(module)  # rotary frequencies are computed, not stored
+            causal_lm(self.model)._init_weights(module)  # rotary frequencies are computed, not stored
         self.peak_unsharded_bytes = max(self.peak_unsharded_bytes, self.unsharded_bytes())
 
     def parameter(self, module: torch.nn.Module, name: str, meta: torch.nn.Parameter) -> torch.nn.Parameter:
@@ -283,7 +290,8 @@ def materialize(model: torch.nn.Module, loader: ShardedLoader) -> None:
 def describe(loader: ShardedLoader, world_size: int) -> None:
     rank_zero_info(
         f"FSDP sharded loading: each rank read and quantized {size(loader.loaded_bytes)} of base tensors one unit at a "
-        f"time, holding at most {size(loader.peak_unsharded_bytes)} unsharded, and keeps 1/{world_size} of them"
+        f"time, holding at most {size(loader.peak_unsharded_bytes)} unsharded, and keeps 1/{world_size} of them "
+        f"({time.perf_counter() - (loader.started or time.perf_counter()):.1f} s)"
     )
 
 

@@ -14,6 +14,7 @@ resumed run's adapters are from the uninterrupted run's, and whether the exporte
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,14 +23,30 @@ from runs import ROOT, checkpoint_at, fit_in_subprocess, peft_key
 
 from qlora_lit.fsdp import QLoRAFSDPStrategy
 
+CAP_VARIABLE = "FSDP_RANK_CAP_GIB"
+
 
 class SharedGPUFSDPStrategy(QLoRAFSDPStrategy):
-    """qlora_lit's FSDP strategy with two processes on cuda:0, over gloo."""
+    """qlora_lit's FSDP strategy with two processes on cuda:0, over gloo. With FSDP_RANK_CAP_GIB set, each process's
+    allocator is capped at that many GiB (as if each rank had a GPU of that size); each rank prints its peak."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs["process_group_backend"] = "gloo"
         kwargs["parallel_devices"] = [torch.device("cuda", 0)] * 2
         super().__init__(*args, **kwargs)
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        cap = os.environ.get(CAP_VARIABLE)
+        if cap:
+            total = torch.cuda.get_device_properties(self.root_device).total_memory
+            torch.cuda.set_per_process_memory_fraction(float(cap) * 2**30 / total, self.root_device)
+
+    def teardown(self) -> None:
+        peak = torch.cuda.max_memory_allocated(self.root_device) / 2**30
+        reserved = torch.cuda.max_memory_reserved(self.root_device) / 2**30
+        print(f"rank {self.global_rank} peak_allocated_gib {peak:.3f} peak_reserved_gib {reserved:.3f}", flush=True)
+        super().teardown()
 
 
 def fit(folder: Path, *args: str) -> Path:

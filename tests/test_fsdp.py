@@ -17,10 +17,11 @@ from peft import PeftModel
 from runs import peft_key
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from zoo import build_zoo_model
 
 from qlora_lit.data.datamodule import load_tokenizer
 from qlora_lit.errors import ConfigError
-from qlora_lit.fsdp import SHARDS_KEY, QLoRAFSDPStrategy, qlora_wrap_policy
+from qlora_lit.fsdp import SHARDS_KEY, QLoRAFSDPStrategy, embedding_units, qlora_wrap_policy
 from qlora_lit.model import LoraArgs, QuantizationArgs, load_base_model
 from qlora_lit.module import QLoRAModule
 from qlora_lit.samples import DEFAULT_PROMPTS, greedy_answers
@@ -56,6 +57,20 @@ def test_fsdp_units_never_mix_frozen_and_trained_tensors():
         inner = {id(p) for child in unit.modules() if child is not unit and child in units for p in child.parameters()}
         own = [p for p in unit.parameters() if id(p) not in inner]
         assert len({p.requires_grad for p in own}) <= 1, type(unit).__name__
+
+
+def test_untied_embeddings_and_head_are_units_of_their_own_and_tied_ones_stay_together(tmp_path):
+    """At 70B each is 2 GB: in the root unit both would stay gathered for the whole step. Tied, they are one tensor,
+    which FSDP must keep in one unit."""
+    assert embedding_units(tiny_module().model) == frozenset()  # the tiny model ties them
+    untied = load_base_model(str(build_zoo_model("llama-untied", tmp_path)), QuantizationArgs(compute_dtype="float32"))
+    units = embedding_units(untied)
+    assert units == {id(untied.get_input_embeddings()), id(untied.get_output_embeddings())}
+    assert all(
+        qlora_wrap_policy(m, recurse=False, nonwrapped_numel=0, own_units=units)
+        for m in untied.modules()
+        if id(m) in units
+    )
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ The FSDP fits of tests/test_fsdp.py (train, checkpoint, resume, export) go throu
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from pathlib import Path
@@ -114,7 +115,7 @@ def wrap_and_report(rank: int, world_size: int, port: int, path: str, results: d
     """One FSDP rank: the empty model, wrapped with fsdp.yaml's policy and the loader as param_init_fn."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    from qlora_lit.fsdp import qlora_wrap_policy
+    from qlora_lit.fsdp import embedding_units, qlora_wrap_policy
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -124,7 +125,7 @@ def wrap_and_report(rank: int, world_size: int, port: int, path: str, results: d
     loader = ShardedLoader(model, checkpoint, torch.device("cpu"), seed=7)
     wrapped = FullyShardedDataParallel(
         model,
-        auto_wrap_policy=qlora_wrap_policy,
+        auto_wrap_policy=functools.partial(qlora_wrap_policy, own_units=embedding_units(model)),  # as the strategy
         param_init_fn=loader,
         device_id=torch.device("cpu"),
         use_orig_params=True,
@@ -143,7 +144,8 @@ def wrap_and_report(rank: int, world_size: int, port: int, path: str, results: d
 @pytest.mark.slow
 def test_under_fsdp_no_rank_holds_the_whole_base_and_the_model_is_the_same(deep_model):
     """Two ranks (gloo) load an 8-layer model through FSDP: each reads every tensor once, holds at most one unit
-    unsharded at a time (never the whole base), keeps half of it, and computes the logits of the model loaded whole."""
+    unsharded at a time (never the whole base), keeps half of it, and computes the logits of the model loaded whole.
+    The untied embeddings and head are units of their own, as QLoRAFSDPStrategy makes them."""
     results = mp.Manager().dict()
     mp.spawn(wrap_and_report, args=(2, free_port(), str(deep_model), results), nprocs=2)
     torch.manual_seed(7)
@@ -151,6 +153,6 @@ def test_under_fsdp_no_rank_holds_the_whole_base_and_the_model_is_the_same(deep_
     for rank in (0, 1):
         report = results[rank]
         assert report["loaded"] == report["whole"]  # every base tensor read, each once
-        assert report["peak"] < 0.2 * report["whole"], report  # the largest unit: embeddings and head, an eighth
+        assert report["peak"] < 0.15 * report["whole"], report  # the largest unit: one of the 8 layers
         assert report["local"] <= 0.5 * report["whole"] + 64, report  # its half of the base (FSDP pads shards)
         torch.testing.assert_close(report["logits"], reference, rtol=0, atol=0)

@@ -1,0 +1,167 @@
+"""FSDP-QLoRA on GPUs smaller than the 4-bit base: two ranks share one GPU, each capped below the whole base.
+
+    python bench/fsdp_capped.py --model DIR --shape llama-3.1-70b --cap_gib 24 --out results.jsonl
+
+DIR is a bf16 model folder (shapes.py) or a pre-quantized one (prequantized.py). The fit is the CLI itself:
+base.yaml + lowmem.yaml + fsdp.yaml, on two ranks sharing cuda:0 over gloo (tests/fsdp_shared_gpu.py's strategy),
+each rank's allocator capped at --cap_gib (`torch.cuda.set_per_process_memory_fraction`: as if each had a GPU of
+that size), KoAlpaca-like rows of max_length 512 packed into 512-token rows (scaling.py's data). It trains --steps
+optimizer steps and checkpoints, resumes that checkpoint for --resume_steps more, and the exported adapter is then
+loaded onto the (empty) base in plain PEFT and compared with the last checkpoint. One JSON row goes to --out.
+Not a speed measurement of FSDP itself: the collectives go through host memory (gloo), not NVLink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # runs.peft_key
+
+import common  # noqa: E402
+import scaling  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_GPU = ROOT / "tests" / "fsdp_shared_gpu.py"
+
+
+def fit(a: argparse.Namespace, data: Path, run: str, max_steps: int, *extra: str) -> tuple[Path, str, float]:
+    command = [sys.executable, str(SHARED_GPU), "fit", "--config", str(ROOT / "configs" / "base.yaml")]
+    command += ["--config", str(ROOT / "configs" / "lowmem.yaml"), "--config", str(ROOT / "configs" / "fsdp.yaml")]
+    overrides = {
+        "trainer.strategy.class_path": "fsdp_shared_gpu.SharedGPUFSDPStrategy",
+        "trainer.devices": 1,  # the strategy's two processes on cuda:0
+        "model.model_name_or_path": a.model,
+        "model.lora.r": a.lora_r,
+        "data.path": str(data),
+        "data.max_length": 512,
+        "data.pack_length": 512,
+        "data.batch_size": 1,
+        "data.val_size": 2,
+        "trainer.max_steps": max_steps,
+        "trainer.val_check_interval": a.steps,
+        "trainer.log_every_n_steps": 2,
+        "trainer.enable_progress_bar": "false",
+        "trainer.logger.init_args.save_dir": str(a.work_dir),
+        "trainer.logger.init_args.name": "capped",
+        "trainer.logger.init_args.version": "run",
+        "samples.prompts": "[]",  # generation through gloo gathers would take minutes a token at 70B
+        "monitor.peak_tflops": common.H200_BF16_PEAK_TFLOPS,
+    }
+    command += [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+    command += list(extra)
+    env = {**os.environ, "FSDP_RANK_CAP_GIB": str(a.cap_gib), "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    log_path = Path(a.work_dir) / f"{run}.log"
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        code = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.perf_counter() - start
+    text = log_path.read_text()
+    if code:
+        raise SystemExit(f"{run} failed ({code}):\n{text[-3000:]}")
+    return Path(a.work_dir) / "capped" / "run", text, seconds
+
+
+def peaks(log: str) -> list[float]:
+    found = dict(re.findall(r"rank (\d) peak_allocated_gib ([\d.]+)", log))
+    return [float(found[rank]) for rank in sorted(found)]
+
+
+def load_report(log: str) -> tuple[float | None, float | None]:
+    """The base's size per rank and the load time, from the loader's line."""
+    match = re.search(r"read and quantized ([\d.]+) (GiB|MiB).*\(([\d.]+) s\)", log)
+    if not match:
+        return None, None
+    size = float(match.group(1)) / (1024 if match.group(2) == "MiB" else 1)
+    return size, float(match.group(3))
+
+
+def adapter_in_plain_peft(model: str, adapter: Path, checkpoint: Path) -> bool:
+    """The exported adapter is one plain PEFT loads onto the base (an empty base: names and shapes are what can go
+    wrong; no key missing or unexpected), and its values are the last checkpoint's."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from runs import peft_key
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model)
+    config.quantization_config = None
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    peft_model = get_peft_model(base, LoraConfig.from_pretrained(adapter))
+    weights = load_file(adapter / "adapter_model.safetensors")
+    with warnings.catch_warnings():  # copying into the empty base's meta tensors does nothing, and says so per tensor
+        warnings.simplefilter("ignore")
+        result = set_peft_model_state_dict(peft_model, weights)
+    missing = [key for key in result.missing_keys if "lora_" in key]
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    same = saved.keys() and all(torch.equal(weights[peft_key(key)], value) for key, value in saved.items())
+    return not result.unexpected_keys and not missing and len(weights) == len(saved) and bool(same)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--shape", required=True, help="the shape's name, for the results row")
+    p.add_argument("--cap_gib", type=float, required=True)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--resume_steps", type=int, default=2)
+    p.add_argument("--lora_r", type=int, default=4)
+    p.add_argument("--work_dir", default="/tmp/fsdp_capped")
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    Path(a.work_dir).mkdir(parents=True, exist_ok=True)
+    data = scaling.write_text_data(Path(a.work_dir) / "data.jsonl", 2048, 512)
+    run, log, seconds = fit(a, data, "fit", a.steps)
+    last = run / "checkpoints" / "last.ckpt"
+    run, resumed_log, resumed_seconds = fit(a, data, "resumed", a.steps + a.resume_steps, "--ckpt_path", str(last))
+    measured = scaling.measured(run, window=2)
+    base_gib, load_seconds = load_report(log)
+    row = {
+        "system": "qlora_lit",
+        "variant": "fsdp-capped",
+        "model": a.shape,
+        "ranks": 2,
+        "cap_gib": a.cap_gib,
+        "base_4bit_gib_per_rank_read": base_gib,
+        "peak_mem_gib_per_rank": peaks(log),
+        "peak_mem_gib_per_rank_resumed": peaks(resumed_log),
+        "load_seconds": load_seconds,
+        "tokens_per_s": measured["tokens_per_s"],
+        "steps": a.steps + a.resume_steps,
+        "resumed": "resuming" in resumed_log.lower() or "Restored all states" in resumed_log,
+        "adapter_loads_in_plain_peft": adapter_in_plain_peft(a.model, run / "adapter", last),
+        "wall_seconds": [round(seconds, 1), round(resumed_seconds, 1)],
+        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": common.versions(),
+        "settings": {
+            "configs": "base.yaml + lowmem.yaml + fsdp.yaml",
+            "max_length": 512,
+            "pack_length": 512,
+            "batch_size_per_rank": 1,
+            "lora_r": a.lora_r,
+            "samples": "off",
+            "collectives": "gloo (two ranks share one GPU)",
+            "tokens_per_s_from": "the resumed run's TensorBoard windows after the first",
+        },
+    }
+    with open(a.out, "a", encoding="utf-8") as out:
+        out.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
