@@ -8,7 +8,9 @@ each rank's allocator capped at --cap_gib (`torch.cuda.set_per_process_memory_fr
 that size), KoAlpaca-like rows of max_length 512 packed into 512-token rows (scaling.py's data). It trains --steps
 optimizer steps and checkpoints, resumes that checkpoint for --resume_steps more, and the exported adapter is then
 loaded onto the (empty) base in plain PEFT and compared with the last checkpoint. One JSON row goes to --out.
-Not a speed measurement of FSDP itself: the collectives go through host memory (gloo), not NVLink.
+Not a speed measurement of FSDP itself: the collectives go through host memory (gloo), not NVLink. bench/fsdp_memory.py
+computes what each rank needs; with two ranks the 8B shape needs more than 4 GiB (the output head alone, gathered
+whole for the logits, is 1 GiB in bf16), so its capped run takes four.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def fit(a: argparse.Namespace, data: Path, run: str, max_steps: int, *extra: str
         "trainer.devices": 1,  # the strategy's two processes on cuda:0
         "model.model_name_or_path": a.model,
         "model.lora.r": a.lora_r,
+        "model.loss_chunk_tokens": a.loss_chunk_tokens,
         "data.path": str(data),
         "data.max_length": 512,
         "data.pack_length": 512,
@@ -52,6 +55,7 @@ def fit(a: argparse.Namespace, data: Path, run: str, max_steps: int, *extra: str
         "trainer.max_steps": max_steps,
         "trainer.val_check_interval": a.steps,
         "trainer.log_every_n_steps": 2,
+        "trainer.num_sanity_val_steps": 0,
         "trainer.enable_progress_bar": "false",
         "trainer.logger.init_args.save_dir": str(a.work_dir),
         "trainer.logger.init_args.name": "capped",
@@ -61,7 +65,8 @@ def fit(a: argparse.Namespace, data: Path, run: str, max_steps: int, *extra: str
     }
     command += [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
     command += list(extra)
-    env = {**os.environ, "FSDP_RANK_CAP_GIB": str(a.cap_gib), "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    env = {**os.environ, "FSDP_RANK_CAP_GIB": str(a.cap_gib), "FSDP_SHARED_RANKS": str(a.ranks)}
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     log_path = Path(a.work_dir) / f"{run}.log"
     start = time.perf_counter()
@@ -116,9 +121,11 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--shape", required=True, help="the shape's name, for the results row")
     p.add_argument("--cap_gib", type=float, required=True)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--resume_steps", type=int, default=2)
+    p.add_argument("--ranks", type=int, default=2, help="processes sharing the GPU")
+    p.add_argument("--steps", type=int, default=9, help="optimizer steps before the checkpoint that is resumed")
+    p.add_argument("--resume_steps", type=int, default=1)
     p.add_argument("--lora_r", type=int, default=4)
+    p.add_argument("--loss_chunk_tokens", type=int, default=256)
     p.add_argument("--work_dir", default="/tmp/fsdp_capped")
     p.add_argument("--out", required=True)
     a = p.parse_args()
@@ -127,13 +134,13 @@ def main() -> None:
     run, log, seconds = fit(a, data, "fit", a.steps)
     last = run / "checkpoints" / "last.ckpt"
     run, resumed_log, resumed_seconds = fit(a, data, "resumed", a.steps + a.resume_steps, "--ckpt_path", str(last))
-    measured = scaling.measured(run, window=2)
+    measured = scaling.measured(run, window=2) if a.steps > 2 else {"tokens_per_s": None}
     base_gib, load_seconds = load_report(log)
     row = {
         "system": "qlora_lit",
         "variant": "fsdp-capped",
         "model": a.shape,
-        "ranks": 2,
+        "ranks": a.ranks,
         "cap_gib": a.cap_gib,
         "base_4bit_gib_per_rank_read": base_gib,
         "peak_mem_gib_per_rank": peaks(log),
@@ -141,6 +148,7 @@ def main() -> None:
         "load_seconds": load_seconds,
         "tokens_per_s": measured["tokens_per_s"],
         "steps": a.steps + a.resume_steps,
+        "steps_before_resume": a.steps,
         "resumed": "resuming" in resumed_log.lower() or "Restored all states" in resumed_log,
         "adapter_loads_in_plain_peft": adapter_in_plain_peft(a.model, run / "adapter", last),
         "wall_seconds": [round(seconds, 1), round(resumed_seconds, 1)],
@@ -153,6 +161,7 @@ def main() -> None:
             "pack_length": 512,
             "batch_size_per_rank": 1,
             "lora_r": a.lora_r,
+            "loss_chunk_tokens": a.loss_chunk_tokens,
             "samples": "off",
             "collectives": "gloo (two ranks share one GPU)",
             "tokens_per_s_from": "the resumed run's TensorBoard windows after the first",

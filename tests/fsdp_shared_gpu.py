@@ -27,12 +27,13 @@ CAP_VARIABLE = "FSDP_RANK_CAP_GIB"
 
 
 class SharedGPUFSDPStrategy(QLoRAFSDPStrategy):
-    """qlora_lit's FSDP strategy with two processes on cuda:0, over gloo. With FSDP_RANK_CAP_GIB set, each process's
-    allocator is capped at that many GiB (as if each rank had a GPU of that size); each rank prints its peak."""
+    """qlora_lit's FSDP strategy with two processes (FSDP_SHARED_RANKS: more) on cuda:0, over gloo. With
+    FSDP_RANK_CAP_GIB set, each process's allocator is capped at that many GiB (as if each rank had a GPU of that
+    size); each rank prints its peak."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs["process_group_backend"] = "gloo"
-        kwargs["parallel_devices"] = [torch.device("cuda", 0)] * 2
+        kwargs["parallel_devices"] = [torch.device("cuda", 0)] * int(os.environ.get("FSDP_SHARED_RANKS", "2"))
         super().__init__(*args, **kwargs)
 
     def setup_environment(self) -> None:

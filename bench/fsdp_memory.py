@@ -1,0 +1,83 @@
+"""What FSDP-QLoRA needs per GPU, computed from a model's shape: the README's table of what fits where.
+
+    python bench/fsdp_memory.py [--shapes llama-3.1-8b llama-3.1-70b] [--gpus 1 2 4 8] [--tokens 512]
+
+Per rank, as qlora_lit loads and trains (base.yaml + lowmem.yaml + fsdp.yaml): its shard of the packed 4-bit weights
+and of the bf16 embeddings, head and norms; the 4-bit weights' quantization scales, which every rank keeps whole
+(bitsandbytes holds them beside the layer, not as a parameter FSDP could shard); the largest gathered units (a decoder
+layer and the next one prefetched, or the output head); the LoRA weights, gradients and 8-bit Adam state, sharded;
+and the step's transients at `--tokens` tokens per micro-batch: the checkpointed layer inputs, one layer's recomputed
+activations, a dequantized weight and its gradient, one chunk of logits. Add about 0.5 GiB of CUDA context per GPU.
+A model, not a measurement: bench/fsdp_capped.py measures, and docs/FSDP.md sets the two side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import bitsandbytes as bnb
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import shapes  # noqa: E402
+
+from qlora_lit.model import LoraArgs, attach_lora  # noqa: E402
+from qlora_lit.sharded_load import empty_model  # noqa: E402
+
+GIB = 2**30
+LOSS_CHUNK = 256  # bench/fsdp_capped.py's loss_chunk_tokens (lowmem.yaml's: 1024)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # base.yaml's
+
+
+def per_rank_bytes(shape: str, gpus: int, tokens: int, lora_r: int) -> dict[str, float]:
+    config = shapes.make_config(shape)
+    settings = {"quant_type": "nf4", "double_quant": True, "storage": torch.bfloat16}
+    base = empty_model(config, torch.bfloat16, "sdpa", settings)
+    model = attach_lora(base, LoraArgs(r=lora_r, target_modules=TARGETS))
+    packed = scales = plain = lora = 0
+    for _, param in model.named_parameters():
+        if isinstance(param, bnb.nn.Params4bit):
+            packed += param.numel() // 2
+            scales += param.numel() // 64  # one byte per block of 64 (double quantization)
+        elif param.requires_grad:
+            lora += param.numel()
+        else:
+            plain += param.numel() * 2
+    hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    layer_packed = packed / layers
+    head = config.vocab_size * hidden * 2
+    parts = {
+        "sharded base": (packed + plain) / gpus,
+        "scales (every rank)": scales,
+        "gathered units": max(2 * layer_packed, head + layer_packed) if gpus > 1 else 0,
+        "LoRA + grads + 8-bit Adam": lora * (4 + 4 + 2) / gpus,
+        "checkpointed activations": layers * tokens * hidden * 2,
+        "one layer recomputed": tokens * (6 * hidden + 4 * inner) * 2,
+        "dequantized weight + grad": 2 * hidden * inner * 2,
+        "logits chunk": min(tokens, LOSS_CHUNK) * config.vocab_size * (2 + 4 + 4),
+    }
+    return {name: value / GIB for name, value in parts.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["llama-3.1-8b", "llama-3.1-70b"])
+    p.add_argument("--gpus", nargs="+", type=int, default=[1, 2, 4, 8])
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--lora_r", type=int, default=4)
+    a = p.parse_args()
+    print("| model | GPUs | GiB per GPU (computed) | largest parts |")
+    print("| --- | ---: | ---: | --- |")
+    for shape in a.shapes:
+        for gpus in a.gpus:
+            parts = per_rank_bytes(shape, gpus, a.tokens, a.lora_r)
+            top = sorted(parts.items(), key=lambda item: -item[1])[:3]
+            described = ", ".join(f"{name} {value:.1f}" for name, value in top)
+            print(f"| {shape} | {gpus} | {sum(parts.values()):.1f} | {described} |")
+
+
+if __name__ == "__main__":
+    main()
