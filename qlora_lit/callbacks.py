@@ -12,12 +12,10 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
-from qlora_lit.data.datamodule import load_tokenizer
 from qlora_lit.errors import TrainingError, is_disk_full
 from qlora_lit.fsdp import QLoRAFSDPStrategy, save_gathered_adapter
-
-CONFIG_NAME = "qlora_lit_config.yaml"
-DATA_STATS_NAME = "data_stats.json"
+from qlora_lit.run_files import CONFIG_NAME, DATA_STATS_NAME
+from qlora_lit.tokenizer import load_tokenizer
 
 
 def run_dir(trainer: L.Trainer) -> Path:

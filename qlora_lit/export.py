@@ -15,11 +15,11 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from qlora_lit.callbacks import CONFIG_NAME
 from qlora_lit.data.inference import encode_prompts, left_pad
 from qlora_lit.disk_space import ensure_writable
 from qlora_lit.errors import ConfigError
 from qlora_lit.generate import check_adapter_dir, load_for_generation, trained_prompt_format
+from qlora_lit.run_files import CONFIG_NAME
 
 # Prompts the merged model is checked on: with and without the input section, in the training template.
 CHECK_ROWS = [

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from qlora_lit import attention  # noqa: F401 - registers attn_implementation "varlen" with transformers
 from qlora_lit.assets import resolve_asset
-from qlora_lit.data.datamodule import default_cache_dir
+from qlora_lit.cache import default_cache_dir
 from qlora_lit.errors import ConfigError, not_found_message
 from qlora_lit.preflight import choose_attention, expert_parameters, model_config
 

@@ -13,9 +13,9 @@ from peft import PeftModel
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from qlora_lit import attention
+from qlora_lit.decoding import GenerationArgs, generate_texts
 from qlora_lit.errors import ConfigError, TrainingError
 from qlora_lit.fsdp import SHARDS_KEY, QLoRAFSDPStrategy, unwrapped_name
-from qlora_lit.generate import GenerationArgs, generate_texts
 from qlora_lit.loss import chunked_lm_loss_sum, supports_chunked_loss
 from qlora_lit.memory import activation_bytes, needs_checkpointing
 from qlora_lit.model import (

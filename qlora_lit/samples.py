@@ -12,10 +12,10 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from qlora_lit.data.datamodule import load_tokenizer
 from qlora_lit.data.inference import encode_prompts, left_pad
 from qlora_lit.data.prompts import PromptFormat
 from qlora_lit.text_log import as_prose, log_text
+from qlora_lit.tokenizer import load_tokenizer
 
 DEFAULT_PROMPTS = (
     "한국의 아이돌 문화에 대해 알려줘.",
@@ -51,7 +51,7 @@ def greedy_answers(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.compiler.set_stance("force_eager"):  # see generate_texts: no recompiling of training's layers
+    with torch.compiler.set_stance("force_eager"):  # see decoding.generate_texts: no recompiling of training's layers
         output = model.generate(**inputs, generation_config=greedy, synced_gpus=synced)
     return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 

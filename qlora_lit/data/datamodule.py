@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -11,9 +10,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from qlora_lit.assets import resolve_asset
+from qlora_lit.cache import default_cache_dir
 from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count
 from qlora_lit.data.inference import PromptCollator, encode_prompts, read_prompts_file
 from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows
@@ -28,32 +27,10 @@ from qlora_lit.data.prompts import (
 from qlora_lit.data.sampler import EpochBatchSampler
 from qlora_lit.data.sources import check_columns, clean_table, load_sources, source_fingerprint
 from qlora_lit.data.token_cache import cache_key, read_tokens, tokenizer_fingerprint, write_tokens
-from qlora_lit.errors import ConfigError, not_found_message
-from qlora_lit.preflight import remote_code_message
+from qlora_lit.errors import ConfigError
+from qlora_lit.tokenizer import load_tokenizer
 
 OVERLONG_POLICIES = ("truncate", "drop")
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("QLORA_LIT_CACHE", Path.home() / ".cache" / "qlora_lit"))
-
-
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The model's tokenizer; one without a pad token pads with EOS (safe: labels are masked by position)."""
-    try:
-        # trust_remote_code always given: left unset, transformers asks on the terminal whether to run the code
-        tokenizer = AutoTokenizer.from_pretrained(resolve_asset(name_or_path), trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise ConfigError(not_found_message("tokenizer", name_or_path, err)) from err
-    except ValueError as err:  # transformers: the tokenizer's own code would have to run
-        if "trust_remote_code" not in str(err):
-            raise
-        raise ConfigError(remote_code_message(name_or_path)) from err
-    if tokenizer.eos_token_id is None:
-        raise ConfigError(f"tokenizer {name_or_path!r} has no EOS token: the model could not learn to stop")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 class KoAlpacaDataModule(L.LightningDataModule):

@@ -1,0 +1,76 @@
+"""How answers are decoded: the decoding settings (`generate --generation.*`, `model.generation` for `predict`) and
+the batched generation that `generate` and `predict` share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+
+from qlora_lit.errors import ConfigError
+
+
+@dataclass
+class GenerationArgs:
+    """How answers are decoded (the walkthrough's sampling settings by default)."""
+
+    max_new_tokens: int = 256
+    """Longest answer in tokens; generation stops earlier at the tokenizer's EOS."""
+    do_sample: bool = True
+    """Sample the next token; false decodes greedily (deterministic) and ignores temperature, top_k and top_p."""
+    temperature: float = 0.2
+    """Sampling temperature: lower is closer to greedy."""
+    top_k: int = 50
+    """Sample among the k most likely tokens."""
+    top_p: float = 0.95
+    """Sample among the most likely tokens whose probabilities add up to p."""
+    repetition_penalty: float = 1.2
+    """Penalty on tokens already in the text (1.0: none)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ConfigError("generation.temperature must be > 0 and generation.top_p in (0, 1] when sampling")
+
+    def to_generation_config(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> GenerationConfig:
+        # Training ends every answer with the tokenizer's EOS; the model's own stop tokens (e.g. an instruct model's
+        # end-of-turn) are kept too. use_cache: training switched the model config's cache off.
+        model_eos = model.generation_config.eos_token_id
+        model_eos = model_eos if isinstance(model_eos, list) else [model_eos]
+        eos = [tokenizer.eos_token_id] + [t for t in model_eos if t is not None and t != tokenizer.eos_token_id]
+        sampling = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            repetition_penalty=self.repetition_penalty,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            **(sampling if self.do_sample else {}),
+        )
+
+
+def generate_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: dict[str, torch.Tensor],
+    args: GenerationArgs,
+    streamer: TextStreamer | None = None,
+) -> list[str]:
+    """Answers to a batch of left-padded prompts: the new tokens only, decoded, up to the EOS.
+
+    Compiled decoder layers run eagerly here: compiled for training's shapes, they would recompile for every
+    prompt length and KV-cache size (and hit dynamo's recompile limit) for a few forward passes.
+    """
+    input_ids = batch["input_ids"].to(model.device)
+    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=batch["attention_mask"].to(model.device),
+            generation_config=args.to_generation_config(tokenizer, model),
+            streamer=streamer,
+        )
+    answers = tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+    return [answer.strip() for answer in answers]

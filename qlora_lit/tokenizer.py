@@ -1,0 +1,27 @@
+"""The model's tokenizer, loaded the one way every command uses it (training, samples, generate, the adapter folder)."""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from qlora_lit.assets import resolve_asset
+from qlora_lit.errors import ConfigError, not_found_message
+from qlora_lit.preflight import remote_code_message
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; one without a pad token pads with EOS (safe: labels are masked by position)."""
+    try:
+        # trust_remote_code always given: left unset, transformers asks on the terminal whether to run the code
+        tokenizer = AutoTokenizer.from_pretrained(resolve_asset(name_or_path), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ConfigError(not_found_message("tokenizer", name_or_path, err)) from err
+    except ValueError as err:  # transformers: the tokenizer's own code would have to run
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ConfigError(remote_code_message(name_or_path)) from err
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer {name_or_path!r} has no EOS token: the model could not learn to stop")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
