@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import PreTrainedModel
 
 from qlora_lit.data.inference import encode_prompts, left_pad
 from qlora_lit.disk_space import ensure_writable
+from qlora_lit.dtypes import DTypeFlag
 from qlora_lit.errors import ConfigError
 from qlora_lit.generate import check_adapter_dir, load_for_generation, trained_prompt_format
 from qlora_lit.run_files import CONFIG_NAME
@@ -32,7 +32,7 @@ CHECK_ROWS = [
 def export(
     adapter: str,
     output: str,
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16",
+    dtype: DTypeFlag = "bf16",
     model: str | None = None,
     device: str = "auto",
     overwrite: bool = False,

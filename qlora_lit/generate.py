@@ -22,13 +22,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 from qlora_lit.data.inference import PromptFormat, encode_prompts, left_pad, read_prompts_file
 from qlora_lit.decoding import GenerationArgs, generate_texts
 from qlora_lit.disk_space import ensure_writable
+from qlora_lit.dtypes import DTypeFlag, dtype_name
 from qlora_lit.errors import ConfigError
 from qlora_lit.model import QuantizationArgs, load_base_model
 from qlora_lit.run_files import read_run_config
 from qlora_lit.tokenizer import load_tokenizer
 
-DTypeFlag = Literal["auto", "bf16", "fp16", "fp32"]
-DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTypeChoice = Literal["auto", DTypeFlag]  # auto: bf16 on a GPU that has it, else fp32
 
 
 def check_adapter_dir(adapter: str) -> None:
@@ -58,19 +58,19 @@ def resolve_device(device: str) -> torch.device:
     return target
 
 
-def resolve_dtype(dtype: DTypeFlag, device: torch.device) -> str:
+def resolve_dtype(dtype: DTypeChoice, device: torch.device) -> str:
     """`auto`: bf16 on a GPU that has it, fp32 on a CPU (where bf16 matrix products are slower)."""
     if dtype == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return "bfloat16" if bf16 else "float32"
-    return DTYPE_NAMES[dtype]
+    return dtype_name(dtype)
 
 
 def load_for_generation(
     adapter: str | None = None,
     model: str | None = None,
     quantize: Literal["4bit", "none"] = "4bit",
-    dtype: DTypeFlag = "auto",
+    dtype: DTypeChoice = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
@@ -130,7 +130,7 @@ def generate(
     model: str | None = None,
     prompt_format: PromptFormat | None = None,
     quantize: Literal["4bit", "none"] = "4bit",
-    dtype: DTypeFlag = "auto",
+    dtype: DTypeChoice = "auto",
     generation: GenerationArgs = GenerationArgs(),  # noqa: B008 - frozen-by-convention settings
     batch_size: int = 8,
     device: str = "auto",

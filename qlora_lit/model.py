@@ -19,16 +19,12 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 from qlora_lit import attention  # noqa: F401 - registers attn_implementation "varlen" with transformers
 from qlora_lit.assets import resolve_asset
 from qlora_lit.cache import default_cache_dir
+from qlora_lit.dtypes import DTypeName, to_dtype
 from qlora_lit.errors import ConfigError, not_found_message
 from qlora_lit.preflight import choose_attention, expert_parameters, model_config
 
-DTypeName = Literal["bfloat16", "float16", "float32"]
 AttnImplementation = Literal["auto", "sdpa", "eager", "varlen", "flash_attention_2", "flex_attention"]
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen", "flash_attention_2", "flex_attention")
-
-
-def to_dtype(name: str) -> torch.dtype:
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}[name]
 
 
 @dataclass

@@ -14,9 +14,10 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from qlora_lit import attention
 from qlora_lit.decoding import GenerationArgs, generate_texts
+from qlora_lit.dtypes import to_dtype
 from qlora_lit.errors import ConfigError, TrainingError
 from qlora_lit.fsdp import SHARDS_KEY, QLoRAFSDPStrategy, unwrapped_name
-from qlora_lit.loss import chunked_lm_loss_sum, supports_chunked_loss
+from qlora_lit.loss import IGNORE_INDEX, chunked_lm_loss_sum, supports_chunked_loss
 from qlora_lit.memory import activation_bytes, needs_checkpointing
 from qlora_lit.model import (
     AttnImplementation,
@@ -27,7 +28,6 @@ from qlora_lit.model import (
     compile_decoder_layers,
     count_lora_parameters,
     load_base_model,
-    to_dtype,
 )
 from qlora_lit.optim import OptimizerArgs, apply_optimizer_settings, build_optimizer, build_scheduler
 from qlora_lit.preflight import (
@@ -240,7 +240,7 @@ class QLoRAModule(L.LightningModule):
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token loss over the labelled positions of `batch`, and how many there are."""
         causal_lm = self.model.get_base_model()
-        label_tokens = (batch["labels"][:, 1:] != -100).sum()  # the model shifts labels by one
+        label_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the model shifts labels by one
         if self.loss_chunk_tokens and supports_chunked_loss(causal_lm):
             return chunked_lm_loss_sum(causal_lm, self.model_inputs(batch), self.loss_chunk_tokens), label_tokens
         return self(**batch).loss * label_tokens, label_tokens

@@ -10,8 +10,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from qlora_lit.data.collate import IGNORE_INDEX
 from qlora_lit.flops import LoraFlops, peak_tflops
+from qlora_lit.loss import IGNORE_INDEX
 
 
 class TrainingMonitor(Callback):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from qlora_lit.loss import IGNORE_INDEX
 
 
 @dataclass
@@ -23,8 +23,7 @@ class PaddingCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(example["input_ids"]) for example in examples]
-        multiple = self.pad_to_multiple_of
-        width = -(-max(lengths) // multiple) * multiple
+        width = padded_width(max(lengths), self.pad_to_multiple_of)
         input_ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -38,6 +37,11 @@ class PaddingCollator:
         if "step_label_tokens" in examples[0]:
             batch["step_label_tokens"] = torch.tensor(examples[0]["step_label_tokens"])
         return batch
+
+
+def padded_width(longest: int, multiple: int) -> int:
+    """The width a batch whose longest row has `longest` tokens is padded to: the next multiple of `multiple`."""
+    return -(-longest // multiple) * multiple
 
 
 def label_count(example: dict, train_on_prompt: bool = False) -> int:

@@ -24,7 +24,7 @@ from qlora_lit.data.prompts import (
     template_fingerprint,
     tokenize_rows,
 )
-from qlora_lit.data.sampler import EpochBatchSampler
+from qlora_lit.data.sampler import EpochBatchSampler, batch_count
 from qlora_lit.data.sources import check_columns, clean_table, load_sources, source_fingerprint
 from qlora_lit.data.token_cache import cache_key, read_tokens, tokenizer_fingerprint, write_tokens
 from qlora_lit.errors import ConfigError
@@ -179,7 +179,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         Lightning would stop at once ("No training batches") and the run would export an untrained adapter."""
         devices = self.trainer.world_size if self.trainer is not None else 1
         rows = len(self.packed_rows) if self.pack_length else len(self.train_set)
-        batches = -(-rows // self.batch_size)
+        batches = batch_count(rows, self.batch_size)
         if batches < devices:
             kind = "packed rows" if self.pack_length else "rows"
             raise ConfigError(

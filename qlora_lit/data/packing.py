@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qlora_lit.data.collate import IGNORE_INDEX, label_count
+from qlora_lit.data.collate import label_count, padded_width
+from qlora_lit.loss import IGNORE_INDEX
 
 
 def pack_rows(lengths: Sequence[int], pack_length: int) -> list[list[int]]:
@@ -82,8 +83,7 @@ class PackingCollator:
     pad_to_multiple_of: int = 8
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        multiple = self.pad_to_multiple_of
-        width = -(-max(len(row["input_ids"]) for row in rows) // multiple) * multiple
+        width = padded_width(max(len(row["input_ids"]) for row in rows), self.pad_to_multiple_of)
         batch = {
             "input_ids": torch.full((len(rows), width), self.pad_id, dtype=torch.long),
             "position_ids": torch.arange(width).repeat(len(rows), 1),

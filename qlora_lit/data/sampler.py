@@ -110,4 +110,9 @@ class EpochBatchSampler(torch.utils.data.Sampler[list]):
 
     def __len__(self) -> int:
         rank, world_size = self.world()
-        return -(-len(self.lengths) // self.batch_size) // world_size
+        return batch_count(len(self.lengths), self.batch_size) // world_size
+
+
+def batch_count(items: int, batch_size: int) -> int:
+    """Batches of at most `batch_size` that `items` make (the last one may be short)."""
+    return -(-items // batch_size)

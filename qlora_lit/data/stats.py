@@ -15,6 +15,7 @@ import numpy as np
 import yaml
 from jsonargparse import ArgumentParser
 
+from qlora_lit.data.collate import padded_width
 from qlora_lit.data.datamodule import KoAlpacaDataModule
 from qlora_lit.data.sampler import EpochBatchSampler
 from qlora_lit.data.token_cache import read_tokens
@@ -111,11 +112,10 @@ def padding_fraction(data: KoAlpacaDataModule, lengths: list[int], group_by_leng
     """Share of padding tokens in one epoch of batches of `lengths` (examples or packed rows), as the sampler and
     collators would build them."""
     sampler = EpochBatchSampler(lengths, data.batch_size, seed=data.seed, group_by_length=group_by_length)
-    multiple = data.pad_to_multiple_of
     real = padded = 0
     for batch in sampler.all_batches():
         widest = max(lengths[i] for i in batch)
-        padded += -(-widest // multiple) * multiple * len(batch)
+        padded += padded_width(widest, data.pad_to_multiple_of) * len(batch)
         real += sum(lengths[i] for i in batch)
     return 1 - real / padded
 
