@@ -15,10 +15,11 @@ import torch
 from transformers import PreTrainedModel
 
 from qlora_lit.data.inference import encode_prompts, left_pad
+from qlora_lit.data.prompts import trained_format_name
 from qlora_lit.disk_space import ensure_writable
 from qlora_lit.dtypes import DTypeFlag
 from qlora_lit.errors import ConfigError
-from qlora_lit.generate import check_adapter_dir, load_for_generation, trained_prompt_format
+from qlora_lit.generate import check_adapter_dir, load_for_generation
 from qlora_lit.run_files import CONFIG_NAME
 
 # Prompts the merged model is checked on: with and without the input section, in the training template.
@@ -67,7 +68,7 @@ def export(
     peft_model, tokenizer, run_config = load_for_generation(
         adapter, model, quantize="none", dtype=dtype, device=device, trust_remote_code=trust_remote_code
     )
-    samples = left_pad(tokenizer, encode_prompts(tokenizer, CHECK_ROWS, trained_prompt_format(run_config)))
+    samples = left_pad(tokenizer, encode_prompts(tokenizer, CHECK_ROWS, trained_format_name(run_config)))
     unmerged = real_token_logits(peft_model, samples)
     merged = peft_model.merge_and_unload()
     difference = (real_token_logits(merged, samples) - unmerged).abs().max().item()

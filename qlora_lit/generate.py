@@ -19,7 +19,8 @@ from peft import PeftModel
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
-from qlora_lit.data.inference import PromptFormat, encode_prompts, left_pad, read_prompts_file
+from qlora_lit.data.inference import encode_prompts, left_pad, read_prompts_file
+from qlora_lit.data.prompts import PromptFormatName, trained_format_name
 from qlora_lit.decoding import GenerationArgs, generate_texts
 from qlora_lit.disk_space import ensure_writable
 from qlora_lit.dtypes import DTypeFlag, dtype_name
@@ -117,10 +118,6 @@ def _adapter_base_name(adapter: str) -> str:
     return config["base_model_name_or_path"]
 
 
-def trained_prompt_format(run_config: dict[str, Any]) -> PromptFormat:
-    return (run_config.get("data") or {}).get("prompt_format") or "koalpaca"
-
-
 def generate(
     prompt: str | None = None,
     input: str | None = None,
@@ -128,7 +125,7 @@ def generate(
     output: str | None = None,
     adapter: str | None = None,
     model: str | None = None,
-    prompt_format: PromptFormat | None = None,
+    prompt_format: PromptFormatName | None = None,
     quantize: Literal["4bit", "none"] = "4bit",
     dtype: DTypeChoice = "auto",
     generation: GenerationArgs = GenerationArgs(),  # noqa: B008 - frozen-by-convention settings
@@ -168,7 +165,7 @@ def generate(
             raise ConfigError(f"--output {output!r} is a folder; give the path of the JSONL file to write")
         ensure_writable(Path(output).expanduser().parent, "the answers", "--output")
     loaded, tokenizer, run_config = load_for_generation(adapter, model, quantize, dtype, device, trust_remote_code)
-    prompt_format = prompt_format or trained_prompt_format(run_config)
+    prompt_format = prompt_format or trained_format_name(run_config)
     if seed is not None:
         torch.manual_seed(seed)
     if prompt is not None:
@@ -182,7 +179,7 @@ def answer_rows(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     rows: list[dict],
-    prompt_format: PromptFormat,
+    prompt_format: str,
     generation: GenerationArgs,
     batch_size: int,
     output: str | None,

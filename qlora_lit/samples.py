@@ -13,7 +13,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from qlora_lit.data.inference import encode_prompts, left_pad
-from qlora_lit.data.prompts import PromptFormat
+from qlora_lit.data.prompts import DEFAULT_FORMAT
 from qlora_lit.text_log import as_prose, log_text
 from qlora_lit.tokenizer import load_tokenizer
 
@@ -31,7 +31,7 @@ def greedy_answers(
     instructions: list[str],
     max_new_tokens: int,
     synced: bool = False,
-    prompt_format: PromptFormat = "koalpaca",
+    prompt_format: str = DEFAULT_FORMAT,
 ) -> list[str]:
     """The model's greedy continuations of the training prompts for `instructions`, without the prompts.
 
@@ -91,7 +91,7 @@ class SampleGenerations(Callback):
                 trainer.precision_plugin.forward_context(),
                 root_weights_gathered(trainer.strategy.model) if sharded else nullcontext(),
             ):
-                prompt_format = getattr(trainer.datamodule, "prompt_format", "koalpaca")
+                prompt_format = getattr(trainer.datamodule, "prompt_format", DEFAULT_FORMAT)
                 answers = greedy_answers(
                     model, tokenizer, self.prompts, self.max_new_tokens, synced=sharded, prompt_format=prompt_format
                 )

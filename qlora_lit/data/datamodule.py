@@ -17,11 +17,11 @@ from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_cou
 from qlora_lit.data.inference import PromptCollator, encode_prompts, read_prompts_file
 from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows
 from qlora_lit.data.prompts import (
+    DEFAULT_FORMAT,
     PromptFormat,
-    check_chat_template,
-    check_prompt_format,
+    PromptFormatName,
+    check_format_name,
     fit_to_length,
-    template_fingerprint,
     tokenize_rows,
 )
 from qlora_lit.data.sampler import EpochBatchSampler, batch_count
@@ -68,7 +68,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         tokenizer: str = "builtin:tiny-llama",
         columns: dict[str, str] | None = None,
         encoding: str = "utf-8",
-        prompt_format: PromptFormat = "koalpaca",
+        prompt_format: PromptFormatName = DEFAULT_FORMAT,
         max_length: int = 512,
         overlong: Literal["truncate", "drop"] = "truncate",
         pack_length: int | None = None,
@@ -107,6 +107,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.format: PromptFormat | None = None  # data.prompt_format for this tokenizer, made with it
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
         self.packed_rows: list[list[int]] = []
@@ -121,9 +122,12 @@ class KoAlpacaDataModule(L.LightningDataModule):
         return [self.path] if isinstance(self.path, str) else list(self.path)
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, loaded once, and with it the prompt format (`self.format`)."""
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
-            check_chat_template(self.tokenizer, self.prompt_format, self.tokenizer_name)
+            tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
+            setting = f"data.prompt_format={self.prompt_format}"
+            self.format = PromptFormat.named(self.prompt_format, tokenizer, setting, self.tokenizer_name)
+            self.tokenizer = tokenizer
         return self.tokenizer
 
     @property
@@ -135,7 +139,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
             self.columns,
             codecs.lookup(self.encoding).name,
             tokenizer_fingerprint(tokenizer),
-            template_fingerprint(tokenizer, self.prompt_format),
+            self.format.fingerprint(),
         )
         return self.cache_dir / f"tokens-{key}.parquet"
 
@@ -147,7 +151,8 @@ class KoAlpacaDataModule(L.LightningDataModule):
         if path.exists():
             return
         table, stats = clean_table(load_sources(self.paths, self.columns, self.encoding))
-        prompt_ids, response_ids = tokenize_rows(self.load_tokenizer(), table, self.prompt_format)
+        self.load_tokenizer()
+        prompt_ids, response_ids = tokenize_rows(self.format, table)
         write_tokens(path, prompt_ids, response_ids, stats)
 
     def setup(self, stage: str | None = None) -> None:
@@ -192,7 +197,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         """Only the prompts to answer: predicting never reads (or downloads) the training data."""
         if self.predict_path is None:
             raise ConfigError('predict needs data.predict_path: a JSONL file with an "instruction" per line')
-        self.tokenizer = self.tokenizer or load_tokenizer(self.tokenizer_name, self.trust_remote_code)
+        self.load_tokenizer()
         self.predict_rows = read_prompts_file(self.predict_path)
 
     def _split(self, examples: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -287,7 +292,7 @@ def check_settings(
         codecs.lookup(encoding)
     except LookupError:
         raise ConfigError(f"data.encoding {encoding!r} is not an encoding Python knows (e.g. utf-8, cp949)") from None
-    check_prompt_format(prompt_format)
+    check_format_name(prompt_format)
     if max_length < 16:
         raise ConfigError(f"data.max_length must be at least 16 tokens, got {max_length}")
     if overlong not in OVERLONG_POLICIES:

@@ -1,18 +1,16 @@
-"""Prompts to answer rather than to train on: a prompts file, the training template, left-padded batches."""
+"""Prompts to answer rather than to train on: a prompts file, put in the training format (data/prompts.py), left-padded
+batches."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from qlora_lit.data.prompts import build_prompt
+from qlora_lit.data.prompts import DEFAULT_FORMAT, Message, PromptFormat, row_messages
 from qlora_lit.errors import ConfigError
-
-PromptFormat = Literal["koalpaca", "chat"]
 
 
 def read_prompts_file(path: str | Path) -> list[dict]:
@@ -48,28 +46,23 @@ def _parse_prompt_line(line: str, where: str) -> dict:
     return row
 
 
+def prompt_messages(row: dict) -> list[Message]:
+    """A prompts-file row as the conversation to answer: its instruction (and input) as one user turn."""
+    return row_messages(row["instruction"], row.get("input"))
+
+
 def format_prompt(
-    tokenizer: PreTrainedTokenizerBase,
-    instruction: str,
-    input: str | None = None,
-    prompt_format: PromptFormat = "koalpaca",
+    tokenizer: PreTrainedTokenizerBase, instruction: str, input: str | None = None, prompt_format: str = DEFAULT_FORMAT
 ) -> str:
     """The text the model completes, in the format it was trained with (data.prompt_format)."""
-    if prompt_format == "koalpaca":
-        return build_prompt(instruction, input)
-    if tokenizer.chat_template is None:
-        raise ConfigError('prompt_format "chat" needs a tokenizer with a chat template; this one has none')
-    content = f"{instruction}\n\n{input}" if input and input.strip() else instruction
-    messages = [{"role": "user", "content": content}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return PromptFormat.named(prompt_format, tokenizer).prompt(row_messages(instruction, input))
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, rows: list[dict], prompt_format: PromptFormat = "koalpaca"
+    tokenizer: PreTrainedTokenizerBase, rows: list[dict], prompt_format: str = DEFAULT_FORMAT
 ) -> list[list[int]]:
-    """Token ids of each row's prompt, as in training (a chat template writes its own BOS, so none is added)."""
-    texts = [format_prompt(tokenizer, row["instruction"], row.get("input"), prompt_format) for row in rows]
-    return tokenizer(texts, add_special_tokens=prompt_format == "koalpaca")["input_ids"]
+    """Token ids of each row's prompt, as training tokenized it (data.prompt_format's format)."""
+    return PromptFormat.named(prompt_format, tokenizer).prompt_ids([prompt_messages(row) for row in rows])
 
 
 def left_pad(tokenizer: PreTrainedTokenizerBase, ids: list[list[int]]) -> dict[str, torch.Tensor]:
