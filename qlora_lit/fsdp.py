@@ -245,3 +245,38 @@ class QLoRAFSDPStrategy(FSDPStrategy):
                     "new run from its adapter"
                 )
             optimizer.load_state_dict(shards[self.global_rank])
+
+
+def shards_the_model(strategy: Any) -> bool:
+    """Whether the strategy is FSDP: each rank holds shards of the parameters (flat), not whole tensors."""
+    return isinstance(strategy, FSDPStrategy)
+
+
+def check_fsdp_strategy(strategy: Any) -> None:
+    """FSDP for a 4-bit base with adapters means QLoRAFSDPStrategy, not Lightning's own FSDPStrategy."""
+    if shards_the_model(strategy) and not isinstance(strategy, QLoRAFSDPStrategy):
+        raise ConfigError(
+            "trainer.strategy: for FSDP use qlora_lit.fsdp.QLoRAFSDPStrategy (configs/fsdp.yaml); Lightning's "
+            "FSDPStrategy would gather the whole frozen base for every checkpoint and cannot save the 8-bit "
+            "optimizer state"
+        )
+
+
+def check_predict_strategy(strategy: Any) -> None:
+    """`predict` runs unsharded: ranks that answer different prompts would wait forever for each other's shards."""
+    if shards_the_model(strategy):
+        raise ConfigError(
+            "predict does not run under FSDP: leave configs/fsdp.yaml out (the default strategy or ddp); the "
+            "4-bit base with its adapter fits one GPU whenever FSDP could load it"
+        )
+
+
+def clip_sharded_grad_norm(root: torch.nn.Module, max_norm: float | None, algorithm: str | None) -> bool:
+    """Clip the gradients' norm across every rank's shards when `root` is FSDP-wrapped and clipping is by norm;
+    returns whether it did (else Lightning's own clipping applies). Lightning's FSDP precision refuses to clip by
+    norm: the norm spans every rank's shard, and only the root FSDP module computes it (its clip_grad_norm_
+    all-reduces the shards' squares)."""
+    if not max_norm or algorithm == "value" or not isinstance(root, FullyShardedDataParallel):
+        return False
+    root.clip_grad_norm_(max_norm)
+    return True

@@ -7,16 +7,29 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PeftModel
-from torch.distributed.fsdp import FullyShardedDataParallel
 
 from qlora_lit import attention
+from qlora_lit.checkpoint_state import (
+    RANDOM_STREAMS_KEY,
+    all_random_streams,
+    check_adapter_tensors,
+    check_resume,
+    restore_random_streams,
+    trained_names,
+    trained_tensors,
+)
 from qlora_lit.decoding import GenerationArgs, generate_texts
 from qlora_lit.dtypes import to_dtype
 from qlora_lit.errors import ConfigError, TrainingError
-from qlora_lit.fsdp import SHARDS_KEY, QLoRAFSDPStrategy, unwrapped_name
+from qlora_lit.fsdp import (
+    QLoRAFSDPStrategy,
+    check_fsdp_strategy,
+    check_predict_strategy,
+    clip_sharded_grad_norm,
+    shards_the_model,
+)
 from qlora_lit.loss import IGNORE_INDEX, chunked_lm_loss_sum, supports_chunked_loss
 from qlora_lit.memory import activation_bytes, needs_checkpointing
 from qlora_lit.model import (
@@ -32,12 +45,12 @@ from qlora_lit.model import (
 from qlora_lit.optim import OptimizerArgs, apply_optimizer_settings, build_optimizer, build_scheduler
 from qlora_lit.preflight import (
     check_gpu_generation,
+    check_precision,
     check_vocabulary,
     choose_attention,
     describe_experts,
     model_config,
 )
-from qlora_lit.resume import fixed_setting_changes
 
 
 class QLoRAModule(L.LightningModule):
@@ -128,17 +141,8 @@ class QLoRAModule(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         strategy = self.trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, FSDPStrategy) and not isinstance(strategy, QLoRAFSDPStrategy):
-            raise ConfigError(
-                "trainer.strategy: for FSDP use qlora_lit.fsdp.QLoRAFSDPStrategy (configs/fsdp.yaml); Lightning's "
-                "FSDPStrategy would gather the whole frozen base for every checkpoint and cannot save the 8-bit "
-                "optimizer state"
-            )
-        if self.quantization.enabled and precision in ("bf16-true", "16-true", "64-true"):
-            raise ConfigError(
-                f"trainer.precision={precision} casts the whole model, which 4/8-bit weights cannot take; "
-                "use bf16-mixed or 32-true (the 4-bit layers compute in quantization.compute_dtype either way)"
-            )
+        check_fsdp_strategy(strategy)
+        check_precision(precision, self.quantization.enabled)
         check_gpu_generation(device, precision, self.quantization.compute_dtype)
         config = model_config(self.model_name_or_path, self.trust_remote_code)
         tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
@@ -294,11 +298,7 @@ class QLoRAModule(L.LightningModule):
         self._val_tokens.zero_()
 
     def on_predict_start(self) -> None:
-        if isinstance(self.trainer.strategy, FSDPStrategy):  # ranks answering different prompts would deadlock
-            raise ConfigError(
-                "predict does not run under FSDP: leave configs/fsdp.yaml out (the default strategy or ddp); the "
-                "4-bit base with its adapter fits one GPU whenever FSDP could load it"
-            )
+        check_predict_strategy(self.trainer.strategy)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, list]:
         """Answers to a batch of left-padded prompts (data.predict_path); PredictionWriter writes them."""
@@ -315,86 +315,30 @@ class QLoRAModule(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
-        root = self.trainer.model
-        if gradient_clip_val and gradient_clip_algorithm != "value" and isinstance(root, FullyShardedDataParallel):
-            # Lightning's FSDP precision refuses to clip by norm: the norm spans every rank's shard, and only the
-            # root FSDP module computes it (its clip_grad_norm_ all-reduces the shards' squares).
-            root.clip_grad_norm_(gradient_clip_val)
-            return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if not clip_sharded_grad_norm(self.trainer.model, gradient_clip_val, gradient_clip_algorithm):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def trainable_keys(self) -> set[str]:
         """Names of the trained tensors as state dicts spell them (FSDP's wrapper prefix removed)."""
-        return {unwrapped_name(name) for name, param in self.named_parameters() if param.requires_grad}
+        return trained_names(self)
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Only the trained tensors: the frozen (4-bit) base stays out of checkpoints (under FSDP, QLoRAFSDPStrategy
         gathers the same tensors itself)."""
-        full = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        keep = {prefix + key for key in self.trainable_keys()}
-        return type(full)((key, value) for key, value in full.items() if key in keep)
+        return trained_tensors(super().state_dict(*args, **kwargs), self.trainable_keys(), kwargs.get("prefix", ""))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Every rank's random stream (LoRA dropout) goes along, so a resumed run continues exactly as an
-        # uninterrupted one: ranks draw different amounts (their batches differ), so their streams differ.
-        # Torch generators only (tensors), so the checkpoint still loads with weights_only=True.
-        local = {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        ranks = [local]
-        if self.trainer.world_size > 1:  # every rank saves (Lightning's checkpoints and ours alike)
-            ranks = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(ranks, local)
-        checkpoint["torch_rng"] = ranks
-
-    def restore_random_streams(self, ranks: list[dict] | dict) -> None:
-        """This rank's saved streams; rank 0's when the run resumes on another number of processes (close, not
-        exact: the other ranks' dropout masks then differ from an uninterrupted run's)."""
-        ranks = [ranks] if isinstance(ranks, dict) else ranks  # earlier checkpoints held one rank's streams
-        state = ranks[self.global_rank] if len(ranks) == self.trainer.world_size else ranks[0]
-        torch.set_rng_state(state["cpu"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        checkpoint[RANDOM_STREAMS_KEY] = all_random_streams(self.trainer.world_size)  # LoRA dropout's, every rank's
 
     def on_train_start(self) -> None:
         if self.trainer.ckpt_path:
             apply_optimizer_settings(self.trainer, self.optimizer_args)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """With strict loading off, check ourselves that every trained tensor is in the checkpoint, shape for shape."""
-        trained_on = checkpoint.get("hyper_parameters", {}).get("model_name_or_path")
-        if trained_on and trained_on != self.model_name_or_path:
-            rank_zero_warn(
-                f"resuming a checkpoint trained on {trained_on!r} with model_name_or_path={self.model_name_or_path!r}"
-                " (fine if it is the same model at another path; the adapter shapes are checked next)"
-            )
-        changed = fixed_setting_changes(checkpoint.get("hyper_parameters", {}), self.hparams)
-        if changed:
-            raise ConfigError(
-                "resuming this checkpoint cannot change what its adapters are: "
-                + "; ".join(f"{key} was {saved!r}, now {now!r}" for key, saved, now in changed)
-                + ". Resume with the checkpoint's values, or start a new run (leave --ckpt_path out)"
-            )
-        saved_sharded = any(SHARDS_KEY in state for state in checkpoint.get("optimizer_states", []))
-        if saved_sharded and self.trainer.state.fn == "fit" and not isinstance(self.trainer.strategy, FSDPStrategy):
-            raise ConfigError(
-                "this checkpoint was saved under FSDP (configs/fsdp.yaml), with the optimizer state in shards: "
-                "resume it with configs/fsdp.yaml on as many GPUs, or start a new run from its adapter"
-            )
-        if "torch_rng" in checkpoint:
-            self.restore_random_streams(checkpoint["torch_rng"])
-        saved = checkpoint["state_dict"]
-        params = {unwrapped_name(name): param for name, param in self.named_parameters()}
-        missing = sorted(self.trainable_keys() - saved.keys())
-        sharded = isinstance(self.trainer.strategy, FSDPStrategy)  # flat shards: QLoRAFSDPStrategy checks shapes
-        compared = [] if sharded else self.trainable_keys() & saved.keys()
-        wrong_shape = [key for key in compared if saved[key].shape != params[key].shape]
-        unexpected = sorted(saved.keys() - params.keys())
-        if missing or wrong_shape or unexpected:
-            raise ConfigError(
-                "the checkpoint does not match this model's adapters (another model or LoRA setting?): "
-                f"{len(missing)} missing, e.g. {missing[:3]}; {len(wrong_shape)} of another shape, e.g. "
-                f"{wrong_shape[:3]}; {len(unexpected)} unknown, e.g. {unexpected[:3]}"
-            )
+        """With strict loading off, check ourselves that the checkpoint is this model's, with these adapters."""
+        sharded = shards_the_model(self.trainer.strategy)
+        fitting = self.trainer.state.fn == "fit"
+        check_resume(checkpoint, self.hparams, self.model_name_or_path, sharded, fitting)
+        if RANDOM_STREAMS_KEY in checkpoint:
+            restore_random_streams(checkpoint[RANDOM_STREAMS_KEY], self.global_rank, self.trainer.world_size)
+        check_adapter_tensors(checkpoint["state_dict"], self, compare_shapes=not sharded)

@@ -121,6 +121,15 @@ def check_gpu_generation(device: torch.device, precision: str, compute_dtype: st
         )
 
 
+def check_precision(precision: str, quantized: bool) -> None:
+    """Trainer precisions that cast the whole model (bf16-true, ...) cannot apply to 4-bit or 8-bit weights."""
+    if quantized and precision in ("bf16-true", "16-true", "64-true"):
+        raise ConfigError(
+            f"trainer.precision={precision} casts the whole model, which 4/8-bit weights cannot take; "
+            "use bf16-mixed or 32-true (the 4-bit layers compute in quantization.compute_dtype either way)"
+        )
+
+
 def check_vocabulary(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, model_name: str) -> None:
     """A tokenizer with more tokens than the model's embedding matrix has rows fails at the first such token."""
     rows = config.get_text_config().vocab_size
