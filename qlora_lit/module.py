@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from typing import Any, Literal
 
 import lightning as L
@@ -53,6 +53,16 @@ from qlora_lit.preflight import (
 )
 
 
+def checkpointed_settings(arguments: dict[str, Any]) -> dict[str, Any]:
+    """QLoRAModule's arguments as its checkpoints keep them (`hparams`): plain containers, the settings dataclasses as
+    dicts, so a checkpoint loads with torch.load(weights_only=True). `generation` stays out: LightningCLI lays a
+    checkpoint's hparams over the command line, which would pin `predict --ckpt_path` to training's decoding."""
+    left_out = ("self", "__class__", "generation")
+    return {
+        key: asdict(value) if is_dataclass(value) else value for key, value in arguments.items() if key not in left_out
+    }
+
+
 class QLoRAModule(L.LightningModule):
     """QLoRA fine-tuning of a Hugging Face causal LM.
 
@@ -97,24 +107,10 @@ class QLoRAModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters(checkpointed_settings(locals()))  # first: `locals()` holds the arguments only
         check_attn_implementation(attn_implementation)
-        # Plain dicts, so checkpoints load with torch.load(weights_only=True). `generation` stays out: LightningCLI lays
-        # a checkpoint's hparams over the command line, which would pin `predict --ckpt_path` to training's decoding.
-        self.save_hyperparameters(
-            {
-                "model_name_or_path": model_name_or_path,
-                "quantization": asdict(quantization),
-                "lora": asdict(lora),
-                "optimizer": asdict(optimizer),
-                "gradient_checkpointing": gradient_checkpointing,
-                "upcast_to_fp32": upcast_to_fp32,
-                "trust_remote_code": trust_remote_code,
-                "loss_chunk_tokens": loss_chunk_tokens,
-                "attn_implementation": attn_implementation,
-                "nonfinite_loss": nonfinite_loss,
-                "compile": compile,
-            }
-        )
+        if loss_chunk_tokens < 0:
+            raise ConfigError(f"model.loss_chunk_tokens must be >= 0, got {loss_chunk_tokens}")
         self.model_name_or_path = model_name_or_path
         self.quantization = quantization
         self.lora = lora
@@ -122,8 +118,6 @@ class QLoRAModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.upcast_to_fp32 = upcast_to_fp32
         self.trust_remote_code = trust_remote_code
-        if loss_chunk_tokens < 0:
-            raise ConfigError(f"model.loss_chunk_tokens must be >= 0, got {loss_chunk_tokens}")
         self.loss_chunk_tokens = loss_chunk_tokens
         self.generation = generation
         self.attn_implementation = attn_implementation

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,89 +34,102 @@ from qlora_lit.tokenizer import load_tokenizer
 OVERLONG_POLICIES = ("truncate", "drop")
 
 
+@dataclass(eq=False, repr=False)
 class KoAlpacaDataModule(L.LightningDataModule):
     """Instruction data (instruction, optional input, output) as label-masked batches, padded or packed.
 
-    Args:
-        path: a hub dataset id, a local .jsonl/.json/.csv/.parquet file, a `save_to_disk` folder, `builtin:<file>`,
-            or a list of these (their rows are concatenated).
-        tokenizer: tokenizer name or path; LightningCLI links it to `model.model_name_or_path`.
-        columns: the source's column names for our fields when they differ, e.g. {instruction: question, output:
-            answer} (fields: instruction, input, output; other columns are ignored).
-        encoding: text encoding of CSV and JSON files, e.g. cp949 for Korean Excel exports.
-        prompt_format: `koalpaca` (the KoAlpaca templates) or `chat` (the tokenizer's chat template, for instruct
-            models; the loss covers the assistant turn).
-        max_length: longest example in tokens.
-        overlong: what happens to rows longer than `max_length`: `truncate` (their response loses the EOS) or `drop`.
-        pack_length: pack several examples into rows of up to this many tokens (0 or null: no packing); each example
-            attends only to itself. `batch_size` then counts rows. Must be at least `max_length`. Validation batches
-            stay unpacked.
-        batch_size: examples (or packed rows) per micro-batch on each device.
-        val_size: validation share of the rows (a float in (0, 1)) or a row count (an int >= 1).
-        seed: seed of the train/validation split and of the shuffling.
-        train_on_prompt: also train on the prompt tokens, as the walkthrough did; by default only the response is.
-        group_by_length: put examples of similar length in the same batch (less padding, same examples per epoch).
-        pad_to_multiple_of: pad batch width to a multiple of this (tensor-core friendly shapes).
-        num_workers: DataLoader worker processes.
-        cache_dir: where the tokenized data are kept (default `$QLORA_LIT_CACHE` or ~/.cache/qlora_lit).
-        predict_path: JSONL prompts file (an "instruction" and optional "input" per line) that `predict` answers.
-        trust_remote_code: run code shipped with the tokenizer; LightningCLI links it to `model.trust_remote_code`.
+    Each field is a `data.*` setting (YAML and command line), explained beneath it; `__post_init__` refuses the
+    settings that cannot work when the config is parsed.
     """
 
-    def __init__(
-        self,
-        path: str | list[str] = "beomi/KoAlpaca-v1.1a",
-        tokenizer: str = "builtin:tiny-llama",
-        columns: dict[str, str] | None = None,
-        encoding: str = "utf-8",
-        prompt_format: PromptFormatName = DEFAULT_FORMAT,
-        max_length: int = 512,
-        overlong: Literal["truncate", "drop"] = "truncate",
-        pack_length: int | None = None,
-        batch_size: int = 2,
-        val_size: float = 0.05,
-        seed: int = 42,
-        train_on_prompt: bool = False,
-        group_by_length: bool = False,
-        pad_to_multiple_of: int = 8,
-        num_workers: int = 0,
-        cache_dir: str | None = None,
-        predict_path: str | None = None,
-        trust_remote_code: bool = False,
-    ) -> None:
+    path: str | list[str] = "beomi/KoAlpaca-v1.1a"
+    """A hub dataset id, a local .jsonl/.json/.csv/.parquet file, a `save_to_disk` folder, `builtin:<file>`, or a list
+    of these (their rows are concatenated)."""
+    tokenizer: str = "builtin:tiny-llama"
+    """Tokenizer name or path; LightningCLI links it to `model.model_name_or_path`. (Once loaded, the tokenizer itself
+    takes this attribute; the name stays in `tokenizer_name`.)"""
+    columns: dict[str, str] | None = None
+    """The source's column names for our fields when they differ, e.g. {instruction: question, output: answer}
+    (fields: instruction, input, output; other columns are ignored)."""
+    encoding: str = "utf-8"
+    """Text encoding of CSV and JSON files, e.g. cp949 for Korean Excel exports."""
+    prompt_format: PromptFormatName = DEFAULT_FORMAT
+    """`koalpaca` (the KoAlpaca templates) or `chat` (the tokenizer's chat template, for instruct models; the loss
+    covers the assistant turn)."""
+    max_length: int = 512
+    """Longest example in tokens."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """What happens to rows longer than `max_length`: `truncate` (their response loses the EOS) or `drop`."""
+    pack_length: int | None = None
+    """Pack several examples into rows of up to this many tokens (0 or null: no packing); each example attends only
+    to itself. `batch_size` then counts rows. Must be at least `max_length`. Validation batches stay unpacked."""
+    batch_size: int = 2
+    """Examples (or packed rows) per micro-batch on each device."""
+    val_size: float = 0.05
+    """Validation share of the rows (a float in (0, 1)) or a row count (an int >= 1)."""
+    seed: int = 42
+    """Seed of the train/validation split and of the shuffling."""
+    train_on_prompt: bool = False
+    """Also train on the prompt tokens, as the walkthrough did; by default only the response is."""
+    group_by_length: bool = False
+    """Put examples of similar length in the same batch (less padding, same examples per epoch)."""
+    pad_to_multiple_of: int = 8
+    """Pad batch width to a multiple of this (tensor-core friendly shapes)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    cache_dir: str | None = None
+    """Where the tokenized data are kept (default `$QLORA_LIT_CACHE` or ~/.cache/qlora_lit, as when the data module
+    is made)."""
+    predict_path: str | None = None
+    """JSONL prompts file (an "instruction" and optional "input" per line) that `predict` answers."""
+    trust_remote_code: bool = False
+    """Run code shipped with the tokenizer; LightningCLI links it to `model.trust_remote_code`."""
+
+    def __post_init__(self) -> None:
         super().__init__()
-        check_settings(path, columns, encoding, prompt_format, max_length, overlong, pack_length, batch_size, val_size)
-        if pad_to_multiple_of < 1:
-            raise ConfigError(f"data.pad_to_multiple_of must be >= 1 (1: no rounding), got {pad_to_multiple_of}")
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0 (0: load in the main process), got {num_workers}")
-        self.save_hyperparameters()
-        self.path = path
-        self.tokenizer_name = tokenizer
-        self.columns = columns
-        self.encoding = encoding
-        self.prompt_format = prompt_format
-        self.max_length = max_length
-        self.overlong = overlong
-        self.pack_length = pack_length or None
-        self.batch_size = batch_size
-        self.val_size = val_size
-        self.seed = seed
-        self.train_on_prompt = train_on_prompt
-        self.group_by_length = group_by_length
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.num_workers = num_workers
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.check_settings()
+        self.save_hyperparameters()  # the fields, as given
+        self.tokenizer_name = self.tokenizer
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.format: PromptFormat | None = None  # data.prompt_format for this tokenizer, made with it
+        self.pack_length = self.pack_length or None
+        self.cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
         self.packed_rows: list[list[int]] = []
         self.stats: dict[str, int] = {}
         self.resume_position: dict[str, int] = {}
-        self.predict_path = predict_path
         self.predict_rows: list[dict] = []
-        self.trust_remote_code = trust_remote_code
+
+    def check_settings(self) -> None:
+        """Every data setting that cannot work fails here, at parse time, with what to change."""
+        if not self.path:
+            raise ConfigError("data.path is empty: give a file, a folder, a hub id, or a list of them")
+        check_columns(self.columns)
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(
+                f"data.encoding {self.encoding!r} is not an encoding Python knows (e.g. utf-8, cp949)"
+            ) from None
+        check_format_name(self.prompt_format)
+        if self.max_length < 16:
+            raise ConfigError(f"data.max_length must be at least 16 tokens, got {self.max_length}")
+        if self.overlong not in OVERLONG_POLICIES:
+            raise ConfigError(f"data.overlong must be one of {list(OVERLONG_POLICIES)}, got {self.overlong!r}")
+        if self.pack_length and self.pack_length < self.max_length:
+            raise ConfigError(
+                f"data.pack_length={self.pack_length} must be 0/null (no packing) or >= "
+                f"data.max_length={self.max_length}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if not (0 < self.val_size < 1 or (self.val_size >= 1 and float(self.val_size).is_integer())):
+            raise ConfigError(f"data.val_size must be a fraction in (0, 1) or a whole row count, got {self.val_size}")
+        if self.pad_to_multiple_of < 1:
+            raise ConfigError(f"data.pad_to_multiple_of must be >= 1 (1: no rounding), got {self.pad_to_multiple_of}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0 (0: load in the main process), got {self.num_workers}")
 
     @property
     def paths(self) -> list[str]:
@@ -271,37 +285,3 @@ class KoAlpacaDataModule(L.LightningDataModule):
             rank_zero_info(
                 f"resuming the data at epoch {state_dict['epoch']} after {state_dict['batches_done']} batches"
             )
-
-
-def check_settings(
-    path: str | list[str],
-    columns: dict[str, str] | None,
-    encoding: str,
-    prompt_format: str,
-    max_length: int,
-    overlong: str,
-    pack_length: int | None,
-    batch_size: int,
-    val_size: float,
-) -> None:
-    """Every data setting that cannot work fails here, at parse time, with what to change."""
-    if not path:
-        raise ConfigError("data.path is empty: give a file, a folder, a hub id, or a list of them")
-    check_columns(columns)
-    try:
-        codecs.lookup(encoding)
-    except LookupError:
-        raise ConfigError(f"data.encoding {encoding!r} is not an encoding Python knows (e.g. utf-8, cp949)") from None
-    check_format_name(prompt_format)
-    if max_length < 16:
-        raise ConfigError(f"data.max_length must be at least 16 tokens, got {max_length}")
-    if overlong not in OVERLONG_POLICIES:
-        raise ConfigError(f"data.overlong must be one of {list(OVERLONG_POLICIES)}, got {overlong!r}")
-    if pack_length and pack_length < max_length:
-        raise ConfigError(
-            f"data.pack_length={pack_length} must be 0/null (no packing) or >= data.max_length={max_length}"
-        )
-    if batch_size < 1:
-        raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
-    if not (0 < val_size < 1 or (val_size >= 1 and float(val_size).is_integer())):
-        raise ConfigError(f"data.val_size must be a fraction in (0, 1) or a whole row count, got {val_size}")
