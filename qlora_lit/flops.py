@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 
 # Dense (no sparsity) bf16 tensor-core peak per device in TFLOP/s, from the vendors' data sheets. The first entry
-# whose key is in torch.cuda.get_device_name() wins, so specific names come before general ones.
+# whose key is in torch.cuda.get_device_name() wins, so specific names come before general ones. Not Lightning's
+# get_available_flops: it agrees on the A100 and H100, but has no H200, GH200 or B200 (its H200 names carry sparse
+# figures), reads an L40S as an L4 and gives the H100 NVL's sparse figure (tests/test_library_assumptions.py).
 PEAK_BF16_TFLOPS: dict[str, float] = {
     "B200": 2250.0,
     "H100 PCIe": 756.0,

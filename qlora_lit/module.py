@@ -122,7 +122,7 @@ class QLoRAModule(L.LightningModule):
         self.generation = generation
         self.attn_implementation = attn_implementation
         self.nonfinite_loss = nonfinite_loss
-        self.compile = compile
+        self.compile_layers = compile  # not `self.compile`, which would hide nn.Module.compile
         self.model: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self._val_loss_sum = torch.zeros(())
@@ -162,9 +162,9 @@ class QLoRAModule(L.LightningModule):
         self.model = attach_lora(base, self.lora, self.checkpointing_for(base, device, weights), self.upcast_to_fp32)
         if sharded:
             strategy.load_while_wrapping(self.model)
-        if self.compile and device.type == "cuda":
+        if self.compile_layers and device.type == "cuda":
             compile_decoder_layers(self.model)
-        elif self.compile:  # inductor's CPU path fails on some dynamic shapes (torch 2.13), and gains little there
+        elif self.compile_layers:  # inductor's CPU path fails on some dynamic shapes (torch 2.13), and gains little
             rank_zero_info(f"model.compile applies on GPUs only; the layers run uncompiled on {device.type}")
         trainable, total = self.model.get_nb_trainable_parameters()
         rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")

@@ -78,7 +78,7 @@ class TrainingMonitor(Callback):
         self._last_step = trainer.global_step
         if self._first_step_from is not None:
             seconds = _synchronized_time(pl_module.device) - self._first_step_from
-            compiled = " (compiling the decoder layers included)" if getattr(pl_module, "compile", False) else ""
+            compiled = " (compiling the decoder layers included)" if getattr(pl_module, "compile_layers", False) else ""
             rank_zero_info(f"first optimizer step: {seconds:.1f} s{compiled}")
             self._first_step_from = None
         if self._logs_at(trainer, trainer.global_step):

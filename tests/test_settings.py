@@ -8,6 +8,7 @@ import re
 from dataclasses import asdict, fields
 
 import pytest
+import torch
 from conftest import SAMPLE_DATA, TINY_MODEL
 
 from qlora_lit.cli import cli_main
@@ -53,3 +54,9 @@ def test_fit_help_explains_every_model_and_data_setting(capsys):
     shown = {text.split()[0]: " ".join(text.split()) for text in settings}
     assert "Longest example in tokens." in shown["--data.max_length"]
     assert "Rank of the update matrices" in shown["--model.lora.r"]
+
+
+def test_the_compile_setting_leaves_nn_module_compile_alone():
+    module = QLoRAModule(TINY_MODEL, compile=True)
+    assert module.compile_layers is True and module.hparams["compile"] is True  # the key stays model.compile
+    assert module.compile.__func__ is torch.nn.Module.compile
