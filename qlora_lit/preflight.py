@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from qlora_lit.assets import resolve_asset
-from qlora_lit.errors import ConfigError, not_found_message
+from qlora_lit.errors import ConfigError, not_found_message, remote_code_message
 
 AMPERE = (8, 0)  # compute capability of the first GPUs with bf16 and flash attention (A100, RTX 30xx)
 PRE_AMPERE_OVERRIDES = "--trainer.precision 16-mixed --model.quantization.compute_dtype float16"
@@ -31,14 +31,6 @@ def model_config(name_or_path: str, trust_remote_code: bool = False) -> Pretrain
         if "trust_remote_code" not in str(err):
             raise
         raise ConfigError(remote_code_message(name_or_path)) from err
-
-
-def remote_code_message(name_or_path: str) -> str:
-    return (
-        f"the model {name_or_path!r} ships its own Python code, which qlora_lit runs only when you say so: "
-        "model.trust_remote_code: true in your config (fit, predict) or --trust_remote_code true (generate, export). "
-        "Only for code you trust; a setting saved in an adapter, model folder or checkpoint is never enough"
-    )
 
 
 def attention_softcap(config: PretrainedConfig) -> float | None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qlora_lit.assets import resolve_asset
-from qlora_lit.errors import ConfigError, not_found_message
-from qlora_lit.preflight import remote_code_message
+from qlora_lit.errors import ConfigError, not_found_message, remote_code_message
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
