@@ -26,9 +26,10 @@ import os
 import platform
 import time
 
-import data as bench_data
-import shapes
 import torch
+
+from bench import data as bench_data
+from bench import shapes
 
 # Model folders and data live here (git-ignored), so a warm GPU machine keeps them between runs.
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")

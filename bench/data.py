@@ -2,7 +2,7 @@
 
 Run (once; later calls reuse the folder):
 
-    python bench/data.py --out bench/.cache/data/n4096-l512 --n 4096 --max_length 512
+    python -m bench.data --out bench/.cache/data/n4096-l512 --n 4096 --max_length 512
 
 Why this distribution. No dataset hub is reachable, so the data are a *modeled stand-in* for
 KoAlpaca v1.1a (Korean instruction + answer pairs from Naver KnowledgeiN, ~21k rows) rendered with

@@ -1,7 +1,7 @@
 """Time one optimizer step over a model shape's LoRA tensors: bitsandbytes' 8-bit AdamW against qlora_lit's, which
 skips bitsandbytes' host wait after every tensor, and check both make bit-identical updates.
 
-    PYTHONPATH=.:$PYTHONPATH python bench/optimizer_step.py --shape llama-3.1-8b --r 4
+    python -m bench.optimizer_step --shape llama-3.1-8b --r 4
 
 Prints one JSON line: milliseconds per step for each (median of the timed steps) and whether the weights and the
 optimizer state after all steps are identical.
@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bitsandbytes as bnb
+import torch
 
-import bitsandbytes as bnb  # noqa: E402
-import shapes  # noqa: E402
-import torch  # noqa: E402
-
-from qlora_lit.optim import AdamW8bit, PagedAdamW8bit  # noqa: E402
+from bench import shapes
+from qlora_lit.optim import AdamW8bit, PagedAdamW8bit
 
 
 def lora_shapes(shape: str, r: int) -> list[tuple[int, int]]:

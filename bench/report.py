@@ -1,7 +1,7 @@
 """Collect the runners' JSON lines into `bench/results/<date>-<gpu>.json` and print one markdown table per model and
 max length.
 
-python bench/report.py bench/results/raw/2026-11-29-h200-*.jsonl --out bench/results/2026-11-29-h200.json
+python -m bench.report bench/results/raw/2026-11-29-h200-*.jsonl --out bench/results/2026-11-29-h200.json
 
 "x walkthrough" divides by the walkthrough run of the same input file (the same call) when there is one, else by
 the walkthrough run of that model and max length timed over the most optimizer steps; "-" where there is none.

@@ -12,6 +12,7 @@
 # separate process (clean peak-memory stats).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"  # the tools are modules of the bench package (python -m bench.X)
 shape=$1; len=$2; out=$3; shift 3
 py=${PYTHON:-python}
 args=(--shape "$shape" --max_length "$len" --out "$out" ${BENCH_ARGS:-})
@@ -19,18 +20,18 @@ status=0
 for v in "$@"; do
   echo "=== $v ($shape, max_length $len) $(date -u +%H:%M:%S)" >&2
   case $v in
-    prep) $py "$here/shapes.py" --shape "$shape" --model_dir "$here/.cache/models/$shape" --device "${BENCH_DEVICE:-cuda}" &&
-          $py "$here/data.py" --out "$here/.cache/data/n4096-l$len" --n 4096 --max_length "$len" ;;
-    walkthrough) $py "$here/run_walkthrough.py" "${args[@]}" ;;
-    trl-pad) $py "$here/run_trl.py" "${args[@]}" --mode padding ;;
-    trl-pad-liger) $py "$here/run_trl.py" "${args[@]}" --mode padding --liger ;;
-    trl-pack) $py "$here/run_trl.py" "${args[@]}" --mode packing ;;
-    trl-pack-liger) $py "$here/run_trl.py" "${args[@]}" --mode packing --liger ;;
-    trl-pack-nogc) $py "$here/run_trl.py" "${args[@]}" --mode packing --no_gc ;;
-    trl-pack-nogc-liger) $py "$here/run_trl.py" "${args[@]}" --mode packing --no_gc --liger ;;
-    trl-pf-nogc) $py "$here/run_trl.py" "${args[@]}" --mode padding_free --no_gc ;;
-    trl-pf-nogc-liger) $py "$here/run_trl.py" "${args[@]}" --mode padding_free --no_gc --liger ;;
-    qlit-*) PYTHONPATH="$here/..:${PYTHONPATH:-}" $py "$here/run_qlora_lit.py" "${args[@]}" --variant "${v#qlit-}" ;;
+    prep) $py -m bench.shapes --shape "$shape" --model_dir "$here/.cache/models/$shape" --device "${BENCH_DEVICE:-cuda}" &&
+          $py -m bench.data --out "$here/.cache/data/n4096-l$len" --n 4096 --max_length "$len" ;;
+    walkthrough) $py -m bench.run_walkthrough "${args[@]}" ;;
+    trl-pad) $py -m bench.run_trl "${args[@]}" --mode padding ;;
+    trl-pad-liger) $py -m bench.run_trl "${args[@]}" --mode padding --liger ;;
+    trl-pack) $py -m bench.run_trl "${args[@]}" --mode packing ;;
+    trl-pack-liger) $py -m bench.run_trl "${args[@]}" --mode packing --liger ;;
+    trl-pack-nogc) $py -m bench.run_trl "${args[@]}" --mode packing --no_gc ;;
+    trl-pack-nogc-liger) $py -m bench.run_trl "${args[@]}" --mode packing --no_gc --liger ;;
+    trl-pf-nogc) $py -m bench.run_trl "${args[@]}" --mode padding_free --no_gc ;;
+    trl-pf-nogc-liger) $py -m bench.run_trl "${args[@]}" --mode padding_free --no_gc --liger ;;
+    qlit-*) $py -m bench.run_qlora_lit "${args[@]}" --variant "${v#qlit-}" ;;
     *) echo "unknown variant $v" >&2; status=2; continue ;;
   esac
   rc=$?; [ $rc -ne 0 ] && { echo "=== $v failed (rc $rc)" >&2; status=1; }

@@ -1,7 +1,7 @@
 """Benchmark qlora_lit's own training stack (QLoRAModule + EpochBatchSampler + PaddingCollator under a Lightning
 Trainer) on the shared synthetic data and random-initialised model.
 
-    PYTHONPATH=.:$PYTHONPATH python bench/run_qlora_lit.py --shape llama-3.1-8b --variant fast --out results.jsonl
+    python -m bench.run_qlora_lit --shape llama-3.1-8b --variant fast --out results.jsonl
 
 Variants (every one trains on about 64 examples per optimizer step, like the baselines):
     walkthrough-settings  batch 2 x 32 accumulation, gradient checkpointing, fp32 upcast (the walkthrough's recipe,
@@ -33,27 +33,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
+from torch.utils.data import DataLoader
 
-import common  # noqa: E402
-import data as bench_data  # noqa: E402
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import RichProgressBar  # noqa: E402
-from step_profile import StepProfiler  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count  # noqa: E402
-from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows  # noqa: E402
-from qlora_lit.data.sampler import EpochBatchSampler  # noqa: E402
-from qlora_lit.model import LoraArgs, QuantizationArgs  # noqa: E402
-from qlora_lit.module import QLoRAModule  # noqa: E402
-from qlora_lit.monitor import TrainingMonitor  # noqa: E402
-from qlora_lit.optim import OptimizerArgs  # noqa: E402
-from qlora_lit.preemption import PreemptionCheckpoint  # noqa: E402
+from bench import common
+from bench import data as bench_data
+from bench.step_trace import StepProfiler
+from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count
+from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows
+from qlora_lit.data.sampler import EpochBatchSampler
+from qlora_lit.model import LoraArgs, QuantizationArgs
+from qlora_lit.module import QLoRAModule
+from qlora_lit.monitor import TrainingMonitor
+from qlora_lit.optim import OptimizerArgs
+from qlora_lit.preemption import PreemptionCheckpoint
 
 VARIANTS = {
     "walkthrough-settings": {"batch": 2, "accum": 32, "group": False, "gc": True, "upcast": True},
@@ -115,7 +112,7 @@ def main() -> None:
     common.add_run_args(p)
     p.add_argument("--variant", default="fast", choices=sorted(VARIANTS))
     p.add_argument(
-        "--profile_dir", default=None, help="profile the last warm-up optimizer step into this folder (step_profile.py)"
+        "--profile_dir", default=None, help="profile the last warm-up optimizer step into this folder (step_trace.py)"
     )
     a = p.parse_args()
     if a.profile_dir and os.path.exists(a.profile_dir) and not os.path.isdir(a.profile_dir):

@@ -2,17 +2,17 @@
 
 Run (GPU), one variant per process:
 
-    python bench/run_trl.py --shape llama-3.1-8b --mode padding --out results.jsonl            # batch 8 x accum 8
-    python bench/run_trl.py --shape llama-3.1-8b --mode padding --liger --out results.jsonl
-    python bench/run_trl.py --shape llama-3.1-8b --mode packing --no_gc --out results.jsonl  # 4096-token rows, 1 x 4
-    python bench/run_trl.py --shape llama-3.1-8b --mode packing --liger --out results.jsonl
-    python bench/run_trl.py --shape llama-3.1-8b --mode padding_free --no_gc --out results.jsonl  # 8 x accum 8
+    python -m bench.run_trl --shape llama-3.1-8b --mode padding --out results.jsonl            # batch 8 x accum 8
+    python -m bench.run_trl --shape llama-3.1-8b --mode padding --liger --out results.jsonl
+    python -m bench.run_trl --shape llama-3.1-8b --mode packing --no_gc --out results.jsonl  # 4096-token rows, 1 x 4
+    python -m bench.run_trl --shape llama-3.1-8b --mode packing --liger --out results.jsonl
+    python -m bench.run_trl --shape llama-3.1-8b --mode padding_free --no_gc --out results.jsonl  # 8 x accum 8
 
 CPU smoke test (tiny shape; Liger's Triton kernels need a GPU, so leave --liger off on CPU):
 
-    python bench/run_trl.py --shape tiny --device cpu --max_length 128 --n_examples 64 --mode padding \
+    python -m bench.run_trl --shape tiny --device cpu --max_length 128 --n_examples 64 --mode padding \
         --max_steps 4 --batch 2 --accum 2
-    python bench/run_trl.py --shape tiny --device cpu --max_length 128 --n_examples 64 --mode packing \
+    python -m bench.run_trl --shape tiny --device cpu --max_length 128 --n_examples 64 --mode packing \
         --pack_length 512 --max_steps 4 --accum 1
 
 How TRL is used (its documented QLoRA path, not the walkthrough's): the model is passed as a path
@@ -47,14 +47,9 @@ Prints one JSON line (see common.result_line) as the last line of stdout.
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-import common  # noqa: E402
-import data as bench_data  # noqa: E402
+from bench import common
+from bench import data as bench_data
 
 
 def parse_args(argv=None):

@@ -2,11 +2,11 @@
 
 Run (GPU; builds the model folder and the data on first use, reuses them after):
 
-    python bench/run_walkthrough.py --shape llama-3.1-8b --max_length 512 --max_steps 22 --out results.jsonl
+    python -m bench.run_walkthrough --shape llama-3.1-8b --max_length 512 --max_steps 22 --out results.jsonl
 
 CPU smoke test (tiny shape, 4 optimizer steps of 2 x 2 examples):
 
-    python bench/run_walkthrough.py --shape tiny --device cpu --max_length 128 --n_examples 64 \
+    python -m bench.run_walkthrough --shape tiny --device cpu --max_length 128 --n_examples 64 \
         --max_steps 4 --accum 2
 
 What is reproduced from shared/seed/qlora-koalpaca-walkthrough.md: transformers `Trainer` (the
@@ -28,14 +28,8 @@ Prints one JSON line (see common.result_line) as the last line of stdout.
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-import common  # noqa: E402
-import data as bench_data  # noqa: E402
+from bench import common
+from bench import data as bench_data
 
 
 def parse_args(argv=None):

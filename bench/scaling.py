@@ -1,6 +1,6 @@
 """Multi-GPU scaling of the CLI itself: `python -m qlora_lit fit --config configs/base.yaml`, DDP on 1, 2, 4, 8 GPUs.
 
-    python bench/scaling.py --shape llama-3.1-8b --devices 1 2 4 8 --out scaling.jsonl
+    python -m bench.scaling --shape llama-3.1-8b --devices 1 2 4 8 --out scaling.jsonl
 
 Each device count N is one fit of base.yaml (packed 2048-token rows, varlen attention, compiled layers) with two rows
 per micro-batch and max(1, 4 // N) accumulation steps: about 59 examples per optimizer step up to 4 GPUs, the
@@ -28,11 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
-import data as bench_data  # noqa: E402
-import shapes  # noqa: E402
+from bench import common, shapes
+from bench import data as bench_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SERIES = ("throughput/tokens_per_s", "throughput/step_time_s", "throughput/samples_per_s", "throughput/mfu")

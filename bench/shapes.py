@@ -2,8 +2,8 @@
 
 Run (once per shape; later calls reuse the folder):
 
-    python bench/shapes.py --shape llama-3.1-8b --model_dir bench/.cache/models/llama-3.1-8b --device cuda
-    python bench/shapes.py --shape tiny --model_dir bench/.cache/models/tiny --device cpu
+    python -m bench.shapes --shape llama-3.1-8b --model_dir bench/.cache/models/llama-3.1-8b --device cuda
+    python -m bench.shapes --shape tiny --model_dir bench/.cache/models/tiny --device cpu
 
 No hub access: the configs below copy the published Llama 3.x `config.json` shapes (vocabulary
 128,256, GQA with 8 KV heads, llama3 RoPE scaling). Random weights cost the same FLOPs and memory

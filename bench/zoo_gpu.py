@@ -1,6 +1,6 @@
 """base.yaml, exactly as shipped, on every architecture of the test zoo, on a GPU: does it fit, and what does it say?
 
-    python bench/zoo_gpu.py --out bench/results/2026-12-04-h200-zoo.jsonl [--names llama gemma2] [--jobs 7]
+    python -m bench.zoo_gpu --out bench/results/2026-12-04-h200-zoo.jsonl [--names llama gemma2] [--jobs 7]
 
 Each model is tests/zoo.py's architecture at a small GPU shape (4 layers of width 256, random weights: no hub here)
 with the shipped tiny tokenizer. Each fit is `python -m qlora_lit fit --config configs/base.yaml` with the
@@ -14,6 +14,7 @@ optimizer step's time, recompilations, warning lines, and the last lines of a fa
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -24,10 +25,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
-from zoo import ZOO, build_zoo_model  # noqa: E402
 
+def load_test_zoo():
+    """tests/zoo.py, the test suite's tiny architectures, loaded from its path (tests/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("zoo", ROOT / "tests" / "zoo.py")
+    zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo)
+    return zoo
+
+
+zoo = load_test_zoo()
 GPU_SHAPE = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8}
 GPU_SHAPE |= {"num_key_value_heads": 4, "head_dim": 32, "moe_intermediate_size": 256}
 # Architectures without the walkthrough's projection names: base.yaml's list is refused there (with these names in
@@ -69,7 +77,7 @@ def fit(name: str, model: Path, work: Path, run: str, max_steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--names", nargs="*", default=list(ZOO))
+    parser.add_argument("--names", nargs="*", default=list(zoo.ZOO))
     parser.add_argument("--repeat", nargs="*", default=[], help="models fitted a second time with the cache warm")
     parser.add_argument("--jobs", type=int, default=7)
     parser.add_argument("--max_steps", type=int, default=8)
@@ -78,7 +86,7 @@ def main() -> None:
     a = parser.parse_args()
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    models = {name: build_zoo_model(name, work / "models" / name, **GPU_SHAPE) for name in a.names}
+    models = {name: zoo.build_zoo_model(name, work / "models" / name, **GPU_SHAPE) for name in a.names}
     with ThreadPoolExecutor(a.jobs) as pool:
         rows = list(pool.map(lambda name: fit(name, models[name], work, name, a.max_steps), a.names))
         rows += list(pool.map(lambda name: fit(name, models[name], work, f"{name}-again", a.max_steps), a.repeat))

@@ -2,7 +2,7 @@
 several execution settings, and a kernel-time table from torch.profiler. No optimizer step, no Lightning: this
 isolates the model's compute so each lever can be priced before it is built into the trainer.
 
-    PYTHONPATH=.:$PYTHONPATH python bench/profile_step.py --shape llama-3.1-8b --out profile.jsonl
+    python -m bench.forward_backward --shape llama-3.1-8b --out profile.jsonl
 
 Settings, measured in this order on one loaded model (each prints one JSON line):
     pad16            16 length-grouped examples per micro-batch, right-padded, with attention_mask (qlora_lit today)
@@ -21,22 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import types
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.nn.functional as F
 
-import common  # noqa: E402
-import data as bench_data  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from qlora_lit import attention  # noqa: E402
-from qlora_lit.data.collate import PaddingCollator  # noqa: E402
-from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows  # noqa: E402
-from qlora_lit.data.sampler import EpochBatchSampler  # noqa: E402
-from qlora_lit.model import LoraArgs, QuantizationArgs, attach_lora, load_base_model  # noqa: E402
+from bench import common
+from bench import data as bench_data
+from qlora_lit import attention
+from qlora_lit.data.collate import PaddingCollator
+from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows
+from qlora_lit.data.sampler import EpochBatchSampler
+from qlora_lit.model import LoraArgs, QuantizationArgs, attach_lora, load_base_model
 
 PAD_ID = 128001
 
