@@ -11,7 +11,9 @@ recorded commands; bench/run_baselines.sh runs the comparison variants one proce
     step_trace            StepProfiler: a torch.profiler trace of one optimizer step of a Lightning run
     optimizer_step        bitsandbytes' 8-bit AdamW step against qlora_lit's
     scaling               `python -m qlora_lit fit` on 1, 2, 4, 8 GPUs
+    prequantized          a random pre-quantized 4-bit folder of a real shape (70B without the bf16 model)
+    fsdp_capped           the CLI's FSDP fit on two ranks sharing one GPU, each capped below the whole base
     zoo_gpu               configs/base.yaml on every architecture of tests/zoo.py
     report                the runners' JSON lines as one results file and markdown tables
-    common                what the runners share (not run directly)
+    common                what the runners share, and tests/ helpers loaded by path (not run directly)
 """

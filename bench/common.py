@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -33,8 +34,17 @@ from bench import shapes
 
 # Model folders and data live here (git-ignored), so a warm GPU machine keeps them between runs.
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 H200_BF16_PEAK_TFLOPS = 790.0  # measured dense bf16 matmul peak on the project's H200 (issue 7)
+
+
+def test_helper(name: str):
+    """A helper module of tests/ (zoo.py, runs.py), loaded from its path: tests/ is not a package."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(TESTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 """FSDP-QLoRA on GPUs smaller than the 4-bit base: two ranks share one GPU, each capped below the whole base.
 
-    python bench/fsdp_capped.py --model DIR --shape llama-3.1-70b --cap_gib 24 --out results.jsonl
+    python -m bench.fsdp_capped --model DIR --shape llama-3.1-70b --cap_gib 24 --out results.jsonl
 
 DIR is a bf16 model folder (shapes.py) or a pre-quantized one (prequantized.py). The fit is the CLI itself:
 base.yaml + lowmem.yaml + fsdp.yaml, on two ranks sharing cuda:0 over gloo (tests/fsdp_shared_gpu.py's strategy),
@@ -28,11 +28,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # runs.peft_key
-
-import common  # noqa: E402
-import scaling  # noqa: E402
+from bench import common, scaling
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_GPU = ROOT / "tests" / "fsdp_shared_gpu.py"
@@ -97,10 +93,10 @@ def adapter_in_plain_peft(model: str, adapter: Path, checkpoint: Path) -> bool:
     """The exported adapter is one plain PEFT loads onto the base (an empty base: names and shapes are what can go
     wrong; no key missing or unexpected), and its values are the last checkpoint's."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from runs import peft_key
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    peft_key = common.test_helper("runs").peft_key  # a checkpoint key as PEFT names it
     config = AutoConfig.from_pretrained(model)
     config.quantization_config = None
     with torch.device("meta"):

@@ -1,6 +1,6 @@
 """A random-initialised model of a real shape, saved as a pre-quantized 4-bit folder, one module at a time.
 
-    python bench/prequantized.py --shape llama-3.1-70b --out /tmp/llama-3.1-70b-bnb-4bit [--device cuda]
+    python -m bench.prequantized --shape llama-3.1-70b --out /tmp/llama-3.1-70b-bnb-4bit [--device cuda]
 
 What transformers' `save_pretrained` writes for a bitsandbytes 4-bit model (NF4, double quantization: packed weights
 with their quantization state; embeddings, norms and the head in bf16) and what users download as `*-bnb-4bit`
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,11 +22,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import BitsAndBytesConfig
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import shapes  # noqa: E402
-
-from qlora_lit.sharded_load import INDEX_NAME, empty_model  # noqa: E402
+from bench import shapes
+from qlora_lit.sharded_load import INDEX_NAME, empty_model
 
 SHARD_BYTES = 5 * 2**30
 QUANTIZATION = BitsAndBytesConfig(

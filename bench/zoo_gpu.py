@@ -14,7 +14,6 @@ optimizer step's time, recompilations, warning lines, and the last lines of a fa
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -24,18 +23,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench import common
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_test_zoo():
-    """tests/zoo.py, the test suite's tiny architectures, loaded from its path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("zoo", ROOT / "tests" / "zoo.py")
-    zoo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(zoo)
-    return zoo
-
-
-zoo = load_test_zoo()
+zoo = common.test_helper("zoo")  # the test suite's tiny architectures
 GPU_SHAPE = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8}
 GPU_SHAPE |= {"num_key_value_heads": 4, "head_dim": 32, "moe_intermediate_size": 256}
 # Architectures without the walkthrough's projection names: base.yaml's list is refused there (with these names in
