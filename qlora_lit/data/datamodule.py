@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import lightning as L
 import torch
@@ -31,7 +31,8 @@ from qlora_lit.data.token_cache import cache_key, read_tokens, tokenizer_fingerp
 from qlora_lit.errors import ConfigError
 from qlora_lit.tokenizer import load_tokenizer
 
-OVERLONG_POLICIES = ("truncate", "drop")
+OverlongPolicy = Literal["truncate", "drop"]
+OVERLONG_POLICIES = get_args(OverlongPolicy)
 
 
 @dataclass(eq=False, repr=False)
@@ -58,7 +59,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
     covers the assistant turn)."""
     max_length: int = 512
     """Longest example in tokens."""
-    overlong: Literal["truncate", "drop"] = "truncate"
+    overlong: OverlongPolicy = "truncate"
     """What happens to rows longer than `max_length`: `truncate` (their response loses the EOS) or `drop`."""
     pack_length: int | None = None
     """Pack several examples into rows of up to this many tokens (0 or null: no packing); each example attends only
