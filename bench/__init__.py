@@ -13,6 +13,7 @@ recorded commands; bench/run_baselines.sh runs the comparison variants one proce
     scaling               `python -m qlora_lit fit` on 1, 2, 4, 8 GPUs
     prequantized          a random pre-quantized 4-bit folder of a real shape (70B without the bf16 model)
     fsdp_capped           the CLI's FSDP fit on two ranks sharing one GPU, each capped below the whole base
+    fsdp_memory           FSDP-QLoRA's memory per GPU, computed from a shape
     zoo_gpu               configs/base.yaml on every architecture of tests/zoo.py
     report                the runners' JSON lines as one results file and markdown tables
     common                what the runners share, and tests/ helpers loaded by path (not run directly)

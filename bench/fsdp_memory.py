@@ -1,6 +1,6 @@
 """What FSDP-QLoRA needs per GPU, computed from a model's shape: the README's table of what fits where.
 
-    python bench/fsdp_memory.py [--shapes llama-3.1-8b llama-3.1-70b] [--gpus 1 2 4 8] [--tokens 512]
+    python -m bench.fsdp_memory [--shapes llama-3.1-8b llama-3.1-70b] [--gpus 1 2 4 8] [--tokens 512]
 
 Per rank, as qlora_lit loads and trains (base.yaml + lowmem.yaml + fsdp.yaml): its shard of the packed 4-bit weights
 and of the bf16 embeddings, head and norms; the 4-bit weights' quantization scales, which every rank keeps whole
@@ -14,18 +14,13 @@ A model, not a measurement: bench/fsdp_capped.py measures, and docs/FSDP.md sets
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import bitsandbytes as bnb
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import shapes  # noqa: E402
-
-from qlora_lit.model import LoraArgs, attach_lora  # noqa: E402
-from qlora_lit.sharded_load import empty_model  # noqa: E402
+from bench import shapes
+from qlora_lit.model import LoraArgs, attach_lora
+from qlora_lit.sharded_load import empty_model
 
 GIB = 2**30
 LOSS_CHUNK = 256  # bench/fsdp_capped.py's loss_chunk_tokens (lowmem.yaml's: 1024)
