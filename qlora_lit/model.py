@@ -263,7 +263,7 @@ def lora_a_init(name: str, like: torch.Tensor, seed: int) -> torch.Tensor:
     the run's seed and the matrix's name: the same adapters whether the model is loaded whole or by FSDP one unit at
     a time, on any number of ranks, whatever else drew random numbers before."""
     generator = torch.Generator().manual_seed((seed + zlib.crc32(name.encode())) % 2**63)
-    value = torch.empty(like.shape, dtype=like.dtype)
+    value = torch.empty(like.shape, dtype=like.dtype, device="cpu")  # Lightning may make the GPU the default device
     torch.nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
     return value.to(like.device)
 

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from conftest import TINY_MODEL
 from zoo import build_zoo_model
 
-from qlora_lit.model import LoraArgs, QuantizationArgs, attach_lora, load_base_model
+from qlora_lit.model import LoraArgs, QuantizationArgs, attach_lora, load_base_model, lora_a_init
 from qlora_lit.preflight import model_config
 from qlora_lit.sharded_load import (
     SafetensorsCheckpoint,
@@ -156,3 +156,14 @@ def test_under_fsdp_no_rank_holds_the_whole_base_and_the_model_is_the_same(deep_
         assert report["peak"] < 0.15 * report["whole"], report  # the largest unit: one of the 8 layers
         assert report["local"] <= 0.5 * report["whole"] + 64, report  # its half of the base (FSDP pads shards)
         torch.testing.assert_close(report["logits"], reference, rtol=0, atol=0)
+
+
+def test_lora_initialisation_ignores_the_default_device():
+    """Lightning builds the model with the GPU as default device (configure_model runs in its tensor_init_context):
+    LoRA A is drawn on the CPU, where its generator is, and moved (a GPU fit failed with 'Expected a cuda device type
+    for generator'). A meta default device stands in for the GPU here."""
+    like = torch.zeros(4, 64)
+    expected = lora_a_init("layers.0.q_proj.lora_A.default.weight", like, seed=7)
+    with torch.device("meta"):
+        drawn = lora_a_init("layers.0.q_proj.lora_A.default.weight", like, seed=7)
+    assert drawn.device == like.device and torch.equal(drawn, expected)
