@@ -35,8 +35,8 @@ def per_rank_bytes(shape: str, gpus: int, tokens: int, lora_r: int) -> dict[str,
     packed = scales = plain = lora = 0
     for _, param in model.named_parameters():
         if isinstance(param, bnb.nn.Params4bit):
-            packed += param.numel() // 2
-            scales += param.numel() // 64  # one byte per block of 64 (double quantization)
+            packed += param.numel() * param.element_size()  # the empty model's 4-bit weights have their packed shape
+            scales += param.numel() * param.element_size() * 2 // 64  # a byte per block of 64 (double quantization)
         elif param.requires_grad:
             lora += param.numel()
         else:

@@ -105,8 +105,18 @@ def quantize_linear_layers(model: PreTrainedModel, quant_type: str, double_quant
                 device="meta",
             )
             layer.support_avx512bf16_for_cpu = False  # see model.keep_training_layout
+            # The packed shape and dtype a quantized weight has, so that counting parameters (peft: packed elements
+            # times two times the container's size) and bytes gives what the loaded model will have.
+            packed = torch.empty(packed_shape(child.weight.numel(), storage), dtype=storage, device="meta")
+            settings = {"quant_type": quant_type, "compress_statistics": double_quant, "quant_storage": storage}
+            layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, module=layer, **settings)
             setattr(parent, name, layer)
     model.is_loaded_in_4bit = True  # peft reads it to give 4-bit layers their LoRA variant
+
+
+def packed_shape(elements: int, storage: torch.dtype) -> tuple[int, int]:
+    """The shape bitsandbytes gives a weight of `elements` values packed two to a byte into `storage` elements."""
+    return ((elements + 1) // (2 * storage.itemsize), 1)
 
 
 def empty_model(
@@ -270,11 +280,12 @@ def tensor_bytes(param: torch.Tensor) -> int:
 
 def base_bytes(model: torch.nn.Module) -> int:
     """Bytes of the base model's tensors once loaded (4-bit weights packed two to a byte, with one byte of scale per
-    block of 64), LoRA aside: computed on the empty model."""
+    block of 64), LoRA aside: computed on the empty model, whose 4-bit weights have their packed shapes."""
     total = 0
     for name, param in model.named_parameters():
         if isinstance(param, bnb.nn.Params4bit):
-            total += param.numel() // 2 + param.numel() // 64
+            packed = param.numel() * param.element_size()
+            total += packed + packed * 2 // 64  # two weights a byte; a byte of scale per 64 weights
         elif not is_lora(name):
             total += param.numel() * param.element_size()
     return total
