@@ -15,7 +15,7 @@ LIGHTNING_INFO = (
     "set `torch.set_float32_matmul_precision",  # matrix products run in bf16/fp16 under mixed precision anyway
 )
 WARNINGS = (
-    # The data module carries the position in the epoch (its state_dict) and the sampler skips what was trained.
+    # Each pass of the sampler starts where training stands (the batches trained, which Lightning restores).
     "You're resuming from a checkpoint that ended before the epoch ended",
     # The module's on_before_batch_transfer is meant (the data module has none).
     "You have overridden `on_before_batch_transfer` in `LightningModule`",

@@ -9,6 +9,7 @@ from unittest import mock
 import pytest
 import torch
 from conftest import SAMPLE_DATA, TINY_MODEL, examples_run_alone
+from lightning.pytorch.loops.progress import _BatchProgress
 from test_loss_normalisation import first_step_gradients
 
 from qlora_lit.assets import resolve_asset
@@ -106,14 +107,17 @@ def test_packed_and_unpacked_training_take_the_same_first_step(tmp_path):
 def test_packed_rows_split_across_ranks_count_step_tokens_and_resume_mid_epoch():
     data = KoAlpacaDataModule(SAMPLE_DATA, TINY_MODEL, max_length=64, batch_size=2, val_size=8, pack_length=256)
     data.setup()
-    data.trainer = SimpleNamespace(current_epoch=0, accumulate_grad_batches=2)
+    progress = _BatchProgress()
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
+    data.trainer = SimpleNamespace(fit_loop=loop, accumulate_grad_batches=2)
     rows, batches = {}, {}
     for rank in (0, 1):
         with mock.patch.object(EpochBatchSampler, "world", return_value=(rank, 2)):
+            progress.total.processed = progress.current.ready = 0
             loader = data.train_dataloader()
             rows[rank] = {index for batch in loader.batch_sampler for index, _ in batch}
             batches[rank] = list(loader)
-            data.load_state_dict({"epoch": 0, "batches_done": 3})
+            progress.total.processed = progress.current.ready = 3  # what Lightning restores
             resumed = list(data.train_dataloader())
         assert len(resumed) == len(batches[rank]) - 3 > 0
         assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(resumed, batches[rank][3:], strict=True))

@@ -1,4 +1,5 @@
-"""A run resumed from a mid-epoch checkpoint ends exactly where an uninterrupted run ends."""
+"""A run resumed from a mid-epoch checkpoint, or a finished run extended with a larger max_steps, ends exactly where an
+uninterrupted run ends."""
 
 from __future__ import annotations
 
@@ -14,30 +15,46 @@ from qlora_lit.module import QLoRAModule
 from qlora_lit.optim import OptimizerArgs
 
 
-def run(root, max_steps: int, ckpt_path=None, pack_length: int | None = None) -> QLoRAModule:
+def run(
+    root,
+    max_steps: int,
+    ckpt_path=None,
+    pack_length: int | None = None,
+    batch_size: int = 4,
+    accumulate: int = 1,
+    schedule: str = "cosine",
+    val_size: int = 8,
+    every: int | None = 3,
+) -> QLoRAModule:
+    """A fit saving a checkpoint every `every` steps (`step=N.ckpt`), or only `last.ckpt` where it ends."""
     L.seed_everything(7)
     module = QLoRAModule(
         TINY_MODEL,
         quantization=QuantizationArgs(compute_dtype="float32"),
         lora=LoraArgs(r=4, alpha=8, dropout=0.1),  # dropout: the random stream must resume too
-        optimizer=OptimizerArgs(lr=5e-3, warmup_steps=2),
+        optimizer=OptimizerArgs(lr=5e-3, warmup_steps=2, schedule=schedule),
     )
     data = KoAlpacaDataModule(
         SAMPLE_DATA,
         TINY_MODEL,
         max_length=96,
-        batch_size=2 if pack_length else 4,
-        val_size=8,
+        batch_size=2 if pack_length else batch_size,
+        val_size=val_size,
         seed=3,
         pack_length=pack_length,  # 2 packed rows of 192 tokens: as many tokens as 4 padded examples of 96
     )
+    if every:
+        checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_top_k=-1, filename="{step}")
+    else:  # Lightning saves last.ckpt at the end only when it saved no other checkpoint before
+        checkpoints = ModelCheckpoint(dirpath=root, save_top_k=0, save_last=True)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
         limit_val_batches=0,
         logger=False,
         use_distributed_sampler=False,
-        callbacks=[ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1, filename="{step}")],
+        callbacks=[checkpoints],
         enable_progress_bar=False,
         enable_model_summary=False,
     )
@@ -46,12 +63,41 @@ def run(root, max_steps: int, ckpt_path=None, pack_length: int | None = None) ->
     return module
 
 
+def assert_same_adapters(module: QLoRAModule, expected: QLoRAModule) -> None:
+    trained = {name: param for name, param in expected.named_parameters() if param.requires_grad}
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, trained[name], rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("pack_length", [None, 192], ids=["padded", "packed"])
 def test_mid_epoch_resume_equals_uninterrupted_run(tmp_path, pack_length):
     uninterrupted = run(tmp_path / "a", max_steps=7, pack_length=pack_length)
     assert uninterrupted.trainer.num_training_batches > 3  # the checkpoint at step 3 is mid-epoch
     resumed = run(tmp_path / "b", max_steps=7, ckpt_path=tmp_path / "a" / "step=3.ckpt", pack_length=pack_length)
-    expected = {k: v for k, v in uninterrupted.named_parameters() if v.requires_grad}
-    for name, param in resumed.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param, expected[name], rtol=0, atol=0, msg=name)
+    assert_same_adapters(resumed, uninterrupted)
+
+
+def test_extending_a_finished_run_continues_where_it_stopped(tmp_path):
+    """2 steps, then the same run to 4 steps: Lightning counts the epoch that max_steps ended as complete, so
+    last.ckpt says epoch 1; the data went on with epoch 1's order and the adapter differed from a 4-step run's."""
+    uninterrupted = run(tmp_path / "a", max_steps=4)
+    run(tmp_path / "b", max_steps=2, every=None)
+    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["epoch"] == 1
+    extended = run(tmp_path / "b", max_steps=4, ckpt_path=tmp_path / "b" / "last.ckpt", every=None)
+    assert_same_adapters(extended, uninterrupted)
+
+
+def test_extending_at_an_epoch_boundary_and_under_gradient_accumulation(tmp_path):
+    """10 batches an epoch, 3 micro-batches a step: step 4 closes the epoch with a 1-batch step. A run stopped at the
+    epoch's end (step 4) resumes inside Lightning's used-up epoch; one stopped at step 3 has that last batch left.
+    Both extended to step 6 equal the uninterrupted run (a constant learning rate: a cosine schedule depends on
+    max_steps)."""
+    settings = {"accumulate": 3, "schedule": "constant", "val_size": 200, "every": None}  # 38 rows: 10 batches of 4
+    uninterrupted = run(tmp_path / "a", max_steps=6, **settings)
+    assert uninterrupted.trainer.num_training_batches == 10
+    for stop in (4, 3):
+        run(tmp_path / f"stop{stop}", max_steps=stop, **settings)
+        assert torch.load(tmp_path / f"stop{stop}" / "last.ckpt", weights_only=True)["global_step"] == stop
+        extended = run(tmp_path / f"stop{stop}", 6, ckpt_path=tmp_path / f"stop{stop}" / "last.ckpt", **settings)
+        assert_same_adapters(extended, uninterrupted)

@@ -29,12 +29,18 @@ def test_lightning_advances_the_epoch():
     assert sampler.epoch == 3
 
 
-def test_skip_resumes_mid_epoch_once():
-    sampler = EpochBatchSampler(LENGTHS, 4, seed=2)
-    full = list(sampler)
-    sampler.skip_batches = 5
-    assert list(sampler) == full[5:]
-    assert list(sampler) == full  # the next pass is a whole epoch again
+def test_each_pass_starts_where_training_stands_and_ends_with_the_trainers_epoch():
+    progress = {"run": 5, "epoch": 5}
+    sampler = EpochBatchSampler(LENGTHS, 4, seed=2, progress=lambda: (progress["run"], progress["epoch"]))
+    epochs = [list(EpochBatchSampler(LENGTHS, 4, seed=2, progress=lambda e=e: (13 * e, 0))) for e in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2] and all(len(epoch) == 13 for epoch in epochs)
+    assert list(sampler) == epochs[0][5:]  # resumed mid-epoch
+    progress.update(run=13 + 2, epoch=2)  # max_steps ended epoch 1 after 2 batches; the trainer counts it complete
+    assert list(sampler) == epochs[1][2:] and sampler.epoch == 1
+    progress.update(run=2 * 13, epoch=13)  # resumed inside an epoch the trainer has used up: nothing left of it
+    assert list(sampler) == [] and sampler.epoch == 2
+    progress.update(epoch=0)
+    assert list(sampler) == epochs[2]
 
 
 def test_ranks_split_the_batches_evenly_and_disjointly():

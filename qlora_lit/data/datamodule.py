@@ -9,7 +9,7 @@ from typing import Literal, get_args
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -99,7 +99,9 @@ class KoAlpacaDataModule(L.LightningDataModule):
         self.val_set: list[dict] = []
         self.packed_rows: list[list[int]] = []
         self.stats: dict[str, int] = {}
+        self.train_sampler: EpochBatchSampler | None = None
         self.resume_position: dict[str, int] = {}
+        self.restored_batches = 0
         self.predict_rows: list[dict] = []
 
     def check_settings(self) -> None:
@@ -235,22 +237,22 @@ class KoAlpacaDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         items, lengths, label_counts = self.train_items()
-        sampler = EpochBatchSampler(
+        self.train_sampler = EpochBatchSampler(
             lengths,
             self.batch_size,
             seed=self.seed,
             group_by_length=self.group_by_length,
             label_counts=label_counts,
             accumulate=self.trainer.accumulate_grad_batches if self.trainer is not None else 1,
+            progress=self.training_progress if self.trainer is not None else None,
         )
         if self.resume_position and self.trainer is not None:
-            if self.resume_position["epoch"] == self.trainer.current_epoch:
-                sampler.skip_batches = self.resume_position["batches_done"]
+            self.report_resume_position(self.train_sampler, self.resume_position)
             self.resume_position = {}
         pad_id = self.tokenizer.pad_token_id
         return DataLoader(
             StepTaggedDataset(items),
-            batch_sampler=sampler,
+            batch_sampler=self.train_sampler,
             collate_fn=PackingCollator(pad_id, self.pad_to_multiple_of) if self.pack_length else self.collator(),
             num_workers=self.num_workers,
             # Its own generator: creating the iterator must not draw from the global stream (LoRA dropout),
@@ -273,16 +275,38 @@ class KoAlpacaDataModule(L.LightningDataModule):
         items = [{"input_ids": ids[index], "index": index} for index in range(rank, len(ids), world_size)]
         return DataLoader(items, batch_size=self.batch_size, collate_fn=PromptCollator(self.tokenizer))
 
+    def training_progress(self) -> tuple[int, int]:
+        """Batches this rank has trained in the run (Lightning saves and restores the count), and in Lightning's
+        current epoch. Lightning's epoch number is no data position: an epoch that max_steps ended counts as complete
+        though the rest of its batches are still to train (an extended run trains them next), and a checkpoint saved
+        after an epoch's last batch resumes inside that used-up epoch (its pass is empty: a batch trained there would
+        end the epoch, an optimizer step after a single micro-batch under accumulation)."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        # A pass can start before Lightning restores its loops (epoch-based runs with data.num_workers > 0 create
+        # the loader's iterator while estimating the steps): the checkpoint's own count stands in.
+        return max(progress.total.processed, self.restored_batches), progress.current.ready
+
     def state_dict(self) -> dict[str, int]:
-        """The data position, saved in checkpoints: a resumed run skips the batches this epoch already trained."""
-        if self.trainer is None:
+        """The data position, saved in checkpoints to be shown on resume and to tell when the batches changed."""
+        if self.trainer is None or self.train_sampler is None:
             return {}
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+        epoch, done = self.train_sampler.position(self.training_progress()[0])
+        return {"epoch": epoch, "batches_done": done, "batches_per_epoch": len(self.train_sampler)}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.resume_position = dict(state_dict)
-        if state_dict:
-            rank_zero_info(
-                f"resuming the data at epoch {state_dict['epoch']} after {state_dict['batches_done']} batches"
+        if "batches_per_epoch" in state_dict:  # earlier checkpoints numbered Lightning's epochs: its count serves
+            self.restored_batches = state_dict["epoch"] * state_dict["batches_per_epoch"] + state_dict["batches_done"]
+
+    def teardown(self, stage: str) -> None:
+        self.restored_batches = 0  # a later fit starts from its own checkpoint or from the beginning
+
+    def report_resume_position(self, sampler: EpochBatchSampler, saved: dict[str, int]) -> None:
+        epoch, done = sampler.position(self.training_progress()[0])
+        rank_zero_info(f"resuming the data at epoch {epoch} after {done} batches")
+        if saved.get("batches_per_epoch", len(sampler)) != len(sampler):
+            rank_zero_warn(
+                f"the checkpoint's run had {saved['batches_per_epoch']} batches per epoch on each device, this one has "
+                f"{len(sampler)} (the data, data.batch_size or the number of devices changed): training continues "
+                f"after as many batches as were trained, not with the examples that came next"
             )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -11,11 +11,14 @@ import torch.distributed as dist
 class EpochBatchSampler(torch.utils.data.Sampler[list]):
     """Shuffled batches of indices, the same on every run with the same seed, split evenly across ranks.
 
-    The order of epoch `e` depends only on `(seed, e)`, so a resumed run can skip exactly the batches it already
-    trained (`skip_batches`), mid-epoch. With `group_by_length`, indices are sorted by length within windows of
-    `group_window` batches, so each batch holds examples of similar length (less padding) while the batch order
-    stays random. Every rank gets the same number of batches: the last few batches that do not divide evenly are
-    dropped, counted in `dropped_batches`.
+    The order of epoch `e` depends only on `(seed, e)`. With `progress`, the data is one stream of epochs and each
+    pass over it starts where training stands: after `n` batches of the run, at epoch `n // len(self)`, after its
+    first `n % len(self)` batches. So a resumed run continues mid-epoch, and a finished run extended with a larger
+    max_steps continues where it stopped, whatever the trainer calls its epochs.
+
+    With `group_by_length`, indices are sorted by length within windows of `group_window` batches, so each batch
+    holds examples of similar length (less padding) while the batch order stays random. Every rank gets the same
+    number of batches: the last few batches that do not divide evenly are dropped, counted in `dropped_batches`.
 
     With `label_counts`, each index comes as `(index, step_label_tokens)`: the number of label tokens in the whole
     optimizer step it belongs to, over all ranks and all `accumulate` micro-batches. Every rank knows every batch,
@@ -30,6 +33,9 @@ class EpochBatchSampler(torch.utils.data.Sampler[list]):
         group_window: batches per length-sorting window.
         label_counts: label tokens of each example; switches on the `(index, step_label_tokens)` items.
         accumulate: micro-batches per optimizer step on each rank (the trainer's `accumulate_grad_batches`).
+        progress: asked at the start of each pass: the batches this rank has trained in the run (over every epoch and
+            resume) and in the trainer's current epoch; a pass yields no more batches than that epoch has left.
+            Without it, each pass is the whole epoch `set_epoch` names.
     """
 
     def __init__(
@@ -42,6 +48,7 @@ class EpochBatchSampler(torch.utils.data.Sampler[list]):
         group_window: int = 64,
         label_counts: Sequence[int] | None = None,
         accumulate: int = 1,
+        progress: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         self.lengths = torch.as_tensor(list(lengths))
         self.batch_size = batch_size
@@ -51,11 +58,15 @@ class EpochBatchSampler(torch.utils.data.Sampler[list]):
         self.group_window = group_window
         self.label_counts = None if label_counts is None else torch.as_tensor(list(label_counts))
         self.accumulate = accumulate
+        self.progress = progress
         self.epoch = 0
-        self.skip_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def position(self, batches: int) -> tuple[int, int]:
+        """(epoch, batches of it done) after `batches` batches of the run on this rank."""
+        return divmod(batches, max(len(self), 1))
 
     @property
     def sampler(self) -> EpochBatchSampler:
@@ -105,8 +116,12 @@ class EpochBatchSampler(torch.utils.data.Sampler[list]):
         return len(self.all_batches()) % self.world()[1]
 
     def __iter__(self) -> Iterator[list]:
-        skip, self.skip_batches = self.skip_batches, 0  # skipping applies to the resumed epoch only
-        yield from self.rank_batches()[skip:]
+        if self.progress is None:
+            yield from self.rank_batches()
+            return
+        in_run, in_epoch = self.progress()
+        self.epoch, skip = self.position(in_run)
+        yield from self.rank_batches()[skip : skip + len(self) - in_epoch]
 
     def __len__(self) -> int:
         rank, world_size = self.world()
