@@ -1,4 +1,5 @@
 import json
+import re
 
 import datasets
 import pandas as pd
@@ -149,3 +150,88 @@ def test_excel_utf8_byte_order_mark_is_ignored(tmp_path):
     path = tmp_path / "excel_utf8.csv"
     pd.DataFrame(ROWS).to_csv(path, index=False, encoding="utf-8-sig")
     assert list(load_table(str(path)).columns)[0] == "instruction"
+
+
+def read_rows(tmp_path, name: str, content: str | bytes) -> list[dict]:
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return load_sources(str(path)).to_dict("records")
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ('["a", "b"]', 'a list ["a", "b"]'),
+        ('{"k": "v"}', 'an object {"k": "v"}'),
+        ("true", "true"),
+        ("Infinity", "float Infinity"),
+    ],  # fmt: skip
+)
+def test_a_text_field_that_is_no_text_is_refused_naming_file_line_and_value(tmp_path, value, shown):
+    """Python's rendering of these ("['a', 'b']", "True", "inf") became training text before."""
+    lines = f'{{"instruction": "a", "output": "x"}}\n\n{{"instruction": "b", "output": {value}}}\n'
+    with pytest.raises(ConfigError, match=rf"bad.jsonl', line 3: 'output' is {re.escape(shown)}, not text\. Text"):
+        read_rows(tmp_path, "bad.jsonl", lines)
+
+
+def test_numbers_in_text_fields_are_taken_as_written_and_nulls_are_blank(tmp_path):
+    lines = '{"instruction": "a", "output": 4}\n{"instruction": "b", "output": null}\n'
+    lines += '{"instruction": "c", "output": 4.50}\n{"instruction": "d", "output": NaN}\n'
+    assert [row["output"] for row in read_rows(tmp_path, "numbers.jsonl", lines)] == ["4", "", "4.50", ""]
+    # integers with a null in parquet and in save_to_disk folders stay integers (numpy types made them 4.0)
+    table = pd.DataFrame({"instruction": ["a", "b"], "output": pd.array([4, None], dtype="Int64")})
+    table.to_parquet(tmp_path / "numbers.parquet")
+    datasets.Dataset.from_pandas(table).save_to_disk(str(tmp_path / "numbers"))
+    for source in ("numbers.parquet", "numbers"):
+        assert load_sources(str(tmp_path / source))["output"].tolist() == ["4", ""]
+    pd.DataFrame({"instruction": ["a", "b"], "output": [["x"], ["y"]]}).to_parquet(tmp_path / "lists.parquet")
+    with pytest.raises(ConfigError, match=r"lists.parquet', row 1: 'output' is a list \[\"x\"\], not text \(1 more"):
+        load_sources(str(tmp_path / "lists.parquet"))
+
+
+def test_other_columns_may_hold_anything(tmp_path):
+    rows = read_rows(tmp_path, "meta.jsonl", '{"instruction": "a", "output": "b", "meta": {"tags": [1, true]}}\n')
+    assert rows == [{"instruction": "a", "input": "", "output": "b"}]
+
+
+def test_a_key_or_column_given_twice_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"twice.csv' has more than one column named \['output'\]"):
+        read_rows(tmp_path, "twice.csv", "instruction,output,output\na,x,y\n")
+    with pytest.raises(ConfigError, match=r"twice.jsonl', line 1: an object has the key \['output'\] more than once"):
+        read_rows(tmp_path, "twice.jsonl", '{"instruction": "a", "output": "x", "output": "y"}\n')
+
+
+@pytest.mark.parametrize("delimiter", ["\t", ";", "|"])
+def test_a_csv_separated_by_tabs_semicolons_or_bars_reads_by_its_header(tmp_path, delimiter):
+    table = pd.DataFrame([{"instruction": "김치, 찌개", "input": "", "output": "답; 입니다"}])
+    rows = read_rows(tmp_path, "excel.csv", table.to_csv(sep=delimiter, index=False))
+    assert rows == [{"instruction": "김치, 찌개", "input": "", "output": "답; 입니다"}]
+
+
+def test_a_json_array_in_a_jsonl_file_says_to_rename_it(tmp_path):
+    for indent in (None, 2):
+        with pytest.raises(
+            ConfigError, match=r"rows.jsonl' is one JSON array, not JSON lines .* rename it to rows.json"
+        ):
+            read_rows(tmp_path, "rows.jsonl", json.dumps(ROWS, indent=indent))
+
+
+def test_a_json_table_by_columns_is_named_as_such(tmp_path):
+    """pandas' to_json default: {"instruction": {"0": ..., "1": ...}, ...} was read as one row, too long to train."""
+    pd.DataFrame(ROWS).to_json(tmp_path / "columns.json", force_ascii=False)
+    with pytest.raises(ConfigError, match=r"a table by columns, as pandas' DataFrame.to_json\(\) writes.*orient='rec"):
+        load_sources(str(tmp_path / "columns.json"))
+    assert read_rows(tmp_path, "one.json", json.dumps(ROWS[0]))[0]["output"] == ROWS[0]["output"]  # one row is fine
+
+
+def test_utf16_files_read_with_a_byte_order_mark_and_are_named_without(tmp_path):
+    """Windows' "Unicode text": the message advised iconv -f cp949."""
+    text = "\n".join(json.dumps(row, ensure_ascii=False) for row in ROWS)
+    assert read_rows(tmp_path, "bom.jsonl", text.encode("utf-16"))[1]["input"] == "오늘은 비가 온다."
+    for ascii_only in (False, True):  # Korean text fails to decode as UTF-8; ASCII decodes, with NULs
+        content = (json.dumps(ROWS[0]) if ascii_only else text).encode("utf-16-le")
+        with pytest.raises(ConfigError, match=r"as UTF-16 text without a byte-order mark has .*utf-16-le.*iconv -f u"):
+            read_rows(tmp_path, "nobom.jsonl", content)
+    assert load_sources(str(tmp_path / "nobom.jsonl"), encoding="utf-16-le")["instruction"].tolist() == [
+        "김치찌개 끓이는 법을 알려줘."
+    ]

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import codecs
+import csv
 import io
 import json
+import math
+import numbers
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
 
 import datasets
@@ -62,7 +66,14 @@ def load_table(path: str, encoding: str = "utf-8") -> pd.DataFrame:
 def _from_dataset(dataset: datasets.Dataset | datasets.DatasetDict) -> pd.DataFrame:
     if isinstance(dataset, datasets.DatasetDict):
         dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-    return dataset.to_pandas()
+    # Arrow types kept: numpy's would turn integers in a column with a null into floats ("4" read as "4.0").
+    return numbered(dataset.with_format("arrow")[:].to_pandas(types_mapper=pd.ArrowDtype), "row")
+
+
+def numbered(table: pd.DataFrame, unit: str, numbers: Sequence[int] | None = None) -> pd.DataFrame:
+    """The table with each row labelled by its place in the source (line, item or row, from 1), for messages."""
+    table.index = pd.Index(range(1, len(table) + 1) if numbers is None else numbers, name=unit)
+    return table
 
 
 def read_file(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
@@ -71,64 +82,177 @@ def read_file(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
         raise ConfigError(f"data file {str(path)!r} is empty")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return pd.read_parquet(path)
+        return numbered(pd.read_parquet(path, dtype_backend="pyarrow"), "row")  # Arrow types, as _from_dataset
     text = read_text(path, encoding)
     if not text.strip():
         raise ConfigError(f"data file {str(path)!r} is empty (only blank space)")
     if suffix == ".csv":
-        try:
-            return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-        except pd.errors.ParserError as err:
-            raise ConfigError(f"data file {str(path)!r} is not valid CSV: {err}") from err
+        return read_csv(path, text)
     if suffix == ".json":
         try:
-            rows = json.loads(text)
+            rows = parse_json(text)
         except json.JSONDecodeError as err:
             if err.msg != "Extra data":  # "Extra data": several top-level values, i.e. JSON lines in a .json file
                 raise ConfigError(f"{str(path)!r}, line {err.lineno}: not valid JSON ({err.msg})") from err
+        except DuplicateKey as err:
+            raise ConfigError(f"{str(path)!r}: {err}") from err
         else:
-            return _records([rows] if isinstance(rows, dict) else rows, path)
-    return _records(_json_lines(text, path), path)
+            if isinstance(rows, dict):
+                check_not_by_columns(rows, path)
+                rows = [rows]
+            return numbered(_records(rows, path), "item")
+    elif text.lstrip().startswith("["):
+        check_not_a_json_array(text, path)
+    lines, rows = _json_lines(text, path)
+    return numbered(_records(rows, path), "line", lines)
 
 
 def read_text(path: Path, encoding: str) -> str:
-    """The file's text; a UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped."""
+    """The file's text. By default UTF-8, and a byte-order mark says otherwise: UTF-8's (Excel's "CSV UTF-8") is
+    dropped, UTF-16's and UTF-32's (Windows' "Unicode text") choose that encoding."""
     if codecs.lookup(encoding).name == "utf-8":
-        encoding = "utf-8-sig"
+        encoding = bom_encoding(path) or "utf-8-sig"
     try:
-        return path.read_text(encoding=encoding)
+        text = path.read_text(encoding=encoding)
     except UnicodeDecodeError as err:
         raise ConfigError(encoding_message(path, encoding, err)) from err
+    if "\0" in text:  # ASCII in UTF-16 without a byte-order mark decodes as UTF-8, with a NUL after each letter
+        raise ConfigError(f"data file {str(path)!r} is not {encoding.removesuffix('-sig')} text: {utf16_advice(path)}")
+    return text
+
+
+# UTF-32 LE's mark begins with UTF-16 LE's: the longer marks are tried first.
+BYTE_ORDER_MARKS = {
+    codecs.BOM_UTF32_LE: "utf-32",
+    codecs.BOM_UTF32_BE: "utf-32",
+    codecs.BOM_UTF16_LE: "utf-16",
+    codecs.BOM_UTF16_BE: "utf-16",
+}
+
+
+def bom_encoding(path: Path) -> str | None:
+    with open(path, "rb") as file:
+        start = file.read(4)
+    return next((encoding for bom, encoding in BYTE_ORDER_MARKS.items() if start.startswith(bom)), None)
 
 
 def encoding_message(path: Path, encoding: str, err: UnicodeDecodeError) -> str:
+    raw = path.read_bytes()
+    problem = f"data file {str(path)!r} is not {encoding.removesuffix('-sig')} text"
+    if b"\0" in raw:
+        return f"{problem}: {utf16_advice(path)}"
     try:
-        path.read_bytes().decode("cp949")
+        raw.decode("cp949")
         guess = " It reads as CP949 (EUC-KR), the encoding of Korean Excel exports."
     except UnicodeDecodeError:
         guess = ""
     return (
-        f"data file {str(path)!r} is not {encoding.removesuffix('-sig')} text: byte {err.object[err.start]:#04x} at "
-        f"offset {err.start} does not decode.{guess} Set the file's encoding with `data.encoding` (e.g. "
-        f"--data.encoding cp949), or convert the file to UTF-8: iconv -f cp949 -t utf-8 {path.name} > utf8_{path.name}"
+        f"{problem}: byte {err.object[err.start]:#04x} at offset {err.start} does not decode.{guess} Set the file's "
+        f"encoding with `data.encoding` (e.g. --data.encoding cp949), or convert the file to UTF-8: "
+        f"iconv -f cp949 -t utf-8 {path.name} > utf8_{path.name}"
     )
 
 
-def _json_lines(text: str, path: Path) -> list:
-    rows = []
+def utf16_advice(path: Path) -> str:
+    """For a file with NUL bytes: text files have none, except UTF-16 ones (ASCII letters take two bytes)."""
+    raw = path.read_bytes()
+    order = "le" if raw[1::2].count(0) >= raw[0::2].count(0) else "be"
+    return (
+        f"it has NUL bytes, as UTF-16 text without a byte-order mark has (it reads as UTF-16-{order.upper()}). "
+        f"Set --data.encoding utf-16-{order}, or convert the file to UTF-8: "
+        f"iconv -f utf-16{order} -t utf-8 {path.name} > utf8_{path.name}"
+    )
+
+
+def read_csv(path: Path, text: str) -> pd.DataFrame:
+    """Every value as text. Tabs, semicolons or bars as the separator (European Excel writes `;`) are found from the
+    header; two columns of one name are refused (pandas would rename the second `name.1`, and it would be ignored)."""
+    header = text.split("\n", 1)[0]
+    try:
+        delimiter = csv.Sniffer().sniff(header, delimiters=",\t;|").delimiter
+    except csv.Error:  # one column, or no separator it knows
+        delimiter = ","
+    names = next(csv.reader(io.StringIO(text), delimiter=delimiter))
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(
+            f"data file {str(path)!r} has more than one column named {twice} (its columns: {names}): "
+            "only one could be read. Rename the others"
+        )
+    try:
+        table = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False)
+    except pd.errors.ParserError as err:
+        raise ConfigError(f"data file {str(path)!r} is not valid CSV ({delimiter!r}-separated): {err}") from err
+    return numbered(table, "row")
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object; a key given twice would keep only its last value, silently: refused."""
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        twice = sorted({key for key, _ in pairs if [k for k, _ in pairs].count(key) > 1})
+        raise DuplicateKey(f"an object has the key {twice} more than once; only one value could be read")
+    return row
+
+
+def _json_constant(name: str) -> float | None:
+    """NaN (what Python's json writes for a missing float) is a missing value; Infinity stays a number, refused as
+    text."""
+    return None if name == "NaN" else float(name)
+
+
+def parse_json(text: str) -> object:
+    """JSON with numbers kept as written (`4` stays "4", `1.50` "1.50"): as text they are taken verbatim."""
+    return json.loads(text, parse_int=str, parse_float=str, parse_constant=_json_constant, object_pairs_hook=_object)
+
+
+def check_not_by_columns(value: dict, path: Path) -> None:
+    """One object of columns ({"instruction": {"0": ..., "1": ...}, ...}, pandas' to_json default) is no row."""
+    if value and all(isinstance(column, (dict, list)) for column in value.values()):
+        raise ConfigError(
+            f"{str(path)!r} holds one JSON object whose values are all objects or lists (keys {list(value)[:5]}): "
+            "a table by columns, as pandas' DataFrame.to_json() writes by default, not rows. Write it as rows: "
+            "df.to_json(path, orient='records', force_ascii=False), or lines=True to a .jsonl file"
+        )
+
+
+def check_not_a_json_array(text: str, path: Path) -> None:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError:
+        return  # not one array: each line is read (and reported) on its own
+    if isinstance(rows, list):
+        raise ConfigError(
+            f"{str(path)!r} is one JSON array, not JSON lines (one object per line, which .jsonl files hold): "
+            f"rename it to {path.with_suffix('.json').name}"
+        )
+
+
+def _json_lines(text: str, path: Path) -> tuple[list[int], list]:
+    """The rows of a JSON-lines text, with the line number of each."""
+    lines, rows = [], []
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit inside strings
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append(parse_json(line))
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{str(path)!r}, line {number}: not valid JSON ({err.msg}): {line[:80]!r}") from err
-    return rows
+            except DuplicateKey as err:
+                raise ConfigError(f"{str(path)!r}, line {number}: {err}") from err
+            lines.append(number)
+    return lines, rows
 
 
 def _records(rows: object, path: Path) -> pd.DataFrame:
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
         raise ConfigError(f"{str(path)!r}: expected JSON objects ({{...}}), as a list or one per line")
-    return pd.DataFrame.from_records(rows)
+    return pd.DataFrame(
+        rows, dtype=object
+    )  # values as parsed: pandas would make numbers of a column with a null floats
 
 
 def check_columns(columns: Mapping[str, str] | None) -> None:
@@ -151,7 +275,7 @@ def select_columns(table: pd.DataFrame, columns: Mapping[str, str] | None = None
     missing = [name for name in needed if name not in table.columns]
     if missing:
         raise ConfigError(f"{source} has no column {missing}; its columns are {list(table.columns)} ({MAPPING_HINT})")
-    return pd.DataFrame({field: _as_text(table, names[field]) for field in FIELDS})
+    return pd.DataFrame({field: _as_text(table, names[field], source) for field in FIELDS})
 
 
 def clean_table(table: pd.DataFrame, columns: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -177,10 +301,48 @@ def clean_table(table: pd.DataFrame, columns: Mapping[str, str] | None = None) -
     return deduplicated, stats
 
 
-def _as_text(table: pd.DataFrame, column: str) -> pd.Series:
+def _as_text(table: pd.DataFrame, column: str, source: str = "data") -> pd.Series:
+    """A column as text: strings as they are, numbers as written, missing values blank. Anything else (a list, an
+    object, true/false, an infinite number) would become Python's rendering of it ("['a', 'b']", "True"), which no
+    one meant as training text: refused, naming where."""
     if column not in table.columns:
         return pd.Series([""] * len(table), index=table.index, dtype=str)
-    return table[column].fillna("").astype(str)
+    values = table[column].tolist()
+    texts = [as_text(value) for value in values]
+    bad = [position for position, text in enumerate(texts) if text is None]
+    if bad:
+        first = bad[0]
+        unit = table.index.name or "row"
+        more = f" ({len(bad) - 1} more rows like it)" if len(bad) > 1 else ""
+        raise ConfigError(
+            f"{source}, {unit} {table.index[first]}: {column!r} is {describe(values[first])}, not text{more}. "
+            "Text fields must be strings (numbers are taken as written): make it a string in the file, or map "
+            "another column with data.columns"
+        )
+    return pd.Series(texts, index=table.index, dtype=object)
+
+
+def as_text(value: object) -> str | None:
+    """The training text of one value, or None when it has none."""
+    if isinstance(value, str):
+        return value
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, (numbers.Real, Decimal)) and math.isfinite(value):
+        return str(value)  # a float column's value as Python (or Arrow's Decimal) writes it: 4.5, 1e+20
+    return None
+
+
+def describe(value: object) -> str:
+    """A value as the file has it: JSON for what JSON reads (a list, an object, true, Infinity)."""
+    shown = json.dumps(value, ensure_ascii=False, default=str)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    kind = {list: "a list ", dict: "an object ", bool: ""}.get(type(value), f"{type(value).__name__} ")
+    return kind + shown
 
 
 def source_fingerprint(path: str) -> list:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
-CACHE_VERSION = 1  # bump when what is cached changes
+CACHE_VERSION = 2  # bump when what is cached changes (2: numbers in text columns as written, "4" not "4.0")
 
 
 def cache_key(*parts: object) -> str:
