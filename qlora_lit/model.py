@@ -14,6 +14,7 @@ from typing import Literal
 import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from qlora_lit import attention  # noqa: F401 - registers attn_implementation "varlen" with transformers
@@ -200,12 +201,15 @@ def empty_model(config, trust_remote_code: bool = False) -> PreTrainedModel:
 
 
 def count_lora_parameters(name_or_path: str, lora: LoraArgs, trust_remote_code: bool = False) -> int:
-    """Trainable parameters LoRA gives this model, counted on an empty copy (meta device): no weights are read.
-    Settings peft cannot apply to this architecture stop here, before anything is loaded."""
+    """Trainable parameters LoRA gives this model, counted on an empty copy (meta device): no weights are read, and
+    the adapters are built empty too (peft makes them on the default device and moves them to the base layer's: at
+    lora.r 1,000,000 that filled the memory for minutes). Settings peft cannot apply to this architecture, and a
+    rank no adapted layer can use, stop here, before anything is loaded."""
     model = empty_model(model_config(name_or_path, trust_remote_code), trust_remote_code)
     check_target_modules(model, lora)
     try:
-        return get_peft_model(model, lora.to_peft_config()).get_nb_trainable_parameters()[0]
+        with torch.device("meta"):
+            adapted = get_peft_model(model, lora.to_peft_config())
     except ValueError as err:
         if "lora_dropout" in str(err):  # peft's ParamWrapper: LoRA on fused expert tensors
             raise ConfigError(
@@ -214,6 +218,30 @@ def count_lora_parameters(name_or_path: str, lora: LoraArgs, trust_remote_code: 
                 "lora.target_modules (the experts then stay frozen)"
             ) from err
         raise ConfigError(f"lora settings cannot be applied to {name_or_path!r}: {err}") from err
+    trainable = adapted.get_nb_trainable_parameters()[0]
+    check_rank(adapted, lora.r, trainable)
+    return trainable
+
+
+def check_rank(model: PeftModel, r: int, trainable: int) -> None:
+    """The update of an in -> out layer (B @ A) has rank at most min(in, out): above that, lora.r adds parameters,
+    not anything the adapter can express. A rank no adapted layer can use is refused (one that only small layers
+    cannot, such as a mixture-of-experts router with 8 outputs, is common and fine)."""
+    layers = [
+        (min(layer.in_features, layer.out_features), name, layer)
+        for name, layer in model.named_modules()
+        if isinstance(layer, LoraLayer) and isinstance(getattr(layer, "in_features", None), int)
+    ]
+    if not layers:
+        return
+    limit, name, layer = max(layers, key=lambda item: item[0])
+    if r > limit:
+        raise ConfigError(
+            f"lora.r={r} is more than any adapted layer can use: the largest, {name.removeprefix('base_model.model.')},"
+            f" maps {layer.in_features} -> {layer.out_features} features, so its update has rank {limit} at most, and "
+            f"a larger rank only adds parameters ({trainable:,} trainable, {trainable * 4 / 2**30:.1f} GiB in fp32). "
+            f"Use lora.r <= {limit}"
+        )
 
 
 def attach_lora(

@@ -82,6 +82,11 @@ def test_overrides_reach_the_resolved_config(capsys):
         (["--checkpoint.save_top_k=-5"], "checkpoint.save_top_k must be -1 (keep all), 0 (none) or more, got -5"),
         (["--checkpoint.monitor", "val_los"], "checkpoint.monitor 'val_los' is not a metric this run logs"),
         (["--model.lora.target_modules", "foo_proj"], "lora settings cannot be applied to 'builtin:tiny-llama'"),
+        # was 180 s without a word (peft built the adapters in memory to count them)
+        (
+            ["--model.lora.r", "10000000"],
+            "lora.r=10000000 is more than any adapted layer can use: the largest, model.layers.0",
+        ),
         (["--trainer.strategy", "dpp"], "trainer settings: You selected an invalid strategy name: `strategy='dpp'`"),
     ],
 )

@@ -15,7 +15,7 @@ from qlora_lit.assets import resolve_asset
 from qlora_lit.callbacks import AdapterExport
 from qlora_lit.data import KoAlpacaDataModule
 from qlora_lit.errors import ConfigError
-from qlora_lit.model import LoraArgs, QuantizationArgs
+from qlora_lit.model import LoraArgs, QuantizationArgs, count_lora_parameters
 from qlora_lit.module import QLoRAModule
 from qlora_lit.optim import OptimizerArgs
 
@@ -77,6 +77,16 @@ def test_unknown_target_module_lists_the_linear_layers():
     module = QLoRAModule(TINY_MODEL, quantization=FP32, lora=LoraArgs(target_modules=["query", "v_proj"]))
     with pytest.raises(ConfigError, match=r"\['query'\] are not linear layers.*'down_proj'"):
         module.configure_model()
+
+
+def test_lora_parameters_are_counted_without_memory_and_a_rank_no_layer_can_use_is_refused():
+    """peft built the adapters in memory to count them: lora.r 10,000,000 gave no output for minutes."""
+    attention = (128 + 128) + 2 * (128 + 64) + (128 + 128)  # in + out features of q, k, v, o
+    mlp = 3 * (128 + 256)  # gate, up, down
+    assert count_lora_parameters(TINY_MODEL, LoraArgs(r=128)) == 128 * 2 * (attention + mlp)
+    for r in (129, 10_000_000):
+        with pytest.raises(ConfigError, match=rf"lora.r={r} is more than any .* maps \d+ -> \d+ .* rank 128 at most"):
+            count_lora_parameters(TINY_MODEL, LoraArgs(r=r))
 
 
 def test_the_adapter_is_written_once_per_saved_step(trained):
