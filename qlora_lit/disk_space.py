@@ -12,15 +12,23 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from qlora_lit.errors import ConfigError
 
 
-def ensure_writable(folder: Path, what: str, setting: str) -> None:
-    """Fail with one message naming `setting` if `what` cannot be written into `folder` (created if absent)."""
+def write_problem(folder: Path) -> OSError | None:
+    """Why files cannot be written into `folder` (created if absent), or None when they can."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"cannot write {what} to {folder}: {err}. Point {setting} at a writable folder") from None
+        return err
+    return None
+
+
+def ensure_writable(folder: Path, what: str, setting: str) -> None:
+    """Fail with one message naming `setting` if `what` cannot be written into `folder` (created if absent)."""
+    err = write_problem(folder)
+    if err is not None:
+        raise ConfigError(f"cannot write {what} to {folder}: {err}. Point {setting} at a writable folder")
 
 
 # A checkpoint holds, per trainable parameter, its fp32 weight (4 bytes) and AdamW's two fp32 moments (8 bytes);

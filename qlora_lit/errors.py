@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -14,6 +15,18 @@ class TrainingError(RuntimeError):
 
 
 def not_found_message(kind: str, name: str, err: Exception) -> str:
+    """Why a model, tokenizer or dataset did not load: a local folder that lacks files, a cache that cannot be
+    written, or a name found neither here nor on the hub."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return incomplete_folder_message(kind, name, local, err)
+    if local.exists():
+        return f"could not load the {kind} {name!r}: it is a file; give the folder that holds it ({err})"
+    if isinstance(err, OSError) and err.errno in CANNOT_WRITE_ERRNOS:
+        return (
+            f"could not load the {kind} {name!r}: {err}. The Hugging Face cache it would be kept in cannot be "
+            "written (a read-only home folder?): point HF_HOME at a writable folder"
+        )
     return (
         f"could not load the {kind} {name!r}: {err}\n"
         f"It is neither a local folder/file nor reachable on the Hugging Face hub from here. Fix it by giving a local "
@@ -28,6 +41,37 @@ def remote_code_message(name_or_path: str) -> str:
         "model.trust_remote_code: true in your config (fit, predict) or --trust_remote_code true (generate, export). "
         "Only for code you trust; a setting saved in an adapter, model folder or checkpoint is never enough"
     )
+
+
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tiktoken.model"}
+
+
+def missing_files(kind: str, names: set[str]) -> list[str]:
+    """What a folder save_pretrained wrote a model (config and weights) or a tokenizer to has, and this one lacks."""
+    if kind == "tokenizer":
+        return [] if names & TOKENIZER_FILES else ["tokenizer files (tokenizer.json, or tokenizer.model)"]
+    missing = [] if "config.json" in names else ["config.json"]
+    if not any(name.endswith((".safetensors", ".bin")) for name in names):
+        missing.append("weights (model.safetensors or pytorch_model.bin, or their shards)")
+    return missing
+
+
+def incomplete_folder_message(kind: str, name: str, folder: Path, err: Exception) -> str:
+    """What a local folder lacks, rather than the library's guess (transformers blamed a missing sentencepiece
+    package for a model folder without tokenizer files)."""
+    names = {path.name for path in folder.iterdir()}
+    missing = missing_files(kind, names)
+    if not missing:  # complete by its file names: the library's reason is the one to give
+        return f"could not load the {kind} {name!r} from its folder: {err}"
+    shown = sorted(names)[:12]
+    holds = f"it holds {shown}{' ...' if len(names) > 12 else ''}" if names else "it is empty"
+    return (
+        f"could not load the {kind} {name!r}: the folder has no {' and no '.join(missing)} ({holds}). Give the "
+        f"folder save_pretrained wrote the {kind} to, or save what is missing into it"
+    )
+
+
+CANNOT_WRITE_ERRNOS = (errno.EACCES, errno.EROFS, errno.ENOTDIR, errno.EPERM)
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 from qlora_lit import attention  # noqa: F401 - registers attn_implementation "varlen" with transformers
 from qlora_lit.assets import resolve_asset
 from qlora_lit.cache import default_cache_dir
+from qlora_lit.disk_space import write_problem
 from qlora_lit.dtypes import DTypeName, to_dtype
 from qlora_lit.errors import ConfigError, not_found_message
 from qlora_lit.preflight import choose_attention, expert_parameters, model_config
@@ -303,7 +305,17 @@ def compile_decoder_layers(model: PeftModel) -> None:
     The compiled code is cached under the qlora_lit cache (torch's default is /tmp, which cluster nodes empty
     between jobs), so a resumed or repeated run loads it instead of compiling again; TORCHINDUCTOR_CACHE_DIR wins.
     """
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "torchinductor"))
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        folder = default_cache_dir() / "torchinductor"
+        problem = write_problem(folder)
+        if problem is None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+        else:  # a read-only home: compiling works all the same, only the cache is lost with the temp folder
+            warnings.warn(
+                f"compiled code is cached in torch's temporary folder: {folder} cannot be written ({problem}). Set "
+                "QLORA_LIT_CACHE or TORCHINDUCTOR_CACHE_DIR to a writable folder to keep it between jobs",
+                stacklevel=2,
+            )
     base = model.get_base_model()
     layer_classes = set(getattr(base, "_no_split_modules", None) or [])
     layers = [module for module in base.modules() if type(module).__name__ in layer_classes]

@@ -10,6 +10,7 @@ message naming what to change, not minutes later in the middle of the sanity che
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -27,10 +28,12 @@ def model_config(name_or_path: str, trust_remote_code: bool = False) -> Pretrain
         return AutoConfig.from_pretrained(resolve_asset(name_or_path), trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ConfigError(not_found_message("model", name_or_path, err)) from err
-    except ValueError as err:
-        if "trust_remote_code" not in str(err):
-            raise
-        raise ConfigError(remote_code_message(name_or_path)) from err
+    except ValueError as err:  # the model's own code would have to run; or a local folder without config.json
+        if "trust_remote_code" in str(err):
+            raise ConfigError(remote_code_message(name_or_path)) from err
+        if Path(name_or_path).expanduser().exists():
+            raise ConfigError(not_found_message("model", name_or_path, err)) from err
+        raise
 
 
 def attention_softcap(config: PretrainedConfig) -> float | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qlora_lit.assets import resolve_asset
@@ -15,10 +17,12 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         tokenizer = AutoTokenizer.from_pretrained(resolve_asset(name_or_path), trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ConfigError(not_found_message("tokenizer", name_or_path, err)) from err
-    except ValueError as err:  # transformers: the tokenizer's own code would have to run
-        if "trust_remote_code" not in str(err):
-            raise
-        raise ConfigError(remote_code_message(name_or_path)) from err
+    except ValueError as err:  # the tokenizer's own code would have to run; or a local folder without its files
+        if "trust_remote_code" in str(err):
+            raise ConfigError(remote_code_message(name_or_path)) from err
+        if Path(name_or_path).expanduser().exists():  # transformers blamed a missing sentencepiece
+            raise ConfigError(not_found_message("tokenizer", name_or_path, err)) from err
+        raise
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer {name_or_path!r} has no EOS token: the model could not learn to stop")
     if tokenizer.pad_token_id is None:

@@ -62,6 +62,38 @@ def test_tokenization_is_cached_and_reused_across_runs(tmp_path):
     assert len(list(tmp_path.glob("tokens-*.parquet"))) == 2  # another reading of the data: another cache
 
 
+def test_a_damaged_token_cache_is_built_again(tmp_path):
+    """A copy cut short (pyarrow's ArrowInvalid: no footer) or damaged inside: nothing is lost, it is rebuilt."""
+    first = make_data(cache_dir=str(tmp_path))
+    first.setup()
+    (cache,) = tmp_path.glob("tokens-*.parquet")
+    whole = cache.read_bytes()
+    footer = int.from_bytes(whole[-8:-4], "little") + 8  # the file's description, at its end
+    inside = whole[:4] + bytes(len(whole) - 4 - footer) + whole[-footer:]  # its data zeroed, the footer whole
+    for damaged in (whole[: len(whole) // 2], inside):
+        cache.write_bytes(damaged)
+        again = make_data(cache_dir=str(tmp_path))
+        with pytest.warns(UserWarning, match=r"the token cache .*tokens-.*parquet cannot be read \(.*\): tokenizing"):
+            again.setup()
+        assert again.train_set == first.train_set and cache.read_bytes() == whole
+
+
+def test_a_cache_folder_that_cannot_be_written_names_the_setting(tmp_path, monkeypatch):
+    """QLORA_LIT_CACHE at a file, a data.cache_dir that cannot be made, a home folder one cannot write (read-only
+    homes are common on clusters): each was a traceback from mkdir."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match=r"cannot write the tokenized data to .*a_file/cache: .*Point data.cache_dir"):
+        make_data(cache_dir=str(a_file / "cache")).prepare_data()
+    monkeypatch.setenv("QLORA_LIT_CACHE", str(a_file))
+    with pytest.raises(ConfigError, match=r"to .*a_file: \[Errno 17\] File exists.*Point QLORA_LIT_CACHE at a writ"):
+        make_data().prepare_data()
+    monkeypatch.delenv("QLORA_LIT_CACHE")
+    monkeypatch.setenv("HOME", str(a_file))
+    with pytest.raises(ConfigError, match=r"Point QLORA_LIT_CACHE or data.cache_dir \(the default, ~/.cache/qlora_lit"):
+        make_data().prepare_data()
+
+
 @pytest.fixture(scope="module")
 def chat_tokenizer(tmp_path_factory):
     """The tiny tokenizer has no chat template: a copy with one, saved like an instruct model's."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from pathlib import Path
+from unittest import mock
 
 import bitsandbytes as bnb
 import lightning as L
@@ -149,6 +153,61 @@ def test_a_model_that_cannot_be_found_offline_says_how_to_fix_it():
 
     with pytest.raises(ConfigError, match=r"could not load the model 'nobody/no-such-model'(.|\n)*HF_HOME"):
         load_base_model("nobody/no-such-model", FP32)
+
+
+def test_a_local_model_folder_that_is_incomplete_says_what_it_lacks(tmp_path):
+    """An empty folder was a traceback (ValueError: Unrecognized model); one with only config.json blamed a missing
+    sentencepiece; a damaged one was "neither a local folder/file nor reachable on the hub"."""
+    from qlora_lit.data.datamodule import load_tokenizer
+    from qlora_lit.model import load_base_model
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(
+        ConfigError, match=r"model '.*empty': the folder has no config.json and no weights .*it is empt"
+    ):
+        load_base_model(str(empty), FP32)
+    with pytest.raises(ConfigError, match=r"tokenizer '.*empty': the folder has no tokenizer files .*it is empty"):
+        load_tokenizer(str(empty))
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(Path(resolve_asset(TINY_MODEL)) / "config.json", config_only)
+    with pytest.raises(ConfigError, match=r"the folder has no tokenizer files \(tokenizer.json, or tokenizer.model\)"):
+        load_tokenizer(str(config_only))
+    with pytest.raises(ConfigError, match=r"the folder has no weights \(model.safetensors .*\['config.json'\]"):
+        load_base_model(str(config_only), FP32)
+    damaged = shutil.copytree(resolve_asset(TINY_MODEL), tmp_path / "damaged")
+    (damaged / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(ConfigError, match=r"could not load the model '.*damaged' from its folder: ") as error:
+        load_base_model(str(damaged), FP32)
+    assert "hub" not in str(error.value)
+
+
+def test_a_hub_cache_that_cannot_be_written_is_named(monkeypatch):
+    """A read-only home: downloading a hub model fails creating ~/.cache/huggingface (the message said the model
+    could not be found)."""
+    from transformers import AutoConfig
+
+    from qlora_lit.preflight import model_config
+
+    denied = PermissionError(errno.EACCES, "Permission denied", "/home/u/.cache/huggingface/hub")
+    monkeypatch.setattr(AutoConfig, "from_pretrained", mock.Mock(side_effect=denied))
+    with pytest.raises(ConfigError, match=r"'org/model': .*Permission denied.* cannot be written .*point HF_HOME at a"):
+        model_config("org/model")
+
+
+def test_compiled_code_is_cached_in_the_temp_folder_when_the_qlora_lit_cache_cannot_be_written(tmp_path, monkeypatch):
+    from qlora_lit.model import compile_decoder_layers
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("QLORA_LIT_CACHE", str(tmp_path / "a_file"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # recorded, so torch's own setting is undone after the test
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    module = make_module()
+    module.configure_model()
+    with pytest.warns(UserWarning, match=r"compiled code is cached in torch's temporary folder: .*a_file/torchind"):
+        compile_decoder_layers(module.model)  # marks the layers for compilation; nothing compiles before a forward
+    assert "a_file" not in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")  # torch's default, if anything
 
 
 def test_resuming_under_another_model_name_warns_and_still_checks_shapes(trained, datamodule, tmp_path):

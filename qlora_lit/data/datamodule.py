@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -27,7 +28,15 @@ from qlora_lit.data.prompts import (
 )
 from qlora_lit.data.sampler import EpochBatchSampler, batch_count
 from qlora_lit.data.sources import check_columns, clean_table, load_sources, source_fingerprint
-from qlora_lit.data.token_cache import cache_key, read_tokens, tokenizer_fingerprint, write_tokens
+from qlora_lit.data.token_cache import (
+    cache_key,
+    damage,
+    error_text,
+    read_tokens,
+    tokenizer_fingerprint,
+    write_tokens,
+)
+from qlora_lit.disk_space import ensure_writable
 from qlora_lit.errors import ConfigError
 from qlora_lit.tokenizer import load_tokenizer
 
@@ -160,17 +169,42 @@ class KoAlpacaDataModule(L.LightningDataModule):
         )
         return self.cache_dir / f"tokens-{key}.parquet"
 
+    @property
+    def cache_setting(self) -> str:
+        """The setting that names the cache folder, for messages."""
+        if self.cache_dir != default_cache_dir():
+            return "data.cache_dir"
+        if "QLORA_LIT_CACHE" in os.environ:
+            return "QLORA_LIT_CACHE"
+        return "QLORA_LIT_CACHE or data.cache_dir (the default, ~/.cache/qlora_lit, is in your home folder)"
+
     def prepare_data(self) -> None:
         """Read, clean and tokenize the sources once per node (Lightning calls this on one process per node)."""
         if self.trainer is not None and self.trainer.predicting:
             return  # predicting reads only data.predict_path
         path = self.cache_path
         if path.exists():
-            return
+            problem = damage(path)
+            if problem is None:
+                return
+            rank_zero_warn(f"the token cache {path} cannot be read ({problem}): tokenizing the data again")
+        self.write_cache(path)
+
+    def write_cache(self, path: Path) -> None:
+        ensure_writable(self.cache_dir, "the tokenized data", self.cache_setting)  # before minutes of tokenizing
         table, stats = clean_table(load_sources(self.paths, self.columns, self.encoding))
         self.load_tokenizer()
         prompt_ids, response_ids = tokenize_rows(self.format, table)
         write_tokens(path, prompt_ids, response_ids, stats)
+
+    def read_cache(self) -> tuple[list[list[int]], list[list[int]], dict]:
+        path = self.cache_path
+        try:
+            return read_tokens(path)
+        except (OSError, ValueError) as err:  # damaged inside, where prepare_data's look at its footer cannot see
+            rank_zero_warn(f"the token cache {path} cannot be read ({error_text(err)}): tokenizing the data again")
+            self.write_cache(path)
+            return read_tokens(path)
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":
@@ -179,7 +213,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         if self.train_set:
             return
         self.prepare_data()  # a no-op when the cache exists; makes setup() usable on its own
-        prompt_ids, response_ids, self.stats = read_tokens(self.cache_path)
+        prompt_ids, response_ids, self.stats = self.read_cache()
         examples, counts = fit_to_length(prompt_ids, response_ids, self.max_length, self.overlong)
         self.stats.update(counts)
         if not examples:

@@ -44,6 +44,21 @@ def write_tokens(path: Path, prompt_ids: list[list[int]], response_ids: list[lis
     os.replace(partial, path)
 
 
+def damage(path: Path) -> str | None:
+    """Why the cache file at `path` cannot be read (a copy cut short, a disk that filled under an earlier qlora_lit:
+    parquet's footer, at the end, is gone), or None when its footer and the statistics beside it read."""
+    try:
+        pq.read_metadata(path)
+        json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid and json's errors are ValueErrors
+        return error_text(err)
+    return None
+
+
+def error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"  # on one line: pyarrow's end in newlines
+
+
 def read_tokens(path: Path) -> tuple[list[list[int]], list[list[int]], dict]:
     table = pq.read_table(path)
     stats = json.loads(path.with_suffix(".json").read_text())
