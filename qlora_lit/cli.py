@@ -6,6 +6,7 @@ python -m qlora_lit <plain command> [--key value ...]                           
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import sys
@@ -147,6 +148,17 @@ class QLoRACLI(LightningCLI):
             raise ConfigError(f"trainer settings: {err}") from None
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def unknown_command_message(name: str) -> str:
+    """LightningCLI's own message listed its four commands only, as if generate, export and data-stats did not exist."""
+    commands = [*LIGHTNING_COMMANDS, *PLAIN_COMMANDS]
+    close = difflib.get_close_matches(name, commands, n=1)
+    guess = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown command {name!r}: the commands are {', '.join(commands)}{guess} (python -m qlora_lit --help)"
+
+
 def run_plain_command(name: str, args: list[str]) -> Any:
     module_name, function_name = PLAIN_COMMANDS[name].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
@@ -176,6 +188,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
     try:
         if argv and argv[0] in PLAIN_COMMANDS:
             return run_plain_command(argv[0], argv[1:])
+        if argv and not argv[0].startswith("-") and argv[0] not in LIGHTNING_COMMANDS:
+            raise ConfigError(unknown_command_message(argv[0]))
         return QLoRACLI(
             QLoRAModule,
             KoAlpacaDataModule,

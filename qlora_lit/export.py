@@ -62,8 +62,12 @@ def export(
                 f"--output {output!r} is the {flag} folder or inside it: the merge would overwrite or be mixed with "
                 "its input; choose a folder outside it"
             )
-    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not overwrite):
-        raise ConfigError(f"output {output!r} is a file or a folder that is not empty; choose another or --overwrite")
+    if target.exists() and not target.is_dir():  # --overwrite replaces a folder's files, never a file of the user's
+        raise ConfigError(f"--output {output!r} is a file: a merged model is a folder of files; name a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"--output {output!r} is a folder that is not empty; choose another, or --overwrite true to replace it"
+        )
     ensure_writable(target.parent, "the merged model", "--output")
     peft_model, tokenizer, run_config = load_for_generation(
         adapter, model, quantize="none", dtype=dtype, device=device, trust_remote_code=trust_remote_code

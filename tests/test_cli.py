@@ -45,6 +45,20 @@ def test_help_names_every_command_and_how_to_run_it(capsys):
     assert "generate, export, data-stats (python -m qlora_lit COMMAND --help)" in shown
 
 
+@pytest.mark.parametrize(("typed", "guess"), [("genrate", "; did you mean 'generate'?"), ("xyz", " (python -m")])
+def test_an_unknown_command_lists_every_command(typed, guess, capsys):
+    """Lightning's parser listed fit, validate, test and predict only."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([typed, "--prompt", "hi"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert (
+        f"unknown command {typed!r}: the commands are fit, validate, test, predict, generate, export, data-stats"
+        in error
+    )
+    assert guess in error
+
+
 def test_tokenizer_follows_the_model():
     cli = cli_main(["--config", str(ROOT / "configs/demo.yaml"), "--model.model_name_or_path", "some/model"], run=False)
     assert cli.datamodule.tokenizer_name == "some/model"

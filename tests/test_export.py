@@ -66,7 +66,20 @@ def test_export_refuses_a_non_empty_output_and_a_missing_adapter(trained_run, me
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["export", "--adapter", str(trained_run[0] / "adapter"), "--output", str(merged[0])])
     assert exit_info.value.code == 2
-    assert "is a file or a folder that is not empty" in capsys.readouterr().err
+    assert "is a folder that is not empty; choose another, or --overwrite true" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["export", "--adapter", str(merged[0] / "nowhere"), "--output", str(merged[0] / "x")])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_an_output_that_is_a_file_is_refused_even_with_overwrite(tmp_path, capsys):
+    """It said "choose another or --overwrite" to a command that had --overwrite true."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:  # refused before anything loads: this adapter would not
+        cli_main(["export", "--adapter", str(adapter), "--output", str(tmp_path / "notes.txt"), "--overwrite", "true"])
+    assert exit_info.value.code == 2
+    assert "notes.txt' is a file: a merged model is a folder of files; name a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
