@@ -16,6 +16,7 @@ import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from qlora_lit import attention  # noqa: F401 - registers attn_implementation "varlen" with transformers
@@ -136,6 +137,8 @@ def load_base_model(
         )
     except OSError as err:
         raise ConfigError(not_found_message("model", name_or_path, err)) from err
+    except SafetensorError as err:  # a weights file cut short (a copy or download interrupted)
+        raise ConfigError(f"could not load the model {name_or_path!r}: a weights file is damaged ({err})") from err
     except (ImportError, ValueError) as err:  # transformers' "attention implementation not available here"
         if "attn_implementation" not in str(err) and "attention" not in str(err):
             raise

@@ -181,6 +181,10 @@ def test_a_local_model_folder_that_is_incomplete_says_what_it_lacks(tmp_path):
     with pytest.raises(ConfigError, match=r"could not load the model '.*damaged' from its folder: ") as error:
         load_base_model(str(damaged), FP32)
     assert "hub" not in str(error.value)
+    weights = shutil.copytree(resolve_asset(TINY_MODEL), tmp_path / "cut_short") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy interrupted: was a SafetensorError traceback
+    with pytest.raises(ConfigError, match=r"model '.*cut_short': a weights file is damaged \(Error while deserializ"):
+        load_base_model(str(weights.parent), FP32)
 
 
 def test_a_hub_cache_that_cannot_be_written_is_named(monkeypatch):
