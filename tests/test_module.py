@@ -158,8 +158,8 @@ def test_a_model_that_cannot_be_found_offline_says_how_to_fix_it():
 def test_a_local_model_folder_that_is_incomplete_says_what_it_lacks(tmp_path):
     """An empty folder was a traceback (ValueError: Unrecognized model); one with only config.json blamed a missing
     sentencepiece; a damaged one was "neither a local folder/file nor reachable on the hub"."""
-    from qlora_lit.data.datamodule import load_tokenizer
     from qlora_lit.model import load_base_model
+    from qlora_lit.tokenizer import load_tokenizer
 
     empty = tmp_path / "empty"
     empty.mkdir()
