@@ -89,15 +89,15 @@ def test_extending_a_finished_run_continues_where_it_stopped(tmp_path):
 
 
 def test_extending_at_an_epoch_boundary_and_under_gradient_accumulation(tmp_path):
-    """10 batches an epoch, 3 micro-batches a step: step 4 closes the epoch with a 1-batch step. A run stopped at the
-    epoch's end (step 4) resumes inside Lightning's used-up epoch; one stopped at step 3 has that last batch left.
-    Both extended to step 6 equal the uninterrupted run (a constant learning rate: a cosine schedule depends on
+    """5 batches an epoch, 2 micro-batches a step: step 3 closes the epoch with a 1-batch step. A run stopped at the
+    epoch's end (step 3) resumes inside Lightning's used-up epoch; one stopped at step 2 has that last batch left.
+    Both extended to step 4 equal the uninterrupted run (a constant learning rate: a cosine schedule depends on
     max_steps)."""
-    settings = {"accumulate": 3, "schedule": "constant", "val_size": 200, "every": None}  # 38 rows: 10 batches of 4
-    uninterrupted = run(tmp_path / "a", max_steps=6, **settings)
-    assert uninterrupted.trainer.num_training_batches == 10
-    for stop in (4, 3):
+    settings = {"accumulate": 2, "schedule": "constant", "val_size": 218, "every": None}  # 20 rows: 5 batches of 4
+    uninterrupted = run(tmp_path / "a", max_steps=4, **settings)
+    assert uninterrupted.trainer.num_training_batches == 5
+    for stop in (3, 2):
         run(tmp_path / f"stop{stop}", max_steps=stop, **settings)
         assert torch.load(tmp_path / f"stop{stop}" / "last.ckpt", weights_only=True)["global_step"] == stop
-        extended = run(tmp_path / f"stop{stop}", 6, ckpt_path=tmp_path / f"stop{stop}" / "last.ckpt", **settings)
+        extended = run(tmp_path / f"stop{stop}", 4, ckpt_path=tmp_path / f"stop{stop}" / "last.ckpt", **settings)
         assert_same_adapters(extended, uninterrupted)
