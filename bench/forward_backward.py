@@ -40,7 +40,7 @@ PAD_ID = 128001
 
 def batches(rows, n: int, max_length: int) -> dict[str, list]:
     pairs = zip(rows["input_ids"][:n], rows["completion_mask"][:n], strict=True)
-    examples = [{"input_ids": ids, "prompt_length": mask.index(1)} for ids, mask in pairs]
+    examples = [{"input_ids": ids, "trained_spans": [(mask.index(1), len(ids))]} for ids, mask in pairs]
     lengths = [len(e["input_ids"]) for e in examples]
     sampler = EpochBatchSampler(lengths, 16, seed=0, group_by_length=True)
     pad = PaddingCollator(pad_id=PAD_ID)

@@ -121,7 +121,7 @@ def main() -> None:
     model_dir = common.default_model_dir(a.shape)
     rows = bench_data.load(common.default_data_dir(a.n_examples, a.max_length))
     pairs = zip(rows["input_ids"], rows["completion_mask"], strict=True)
-    examples = [{"input_ids": ids, "prompt_length": mask.index(1)} for ids, mask in pairs]
+    examples = [{"input_ids": ids, "trained_spans": [(mask.index(1), len(ids))]} for ids, mask in pairs]
     if "pack" in v:
         dataset = PackedDataset(examples, pack_rows([len(e["input_ids"]) for e in examples], v["pack"]))
         lengths, label_counts = dataset.lengths(), dataset.label_counts()

@@ -3,6 +3,8 @@
 python -m qlora_lit generate --adapter runs/demo/version_0/adapter --prompt "한국의 아이돌 문화에 대해 알려줘."
 python -m qlora_lit generate --adapter DIR --prompts_file prompts.jsonl --output answers.jsonl
 python -m qlora_lit generate --model meta-llama/Llama-3.2-1B --prompt "..."      # the base before training
+
+A conversation of several turns: `python -m qlora_lit chat` (chat.py), or rows of `messages` in a prompts file.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from qlora_lit.data.inference import encode_prompts, left_pad, read_prompts_file
-from qlora_lit.data.prompts import PromptFormatName, trained_format_name
+from qlora_lit.data.prompts import PromptFormatName, trained_format_name, trained_system_prompt
 from qlora_lit.decoding import GenerationArgs, generate_texts
 from qlora_lit.disk_space import ensure_writable
 from qlora_lit.dtypes import DTypeFlag, dtype_name
@@ -126,6 +128,7 @@ def generate(
     adapter: str | None = None,
     model: str | None = None,
     prompt_format: PromptFormatName | None = None,
+    system: str | None = None,
     quantize: Literal["4bit", "none"] = "4bit",
     dtype: DTypeChoice = "auto",
     generation: GenerationArgs = GenerationArgs(),  # noqa: B008 - frozen-by-convention settings
@@ -139,11 +142,15 @@ def generate(
     Args:
         prompt: an instruction to answer; the answer is printed as it is generated.
         input: optional extra input for `prompt` (selects the template with an input section).
-        prompts_file: JSONL file, one {"instruction": ..., "input": ...} object per line ("input" optional).
+        prompts_file: JSONL file, one {"instruction": ..., "input": ...} object per line ("input" optional), or a
+            conversation ({"messages": [...]} or ShareGPT's {"conversations": [...]}) whose last turn, the user's,
+            is answered.
         output: where the answers to `prompts_file` go, as JSONL (each row plus "generated"); default: stdout.
         adapter: a trained adapter folder (runs/NAME/version_N/adapter); its base and prompt format come with it.
         model: base model (hub id or folder): alone, to try it untrained; with `adapter`, instead of the trained base.
         prompt_format: template to wrap prompts in; default: the one the adapter was trained with, else koalpaca.
+        system: system prompt of prompts that have none; default: the adapter's (its run's data.system_prompt);
+            "" for none.
         quantize: load the base in 4 bits as in training, or unquantized (`none`) in `dtype`.
         dtype: compute dtype; auto is bf16 on a GPU that supports it, fp32 on a CPU.
         generation: decoding settings.
@@ -166,26 +173,27 @@ def generate(
         ensure_writable(Path(output).expanduser().parent, "the answers", "--output")
     loaded, tokenizer, run_config = load_for_generation(adapter, model, quantize, dtype, device, trust_remote_code)
     prompt_format = prompt_format or trained_format_name(run_config)
+    system = trained_system_prompt(run_config) if system is None else system
     if seed is not None:
         torch.manual_seed(seed)
+    encoded = encode_prompts(tokenizer, rows, prompt_format, system)
     if prompt is not None:
-        batch = left_pad(tokenizer, encode_prompts(tokenizer, rows, prompt_format))
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        return generate_texts(loaded, tokenizer, batch, generation, streamer)
-    return answer_rows(loaded, tokenizer, rows, prompt_format, generation, batch_size, output)
+        return generate_texts(loaded, tokenizer, left_pad(tokenizer, encoded), generation, streamer)
+    return answer_rows(loaded, tokenizer, rows, encoded, generation, batch_size, output)
 
 
 def answer_rows(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     rows: list[dict],
-    prompt_format: str,
+    encoded: list[list[int]],
     generation: GenerationArgs,
     batch_size: int,
     output: str | None,
 ) -> list[str]:
-    """Answer `rows` in batches, writing each row plus its "generated" answer as JSONL as soon as a batch is done."""
-    encoded = encode_prompts(tokenizer, rows, prompt_format)
+    """Answer `rows` (their prompts `encoded`) in batches, writing each row plus its "generated" answer as JSONL as
+    soon as a batch is done."""
     answers: list[str] = []
     with open_output(output) as sink, tqdm(total=len(rows), unit="prompt", desc="generate", file=sys.stderr) as bar:
         for start in range(0, len(rows), batch_size):

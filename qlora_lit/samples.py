@@ -32,16 +32,18 @@ def greedy_answers(
     max_new_tokens: int,
     synced: bool = False,
     prompt_format: str = DEFAULT_FORMAT,
+    system_prompt: str | None = None,
 ) -> list[str]:
     """The model's greedy continuations of the training prompts for `instructions`, without the prompts.
 
-    The prompts are those training used (`prompt_format`, through the same code as `generate`), all in one batch,
+    The prompts are those training used (`prompt_format` and `system_prompt`, through the same code as `generate`),
+    all in one batch,
     padded on the left so that every row continues right after its own prompt.
     `synced`: every rank generates and each runs as many forward passes as the longest (sharded models, whose every
     forward gathers weights from all ranks).
     """
     rows = [{"instruction": instruction} for instruction in instructions]
-    inputs = left_pad(tokenizer, encode_prompts(tokenizer, rows, prompt_format))
+    inputs = left_pad(tokenizer, encode_prompts(tokenizer, rows, prompt_format, system_prompt))
     inputs = {key: value.to(model.device) for key, value in inputs.items()}
     # A config of its own: the model's may ask for sampling (temperature, top_p), which greedy search would warn about.
     greedy = GenerationConfig(
@@ -66,7 +68,8 @@ class SampleGenerations(Callback):
     the random streams that training uses (a resumed run must continue exactly like an uninterrupted one).
 
     Args:
-        prompts: instructions, put into the training prompt template (data.prompt_format); empty turns samples off.
+        prompts: instructions, put into the training prompt template (data.prompt_format, with data.system_prompt);
+            empty turns samples off.
         max_new_tokens: length limit of each answer; keep it short, validation waits for it.
     """
 
@@ -91,9 +94,14 @@ class SampleGenerations(Callback):
                 trainer.precision_plugin.forward_context(),
                 root_weights_gathered(trainer.strategy.model) if sharded else nullcontext(),
             ):
-                prompt_format = getattr(trainer.datamodule, "prompt_format", DEFAULT_FORMAT)
                 answers = greedy_answers(
-                    model, tokenizer, self.prompts, self.max_new_tokens, synced=sharded, prompt_format=prompt_format
+                    model,
+                    tokenizer,
+                    self.prompts,
+                    self.max_new_tokens,
+                    synced=sharded,
+                    prompt_format=getattr(trainer.datamodule, "prompt_format", DEFAULT_FORMAT),
+                    system_prompt=getattr(trainer.datamodule, "system_prompt", None),
                 )
         finally:
             model.train(was_training)

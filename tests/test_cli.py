@@ -42,7 +42,7 @@ def test_help_names_every_command_and_how_to_run_it(capsys):
     assert exit_info.value.code == 0
     shown = " ".join(capsys.readouterr().out.split())
     assert shown.startswith("usage: python -m qlora_lit ") and "{fit,validate,test,predict}" in shown
-    assert "generate, export, data-stats (python -m qlora_lit COMMAND --help)" in shown
+    assert "generate, chat, export, data-stats (python -m qlora_lit COMMAND --help)" in shown
 
 
 @pytest.mark.parametrize(("typed", "guess"), [("genrate", "; did you mean 'generate'?"), ("xyz", " (python -m")])

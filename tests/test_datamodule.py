@@ -51,7 +51,7 @@ def test_tokenization_is_cached_and_reused_across_runs(tmp_path):
     first.setup()
     cache_files = sorted(tmp_path.glob("tokens-*.parquet"))
     assert len(cache_files) == 1
-    with mock.patch("qlora_lit.data.datamodule.tokenize_rows", side_effect=AssertionError("tokenized again")):
+    with mock.patch("qlora_lit.data.datamodule.load_conversations", side_effect=AssertionError("read again")):
         again = make_data(cache_dir=str(tmp_path))
         again.setup()
         longer = make_data(cache_dir=str(tmp_path), max_length=256)  # length settings apply to the cached ids
@@ -60,6 +60,8 @@ def test_tokenization_is_cached_and_reused_across_runs(tmp_path):
     assert max(len(example["input_ids"]) for example in longer.train_set) == 256
     make_data(cache_dir=str(tmp_path), columns={"instruction": "output", "output": "instruction"}).setup()
     assert len(list(tmp_path.glob("tokens-*.parquet"))) == 2  # another reading of the data: another cache
+    make_data(cache_dir=str(tmp_path), system_prompt="짧게 답하세요.").setup()
+    assert len(list(tmp_path.glob("tokens-*.parquet"))) == 3  # another system prompt: other ids
 
 
 def test_a_damaged_token_cache_is_built_again(tmp_path):
@@ -139,6 +141,9 @@ def test_chat_format_without_a_chat_template_is_a_clear_error():
         ({"pack_length": 64}, r"data.pack_length=64 must be 0/null \(no packing\) or >= data.max_length=128"),
         ({"columns": {"answer": "output"}}, r"data.columns maps 'answer', which is not one of"),
         ({"path": []}, r"data.path is empty"),
+        ({"bad_rows": "ignore"}, r"data.bad_rows must be one of \['error', 'skip'\], got 'ignore'"),
+        ({"columns": {"role": "speaker"}}, r"data.columns names the messages' keys in pairs: give both role and"),
+        ({"columns": {"messages": "dialog", "output": "answer"}}, r"both a conversation column \(messages\) and"),
     ],
 )
 def test_bad_data_settings_fail_at_construction(setting, message):

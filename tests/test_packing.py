@@ -21,9 +21,9 @@ from qlora_lit.model import LoraArgs, QuantizationArgs
 from qlora_lit.module import QLoRAModule
 
 EXAMPLES = [
-    {"input_ids": [5, 10, 11, 12, 20, 21, 2], "prompt_length": 4},
-    {"input_ids": [5, 13, 22, 2], "prompt_length": 2},
-    {"input_ids": [5, 14, 15, 23, 24, 2], "prompt_length": 3},
+    {"input_ids": [5, 10, 11, 12, 20, 21, 2], "trained_spans": [(4, 7)]},
+    {"input_ids": [5, 13, 22, 2], "trained_spans": [(2, 4)]},
+    {"input_ids": [5, 14, 15, 23, 24, 2], "trained_spans": [(3, 6)]},
 ]
 
 

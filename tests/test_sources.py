@@ -5,7 +5,8 @@ import datasets
 import pandas as pd
 import pytest
 
-from qlora_lit.data.sources import clean_table, load_sources, load_table
+from qlora_lit.data.conversations import Message
+from qlora_lit.data.sources import load_conversations, load_table, table_conversations
 from qlora_lit.errors import ConfigError
 
 ROWS = [
@@ -29,32 +30,31 @@ def test_each_local_format_loads_the_same_rows(tmp_path, suffix):
         table.to_parquet(path)
     else:
         datasets.DatasetDict({"train": datasets.Dataset.from_pandas(table)}).save_to_disk(str(path))
-    clean, stats = clean_table(load_table(str(path)))
-    assert clean["instruction"].tolist() == [row["instruction"] for row in ROWS]
-    assert clean["input"].tolist() == ["", "오늘은 비가 온다."]
+    conversations, _, stats = load_conversations(str(path))
+    assert [user.content for user, _ in conversations] == [row["instruction"] for row in ROWS]
+    assert [user.input for user, _ in conversations] == ["", "오늘은 비가 온다."]
+    assert [answer for _, answer in conversations] == [Message("assistant", row["output"]) for row in ROWS]
     assert stats["rows_kept"] == 2
 
 
 def test_shipped_sample_has_koalpaca_shape_and_duplicates_are_dropped():
     table = load_table("builtin:koalpaca_sample.jsonl")
     assert {"instruction", "output", "url"} <= set(table.columns)
-    clean, stats = clean_table(table)
+    conversations, _, stats = load_conversations("builtin:koalpaca_sample.jsonl")
     assert stats["rows_read"] >= 200
     assert stats["duplicates_dropped"] == len(table) - len(table.drop_duplicates(["instruction", "input", "output"]))
     assert stats["duplicates_dropped"] > 0
-    assert not clean.duplicated().any()
+    assert len(set(conversations)) == len(conversations) == stats["rows_kept"] == stats["turns"]
 
 
 def test_empty_rows_are_counted_and_dropped():
     table = pd.DataFrame(ROWS + [{"instruction": " ", "output": "x"}, {"instruction": "y", "output": None}])
-    clean, stats = clean_table(table)
-    assert len(clean) == 2
-    assert stats["empty_dropped"] == 2
+    assert [len(conversation) for conversation in table_conversations(table)] == [2, 2, 0, 0]  # 0: empty
 
 
 def test_missing_column_names_it_and_lists_what_is_there():
-    with pytest.raises(ConfigError, match=r"no column \['output'\].*'question', 'answer'"):
-        clean_table(pd.DataFrame({"instruction": ["a"], "question": ["q"], "answer": ["b"]}))
+    with pytest.raises(ConfigError, match=r"no column \['output'\].*'question', 'answer'.*messages"):
+        table_conversations(pd.DataFrame({"instruction": ["a"], "question": ["q"], "answer": ["b"]}))
 
 
 def test_missing_file_and_unknown_builtin_are_clear(tmp_path):
@@ -83,20 +83,20 @@ def test_a_list_of_sources_is_concatenated_and_deduplicated_across_files(tmp_pat
     jsonl = write_jsonl(tmp_path / "a.jsonl", ROWS)
     csv = tmp_path / "b.csv"
     pd.DataFrame([ROWS[1], {"instruction": "새 질문", "output": "새 답"}]).to_csv(csv, index=False)
-    clean, stats = clean_table(load_sources([jsonl, str(csv)]))
+    conversations, sources, stats = load_conversations([jsonl, str(csv)])
     assert stats["rows_read"] == 4
     assert stats["duplicates_dropped"] == 1  # ROWS[1] is in both files
-    assert clean["instruction"].tolist() == [ROWS[0]["instruction"], ROWS[1]["instruction"], "새 질문"]
+    assert [user.content for user, _ in conversations] == [ROWS[0]["instruction"], ROWS[1]["instruction"], "새 질문"]
+    assert sources == [0, 0, 1]  # each row keeps the source it was first read from
 
 
 def test_column_mapping_renames_and_ignores_extra_columns(tmp_path):
     rows = [{"question": "질문", "context": "배경", "answer": "답", "id": 7, "source": "web"}]
-    table = load_sources(write_jsonl(tmp_path / "qa.jsonl", rows), {"instruction": "question", "output": "answer"})
-    assert table.to_dict("records") == [{"instruction": "질문", "input": "", "output": "답"}]
-    mapped = load_sources(
-        str(tmp_path / "qa.jsonl"), {"instruction": "question", "input": "context", "output": "answer"}
-    )
-    assert mapped["input"].tolist() == ["배경"]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    [conversation], _, _ = load_conversations(path, {"instruction": "question", "output": "answer"})
+    assert conversation == (Message("user", "질문", ""), Message("assistant", "답"))
+    [mapped], _, _ = load_conversations(path, {"instruction": "question", "input": "context", "output": "answer"})
+    assert mapped[0].input == "배경"
 
 
 def test_mapped_column_that_is_missing_is_named(tmp_path):
@@ -104,9 +104,9 @@ def test_mapped_column_that_is_missing_is_named(tmp_path):
     with pytest.raises(
         ConfigError, match=r"qa.jsonl' has no column \['reply'\]; its columns are \['question', 'answer'\]"
     ):
-        load_sources(path, {"instruction": "question", "output": "reply"})
+        load_conversations(path, {"instruction": "question", "output": "reply"})
     with pytest.raises(ConfigError, match=r"data.columns maps 'question', which is not one of \['instruction'"):
-        load_sources(path, {"question": "instruction"})
+        load_conversations(path, {"question": "instruction"})
 
 
 def test_broken_json_line_names_the_file_and_line(tmp_path):
@@ -130,9 +130,12 @@ def test_empty_file_says_so(tmp_path, name, content):
         load_table(str(tmp_path / name))
 
 
-def test_nothing_left_after_cleaning_says_so():
-    with pytest.raises(ConfigError, match=r"no usable rows left after cleaning: of 2 rows read, 2 have an empty"):
-        clean_table(pd.DataFrame([{"instruction": "", "output": "x"}, {"instruction": "y", "output": " "}]))
+def test_nothing_left_after_cleaning_says_so(tmp_path):
+    path = write_jsonl(
+        tmp_path / "empty.jsonl", [{"instruction": "", "output": "x"}, {"instruction": "y", "output": " "}]
+    )
+    with pytest.raises(ConfigError, match=r"no usable rows left after cleaning: of 2 rows read, 2 are empty"):
+        load_conversations(path)
 
 
 def test_cp949_csv_needs_its_encoding_and_the_message_says_how(tmp_path):

@@ -14,7 +14,8 @@ from qlora_lit.loss import IGNORE_INDEX
 class PaddingCollator:
     """Right-pads `input_ids` and masks labels by position, never by token id (pad may equal EOS).
 
-    Labels are -100 on padding and, unless `train_on_prompt`, on the prompt; the EOS that ends a response stays.
+    Labels are -100 on padding and, unless `train_on_prompt`, outside the example's trained spans (its answers and
+    their ends of turn: the EOS that ends an answer stays).
     """
 
     pad_id: int
@@ -28,11 +29,9 @@ class PaddingCollator:
         attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
         for row, (example, length) in enumerate(zip(examples, lengths, strict=True)):
-            ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
-            input_ids[row, :length] = ids
+            input_ids[row, :length] = torch.as_tensor(example["input_ids"], dtype=torch.long)
             attention_mask[row, :length] = 1
-            first_label = 0 if self.train_on_prompt else example["prompt_length"]
-            labels[row, first_label:length] = ids[first_label:]
+            labels[row, :length] = torch.as_tensor(label_ids(example, self.train_on_prompt), dtype=torch.long)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if "step_label_tokens" in examples[0]:
             batch["step_label_tokens"] = torch.tensor(examples[0]["step_label_tokens"])
@@ -44,10 +43,22 @@ def padded_width(longest: int, multiple: int) -> int:
     return -(-longest // multiple) * multiple
 
 
+def label_ids(example: dict, train_on_prompt: bool = False) -> list[int]:
+    """An example's labels: its ids in its trained spans (everywhere with `train_on_prompt`), IGNORE_INDEX elsewhere."""
+    ids = example["input_ids"]
+    if train_on_prompt:
+        return list(ids)
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in example["trained_spans"]:
+        labels[start:end] = ids[start:end]
+    return labels
+
+
 def label_count(example: dict, train_on_prompt: bool = False) -> int:
     """Label tokens the loss sees for one example (the model predicts token t+1 from t, so the first never counts)."""
-    first_label = 0 if train_on_prompt else example["prompt_length"]
-    return len(example["input_ids"]) - max(first_label, 1)
+    if train_on_prompt:
+        return len(example["input_ids"]) - 1
+    return sum(max(0, end - max(start, 1)) for start, end in example["trained_spans"])
 
 
 class StepTaggedDataset(torch.utils.data.Dataset):

@@ -1,4 +1,5 @@
-"""The LightningDataModule: sources -> clean/dedup -> prompt -> tokenize (cached) -> length policy -> batches."""
+"""The LightningDataModule: sources -> conversations, cleaned -> prompt format -> tokens (cached) -> length policy ->
+split and mix per source -> batches."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import codecs
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -16,19 +17,16 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora_lit.cache import default_cache_dir
 from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count
+from qlora_lit.data.conversations import assistant_turns, to_json
 from qlora_lit.data.inference import PromptCollator, encode_prompts, read_prompts_file
+from qlora_lit.data.length import fit_to_length
+from qlora_lit.data.mixing import DataSource, epoch_counts, mix, parse_sources, split_per_source
 from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows
-from qlora_lit.data.prompts import (
-    DEFAULT_FORMAT,
-    PromptFormat,
-    PromptFormatName,
-    check_format_name,
-    fit_to_length,
-    tokenize_rows,
-)
+from qlora_lit.data.prompts import DEFAULT_FORMAT, PromptFormat, PromptFormatName, check_format_name
 from qlora_lit.data.sampler import EpochBatchSampler, batch_count
-from qlora_lit.data.sources import check_columns, clean_table, load_sources, source_fingerprint
+from qlora_lit.data.sources import check_columns, load_conversations, source_fingerprint
 from qlora_lit.data.token_cache import (
+    CachedRow,
     cache_key,
     damage,
     error_text,
@@ -42,41 +40,58 @@ from qlora_lit.tokenizer import load_tokenizer
 
 OverlongPolicy = Literal["truncate", "drop"]
 OVERLONG_POLICIES = get_args(OverlongPolicy)
+BadRowPolicy = Literal["error", "skip"]
+BAD_ROW_POLICIES = get_args(BadRowPolicy)
 
 
 @dataclass(eq=False, repr=False)
 class KoAlpacaDataModule(L.LightningDataModule):
-    """Instruction data (instruction, optional input, output) as label-masked batches, padded or packed.
+    """Conversations (`messages`, ShareGPT `conversations`, or KoAlpaca's instruction, optional input, output) as
+    label-masked batches, padded or packed.
 
     Each field is a `data.*` setting (YAML and command line), explained beneath it; `__post_init__` refuses the
     settings that cannot work when the config is parsed.
     """
 
-    path: str | list[str] = "beomi/KoAlpaca-v1.1a"
+    path: str | list[str | dict[str, Any]] = "beomi/KoAlpaca-v1.1a"
     """A hub dataset id, a local .jsonl/.json/.csv/.parquet file, a `save_to_disk` folder, `builtin:<file>`, or a list
-    of these (their rows are concatenated)."""
+    of these (their rows are concatenated). An entry of the list may be `{path: ..., weight: w}` (the source's share
+    of each epoch's training examples; then every entry has one) or `{path: ..., fraction: f}` (f times the source's
+    training rows per epoch); see qlora_lit/data/mixing.py."""
     tokenizer: str = "builtin:tiny-llama"
     """Tokenizer name or path; LightningCLI links it to `model.model_name_or_path`. (Once loaded, the tokenizer itself
     takes this attribute; the name stays in `tokenizer_name`.)"""
     columns: dict[str, str] | None = None
-    """The source's column names for our fields when they differ, e.g. {instruction: question, output: answer}
-    (fields: instruction, input, output; other columns are ignored)."""
+    """The source's column names for our fields when they differ, e.g. {instruction: question, output: answer} or
+    {messages: dialog, role: speaker, content: text} (fields: instruction, input, output, system; messages, the
+    conversation column, and role and content, the keys of its messages; other columns are ignored). Without it,
+    `messages` (role/content) and `conversations` (ShareGPT's from/value) columns are found by name."""
     encoding: str = "utf-8"
     """Text encoding of CSV and JSON files, e.g. cp949 for Korean Excel exports."""
+    system_prompt: str | None = None
+    """The system prompt of every row that has none (rows may carry their own: a system message, or a `system`
+    column); `generate` and `chat` prompt the trained adapter with it too."""
+    bad_rows: BadRowPolicy = "error"
+    """A row that is no conversation (an unknown role, no assistant turn, an empty message, roles out of order):
+    `error` stops with a message naming its file, line and problem; `skip` leaves it out, counted in
+    data_stats.json."""
     prompt_format: PromptFormatName = DEFAULT_FORMAT
-    """`koalpaca` (the KoAlpaca templates) or `chat` (the tokenizer's chat template, for instruct models; the loss
-    covers the assistant turn)."""
+    """`koalpaca` (the KoAlpaca template, extended to conversations and system prompts) or `chat` (the tokenizer's
+    chat template, for instruct models). Either way the loss covers every assistant turn and its end of turn."""
     max_length: int = 512
     """Longest example in tokens."""
     overlong: OverlongPolicy = "truncate"
-    """What happens to rows longer than `max_length`: `truncate` (their response loses the EOS) or `drop`."""
+    """What happens to rows longer than `max_length`: `truncate` (a conversation drops whole earlier turns, keeping
+    its system prompt, until it fits; with only its last turn left it is cut and its answer loses the EOS) or
+    `drop`."""
     pack_length: int | None = None
     """Pack several examples into rows of up to this many tokens (0 or null: no packing); each example attends only
     to itself. `batch_size` then counts rows. Must be at least `max_length`. Validation batches stay unpacked."""
     batch_size: int = 2
     """Examples (or packed rows) per micro-batch on each device."""
     val_size: float = 0.05
-    """Validation share of the rows (a float in (0, 1)) or a row count (an int >= 1)."""
+    """Validation share of the rows (a float in (0, 1): of each source) or a row count (an int >= 1: shared among
+    the sources in proportion to their rows)."""
     seed: int = 42
     """Seed of the train/validation split and of the shuffling."""
     train_on_prompt: bool = False
@@ -91,7 +106,8 @@ class KoAlpacaDataModule(L.LightningDataModule):
     """Where the tokenized data are kept (default `$QLORA_LIT_CACHE` or ~/.cache/qlora_lit, as when the data module
     is made)."""
     predict_path: str | None = None
-    """JSONL prompts file (an "instruction" and optional "input" per line) that `predict` answers."""
+    """JSONL prompts file that `predict` answers: an "instruction" and optional "input" per line, or a conversation
+    (`messages` or `conversations`) whose last turn is the user's."""
     trust_remote_code: bool = False
     """Run code shipped with the tokenizer; LightningCLI links it to `model.trust_remote_code`."""
 
@@ -102,12 +118,13 @@ class KoAlpacaDataModule(L.LightningDataModule):
         self.tokenizer_name = self.tokenizer
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.format: PromptFormat | None = None  # data.prompt_format for this tokenizer, made with it
+        self.sources: list[DataSource] = parse_sources(self.path)
         self.pack_length = self.pack_length or None
         self.cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
         self.packed_rows: list[list[int]] = []
-        self.stats: dict[str, int] = {}
+        self.stats: dict[str, Any] = {}
         self.train_sampler: EpochBatchSampler | None = None
         self.resume_position: dict[str, int] = {}
         self.restored_batches = 0
@@ -115,8 +132,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
 
     def check_settings(self) -> None:
         """Every data setting that cannot work fails here, at parse time, with what to change."""
-        if not self.path:
-            raise ConfigError("data.path is empty: give a file, a folder, a hub id, or a list of them")
+        parse_sources(self.path)
         check_columns(self.columns)
         try:
             codecs.lookup(self.encoding)
@@ -129,6 +145,8 @@ class KoAlpacaDataModule(L.LightningDataModule):
             raise ConfigError(f"data.max_length must be at least 16 tokens, got {self.max_length}")
         if self.overlong not in OVERLONG_POLICIES:
             raise ConfigError(f"data.overlong must be one of {list(OVERLONG_POLICIES)}, got {self.overlong!r}")
+        if self.bad_rows not in BAD_ROW_POLICIES:
+            raise ConfigError(f"data.bad_rows must be one of {list(BAD_ROW_POLICIES)}, got {self.bad_rows!r}")
         if self.pack_length and self.pack_length < self.max_length:
             raise ConfigError(
                 f"data.pack_length={self.pack_length} must be 0/null (no packing) or >= "
@@ -145,7 +163,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
 
     @property
     def paths(self) -> list[str]:
-        return [self.path] if isinstance(self.path, str) else list(self.path)
+        return [source.path for source in self.sources]
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer, loaded once, and with it the prompt format (`self.format`)."""
@@ -164,6 +182,8 @@ class KoAlpacaDataModule(L.LightningDataModule):
             [source_fingerprint(path) for path in self.paths],
             self.columns,
             codecs.lookup(self.encoding).name,
+            self.system_prompt,
+            self.bad_rows,
             tokenizer_fingerprint(tokenizer),
             self.format.fingerprint(),
         )
@@ -192,12 +212,18 @@ class KoAlpacaDataModule(L.LightningDataModule):
 
     def write_cache(self, path: Path) -> None:
         ensure_writable(self.cache_dir, "the tokenized data", self.cache_setting)  # before minutes of tokenizing
-        table, stats = clean_table(load_sources(self.paths, self.columns, self.encoding))
+        conversations, origins, stats = load_conversations(
+            self.paths, self.columns, self.encoding, self.system_prompt, self.bad_rows
+        )
         self.load_tokenizer()
-        prompt_ids, response_ids = tokenize_rows(self.format, table)
-        write_tokens(path, prompt_ids, response_ids, stats)
+        encoded = self.format.encode(conversations)
+        rows = [
+            CachedRow(tokens, origin, assistant_turns(conversation), to_json(conversation))
+            for tokens, origin, conversation in zip(encoded, origins, conversations, strict=True)
+        ]
+        write_tokens(path, rows, stats)
 
-    def read_cache(self) -> tuple[list[list[int]], list[list[int]], dict]:
+    def read_cache(self) -> tuple[list[CachedRow], dict]:
         path = self.cache_path
         try:
             return read_tokens(path)
@@ -213,13 +239,13 @@ class KoAlpacaDataModule(L.LightningDataModule):
         if self.train_set:
             return
         self.prepare_data()  # a no-op when the cache exists; makes setup() usable on its own
-        prompt_ids, response_ids, self.stats = self.read_cache()
-        examples, counts = fit_to_length(prompt_ids, response_ids, self.max_length, self.overlong)
+        rows, self.stats = self.read_cache()
+        examples, counts = fit_to_length(rows, self.max_length, self.overlong, self.format)
         self.stats.update(counts)
         if not examples:
             advice = "raise data.max_length" + (" or use data.overlong: truncate" if self.overlong == "drop" else "")
             raise ConfigError(
-                f"no rows left: all {len(prompt_ids)} are longer than data.max_length={self.max_length} with "
+                f"no rows left: all {len(rows)} are longer than data.max_length={self.max_length} with "
                 f"data.overlong={self.overlong} ({self.stats}); {advice}"
             )
         self.train_set, self.val_set = self._split(examples)
@@ -247,16 +273,25 @@ class KoAlpacaDataModule(L.LightningDataModule):
     def _setup_predict(self) -> None:
         """Only the prompts to answer: predicting never reads (or downloads) the training data."""
         if self.predict_path is None:
-            raise ConfigError('predict needs data.predict_path: a JSONL file with an "instruction" per line')
+            raise ConfigError(
+                'predict needs data.predict_path: a JSONL file with an "instruction" (or "messages") per line'
+            )
         self.load_tokenizer()
         self.predict_rows = read_prompts_file(self.predict_path)
 
-    def _split(self, examples: list[dict]) -> tuple[list[dict], list[dict]]:
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        n_val = int(self.val_size) if self.val_size >= 1 else max(1, round(self.val_size * len(examples)))
-        if n_val >= len(examples):
-            raise ConfigError(f"data.val_size={self.val_size} leaves no training rows out of {len(examples)}")
-        return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+    def _split(self, examples: list[tuple[int, dict]]) -> tuple[list[dict], list[dict]]:
+        """Training and validation examples: each source split on its own, then the training rows mixed by the
+        sources' weights or fractions (data/mixing.py); what each source gave is recorded in `stats["sources"]`."""
+        by_source: list[list[dict]] = [[] for _ in self.sources]
+        for source, example in examples:
+            by_source[source].append(example)
+        train, val = split_per_source(by_source, self.val_size, self.seed, self.sources)
+        counts = epoch_counts(self.sources, [len(rows) for rows in train])
+        self.stats["sources"] = [
+            {**source.record(), "rows": len(rows), "val_rows": len(held), "train_rows": len(kept), "per_epoch": count}
+            for source, rows, held, kept, count in zip(self.sources, by_source, val, train, counts, strict=True)
+        ]
+        return mix(train, counts), [example for rows in val for example in rows]
 
     def collator(self) -> PaddingCollator:
         return PaddingCollator(self.tokenizer.pad_token_id, self.train_on_prompt, self.pad_to_multiple_of)
@@ -305,7 +340,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         Uneven shares are fine: Lightning does not wrap the model in DDP for predict, so ranks never wait on each other.
         """
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        ids = encode_prompts(self.tokenizer, self.predict_rows, self.prompt_format)
+        ids = encode_prompts(self.tokenizer, self.predict_rows, self.prompt_format, self.system_prompt)
         items = [{"input_ids": ids[index], "index": index} for index in range(rank, len(ids), world_size)]
         return DataLoader(items, batch_size=self.batch_size, collate_fn=PromptCollator(self.tokenizer))
 

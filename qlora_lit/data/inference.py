@@ -9,12 +9,21 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from qlora_lit.data.prompts import DEFAULT_FORMAT, Message, PromptFormat, row_messages
+from qlora_lit.data.conversations import (
+    CONVERSATION_COLUMNS,
+    BadRow,
+    Conversation,
+    parse_messages,
+    row_messages,
+    with_system,
+)
+from qlora_lit.data.prompts import DEFAULT_FORMAT, PromptFormat
 from qlora_lit.errors import ConfigError
 
 
 def read_prompts_file(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file, one JSON object with a non-empty "instruction" (and an optional "input") per line.
+    """Rows of a JSONL file: one JSON object per line with a non-empty "instruction" (and an optional "input"), or a
+    conversation to continue (`messages` or ShareGPT `conversations`, ending with the user's turn: the one answered).
 
     Other keys (a reference "output", an id) are kept, so they come back beside the answers. Blank lines are skipped;
     any other bad line is an error that names the file and the line.
@@ -38,6 +47,13 @@ def _parse_prompt_line(line: str, where: str) -> dict:
         raise ConfigError(f"{where}: not valid JSON ({err.msg}): {line[:80]!r}") from None
     if not isinstance(row, dict):
         raise ConfigError(f'{where}: expected a JSON object like {{"instruction": "...", "input": "..."}}')
+    if any(key in row for key in CONVERSATION_COLUMNS):
+        try:
+            if prompt_messages(row):
+                return row
+        except BadRow as bad:
+            raise ConfigError(f"{where}: {bad}") from None
+        raise ConfigError(f"{where}: the conversation has no messages")
     instruction = row.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
         raise ConfigError(f'{where}: needs a non-empty "instruction" string; the keys are {sorted(row)}')
@@ -46,23 +62,35 @@ def _parse_prompt_line(line: str, where: str) -> dict:
     return row
 
 
-def prompt_messages(row: dict) -> list[Message]:
-    """A prompts-file row as the conversation to answer: its instruction (and input) as one user turn."""
-    return row_messages(row["instruction"], row.get("input"))
+def prompt_messages(row: dict, system_prompt: str | None = None) -> Conversation:
+    """A prompts-file row as the conversation to answer: its messages, or its instruction (and input) as one user
+    turn; `system_prompt` (the one training used) where the row has none."""
+    column = next((key for key in CONVERSATION_COLUMNS if key in row), None)
+    if column is not None:
+        return with_system(parse_messages(row[column], answered=False), system_prompt)
+    return row_messages(row["instruction"], row.get("input"), system=system_prompt)
 
 
 def format_prompt(
-    tokenizer: PreTrainedTokenizerBase, instruction: str, input: str | None = None, prompt_format: str = DEFAULT_FORMAT
+    tokenizer: PreTrainedTokenizerBase,
+    instruction: str,
+    input: str | None = None,
+    prompt_format: str = DEFAULT_FORMAT,
+    system_prompt: str | None = None,
 ) -> str:
     """The text the model completes, in the format it was trained with (data.prompt_format)."""
-    return PromptFormat.named(prompt_format, tokenizer).prompt(row_messages(instruction, input))
+    return PromptFormat.named(prompt_format, tokenizer).prompt(row_messages(instruction, input, system=system_prompt))
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, rows: list[dict], prompt_format: str = DEFAULT_FORMAT
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    prompt_format: str = DEFAULT_FORMAT,
+    system_prompt: str | None = None,
 ) -> list[list[int]]:
-    """Token ids of each row's prompt, as training tokenized it (data.prompt_format's format)."""
-    return PromptFormat.named(prompt_format, tokenizer).prompt_ids([prompt_messages(row) for row in rows])
+    """Token ids of each row's prompt, as training tokenized it (data.prompt_format's format, data.system_prompt)."""
+    conversations = [prompt_messages(row, system_prompt) for row in rows]
+    return PromptFormat.named(prompt_format, tokenizer).prompt_ids(conversations)
 
 
 def left_pad(tokenizer: PreTrainedTokenizerBase, ids: list[list[int]]) -> dict[str, torch.Tensor]:

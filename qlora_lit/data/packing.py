@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qlora_lit.data.collate import label_count, padded_width
+from qlora_lit.data.collate import label_count, label_ids, padded_width
 from qlora_lit.loss import IGNORE_INDEX
 
 
@@ -43,7 +43,7 @@ class PackedDataset(torch.utils.data.Dataset):
     """Packed rows built on access from the examples: `input_ids`, `position_ids` and `labels` of each row.
 
     Args:
-        examples: tokenized examples (`input_ids`, `prompt_length`).
+        examples: tokenized examples (`input_ids`, `trained_spans`).
         rows: example indices of each row (`pack_rows`).
         train_on_prompt: also train on prompt tokens (never on an example's first token).
     """
@@ -60,10 +60,9 @@ class PackedDataset(torch.utils.data.Dataset):
         row = {"input_ids": [], "position_ids": [], "labels": []}
         for example in (self.examples[i] for i in self.rows[index]):
             ids = example["input_ids"]
-            first_label = max(1, 0 if self.train_on_prompt else example["prompt_length"])
             row["input_ids"] += ids
             row["position_ids"] += range(len(ids))
-            row["labels"] += [IGNORE_INDEX] * first_label + ids[first_label:]
+            row["labels"] += [IGNORE_INDEX] + label_ids(example, self.train_on_prompt)[1:]
         return row
 
     def lengths(self) -> list[int]:

@@ -1,13 +1,33 @@
 """Prompt formats: how a conversation becomes the text and token ids a model trains on and is prompted with.
 
-One object per format (`PromptFormat`) owns it everywhere: the training examples (`tokenize_rows`), the prompts to
-answer (`generate`, `predict` and the TensorBoard samples, through data/inference.py) and the name a run saves in its
-config (`data.prompt_format`, which `generate` reads back from the adapter folder). A conversation is a list of
-`Message`s; a KoAlpaca row (instruction, optional input, output) is one user turn and its answer. A format renders a
-conversation as `Segment`s of text, each trained (the loss covers it: an answer and its end of turn) or not (the
-prompt), and `encode` turns many conversations into token-id segments in batched tokenizer calls.
+One object per format (`PromptFormat`) owns it everywhere: the training examples (`encode`), the prompts to answer
+(`generate`, `chat`, `predict` and the TensorBoard samples, through data/inference.py) and the name a run saves in its
+config (`data.prompt_format`, which the commands read back from the adapter folder). A conversation is a list of
+`Message`s (data/conversations.py); a KoAlpaca row is one user turn and its answer. A format renders a conversation as
+`Segment`s of text, each trained (the loss covers it: every answer and its end of turn) or not (the system prompt,
+the user turns, the template's headers), and `encode` turns many conversations into token ids and the spans of
+trained positions, in batched tokenizer calls.
 
-Then each example is cut to `max_length` (`fit_to_length`).
+The koalpaca format (`KoAlpacaFormat`), for base models, extends the walkthrough's template to conversations: a single
+turn renders exactly as the walkthrough's, a system prompt gets a `### 시스템:` section after the opening sentence,
+and each later turn repeats the `### 지시사항:` / `### 응답:` sections after the previous answer and its EOS:
+
+    <BOS>아래는 작업을 설명하는 지시사항입니다. 이에 대한 적절한 응답을 작성해주세요.
+
+    ### 시스템:
+    {system}
+
+    ### 지시사항:
+    {user 1}
+
+    ### 응답:{answer 1}<EOS>
+
+    ### 지시사항:
+    {user 2}
+
+    ### 응답:{answer 2}<EOS>
+
+The chat format (`ChatTemplateFormat`) is the tokenizer's own chat template (instruct models).
 """
 
 from __future__ import annotations
@@ -15,60 +35,35 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar, Literal, NamedTuple
 
-import pandas as pd
+import jinja2
 from transformers import PreTrainedTokenizerBase
 
+from qlora_lit.data.conversations import Message, split_turns
 from qlora_lit.errors import ConfigError
 
 PromptFormatName = Literal["koalpaca", "chat"]
 DEFAULT_FORMAT: PromptFormatName = "koalpaca"
 
-PROMPT_WITH_INPUT = """아래는 작업을 설명하는 지시사항과 추가 정보를 제공하는 입력이 짝으로 구성됩니다. 이에 대한 적절한 응답을 작성해주세요.
+OPENING_WITH_INPUT = "아래는 작업을 설명하는 지시사항과 추가 정보를 제공하는 입력이 짝으로 구성됩니다. 이에 대한 적절한 응답을 작성해주세요.\n\n"
+OPENING_NO_INPUT = "아래는 작업을 설명하는 지시사항입니다. 이에 대한 적절한 응답을 작성해주세요.\n\n"
+SYSTEM_SECTION = "### 시스템:\n{system}\n\n"
+INSTRUCTION_SECTION = "### 지시사항:\n{instruction}\n\n"
+INPUT_SECTION = "### 입력:\n{input}\n\n"
+ANSWER_HEADER = "### 응답:"
+TURN_SEPARATOR = "\n\n"
+"""Between an answer's EOS and the next turn's `### 지시사항:`."""
 
-### 지시사항:
-{instruction}
-
-### 입력:
-{input}
-
-### 응답:"""
-
-PROMPT_NO_INPUT = """아래는 작업을 설명하는 지시사항입니다. 이에 대한 적절한 응답을 작성해주세요.
-
-### 지시사항:
-{instruction}
-
-### 응답:"""
+PROMPT_WITH_INPUT = OPENING_WITH_INPUT + INSTRUCTION_SECTION + INPUT_SECTION + ANSWER_HEADER
+PROMPT_NO_INPUT = OPENING_NO_INPUT + INSTRUCTION_SECTION + ANSWER_HEADER
+"""The walkthrough's two single-turn templates."""
 
 
 def build_prompt(instruction: str, input: str | None = None) -> str:
-    """The prompt the model completes; a missing or blank `input` selects the no-input template."""
-    if input and input.strip():
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
-
-
-@dataclass(frozen=True)
-class Message:
-    """One turn of a conversation."""
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-    input: str | None = None
-    """A user turn's extra input (a KoAlpaca row's `input`): the koalpaca template has a section of its own for it,
-    other templates get it after the content, past a blank line (`text`)."""
-
-    def text(self) -> str:
-        """The content, and the input (when there is one) after a blank line: the turn as one text."""
-        return f"{self.content}\n\n{self.input}" if self.input and self.input.strip() else self.content
-
-
-def row_messages(instruction: str, input: str | None = None, output: str | None = None) -> list[Message]:
-    """A KoAlpaca row as a conversation: one user turn and, to train on, its answer."""
-    user = Message("user", instruction, input)
-    return [user] if output is None else [user, Message("assistant", output)]
+    """The walkthrough's prompt for one instruction; a missing or blank `input` selects the no-input template."""
+    return KoAlpacaFormat.first_turn(Message("user", instruction, input))
 
 
 @dataclass(frozen=True)
@@ -80,21 +75,24 @@ class Segment:
     """Whether the loss covers it (an answer and its end of turn) or not (the prompt: turns other than answers, and
     the template's headers)."""
     special_tokens: bool = False
-    """Tokenized with the tokenizer's own special tokens added (its BOS, before a koalpaca prompt)."""
+    """Tokenized with the tokenizer's own special tokens added (its BOS, before a koalpaca conversation)."""
     eos: bool = False
     """Followed by the tokenizer's EOS (after a koalpaca answer; a chat template writes its own end of turn)."""
 
 
-class TokenSegment(NamedTuple):
+class Tokens(NamedTuple):
+    """A conversation's token ids and the [start, end) spans of the positions the loss covers."""
+
     ids: list[int]
-    trained: bool
+    trained: list[tuple[int, int]]
 
 
 class PromptFormat:
     """How conversations are rendered for one model; the subclasses are the formats `data.prompt_format` names.
 
     `segments` renders a conversation that ends with an answer (a training example) or with a user turn (a prompt to
-    answer: its text then ends where the answer begins).
+    answer: its text then ends where the answer begins). Every segment of a prompt is the segment training renders
+    for that conversation, so generation continues exactly the text the model was trained on.
 
     Args:
         tokenizer: the model's tokenizer (its BOS and EOS, or its chat template).
@@ -134,44 +132,84 @@ class PromptFormat:
         return f"{self.name}:{hashlib.sha256(self.template().encode()).hexdigest()[:16]}"
 
     def prompt(self, messages: Sequence[Message]) -> str:
-        """The text the model completes to answer the last (user) turn of `messages`."""
-        return "".join(segment.text for segment in self.segments(messages))
+        """The text the model completes to answer the last (user) turn of `messages` (with the EOS after earlier
+        answers that get one; without the BOS that the tokenizer adds)."""
+        eos = self.tokenizer.eos_token
+        return "".join(segment.text + (eos if segment.eos else "") for segment in self.segments(messages))
 
-    def encode(self, conversations: Sequence[Sequence[Message]]) -> list[list[TokenSegment]]:
-        """Token ids of the segments of every conversation."""
+    def encode(self, conversations: Sequence[Sequence[Message]]) -> list[Tokens]:
+        """Token ids of every conversation, and the spans of its trained positions."""
         rendered = [self.segments(messages) for messages in conversations]
         ids = iter(tokenize_segments(self.tokenizer, [segment for segments in rendered for segment in segments]))
-        return [[TokenSegment(next(ids), segment.trained) for segment in segments] for segments in rendered]
+        encoded = []
+        for segments in rendered:
+            tokens = Tokens([], [])
+            for segment in segments:
+                piece = next(ids)
+                if segment.trained and piece:
+                    tokens.trained.append((len(tokens.ids), len(tokens.ids) + len(piece)))
+                tokens.ids.extend(piece)
+            encoded.append(tokens)
+        return encoded
 
     def prompt_ids(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
         """Token ids of the prompts that answer the last (user) turn of each conversation, as training tokenized them."""
-        return [[token for segment in segments for token in segment.ids] for segments in self.encode(conversations)]
+        return [tokens.ids for tokens in self.encode(conversations)]
 
 
 class KoAlpacaFormat(PromptFormat):
-    """The walkthrough's Korean templates (### 지시사항 / ### 입력 / ### 응답), with the tokenizer's BOS before the
-    prompt and its EOS after the answer."""
+    """The walkthrough's Korean template (### 지시사항 / ### 입력 / ### 응답) extended to conversations (the module's
+    docstring shows it), with the tokenizer's BOS before the conversation and its EOS after every answer. The
+    opening sentence is the walkthrough's: the one that mentions an input when the first turn has one."""
 
     name = "koalpaca"
 
     def template(self) -> str:
-        return PROMPT_WITH_INPUT + PROMPT_NO_INPUT
+        return "".join(
+            (OPENING_WITH_INPUT, OPENING_NO_INPUT, SYSTEM_SECTION, INSTRUCTION_SECTION, INPUT_SECTION, ANSWER_HEADER)
+            + (TURN_SEPARATOR,)
+        )
 
     def segments(self, messages: Sequence[Message]) -> list[Segment]:
-        user, answer = single_turn(messages)
-        return self.pieces(build_prompt(user.content, user.input), answer.content if answer else None)
+        system, turns = split_turns(messages)
+        segments = []
+        for number, (user, answer) in enumerate(turns):
+            if number == 0:
+                segments.append(Segment(self.first_turn(user, system), trained=False, special_tokens=True))
+            else:
+                segments.append(Segment(TURN_SEPARATOR + self.turn(user), trained=False))
+            if answer is not None:
+                segments.append(Segment(answer.content, trained=True, eos=True))
+        return segments
+
+    @classmethod
+    def first_turn(cls, user: Message, system: Message | None = None) -> str:
+        """The opening sentence, the system section (when there is a system prompt) and the first user turn."""
+        opening = OPENING_WITH_INPUT if has_input(user) else OPENING_NO_INPUT
+        return opening + (SYSTEM_SECTION.format(system=system.content) if system else "") + cls.turn(user)
 
     @staticmethod
-    def pieces(prompt: str, answer: str | None = None) -> list[Segment]:
-        """A rendered prompt after the tokenizer's BOS and, when given, the answer before its EOS."""
-        segments = [Segment(prompt, trained=False, special_tokens=True)]
-        return segments if answer is None else [*segments, Segment(answer, trained=True, eos=True)]
+    def turn(user: Message) -> str:
+        """A user turn's sections, up to the answer's header."""
+        text = INSTRUCTION_SECTION.format(instruction=user.content)
+        return text + (INPUT_SECTION.format(input=user.input) if has_input(user) else "") + ANSWER_HEADER
+
+
+def has_input(user: Message) -> bool:
+    return bool(user.input and user.input.strip())
 
 
 class ChatTemplateFormat(PromptFormat):
-    """The tokenizer's chat template (instruct models), which places every special token itself. The trained
-    segment is the answer with the template's own end of turn (e.g. `<|eot_id|>`): the model learns to stop where
-    the template says a turn ends."""
+    """The tokenizer's chat template (instruct models), which places every special token itself.
+
+    Each assistant turn is found by rendering the conversation up to it twice: with the generation prompt (the text
+    before the answer) and with the answer (the text after it). The trained segment is the answer with the template's
+    own end of turn (e.g. `<|eot_id|>`, `<|im_end|>`: the last special token of the turn), so the model learns to stop
+    where the template says a turn ends; what the template writes after that token (ChatML's newline) belongs to the
+    next turn's prompt. transformers' `return_assistant_tokens_mask` would find the same spans, but only in templates
+    marked with `{% generation %}`, which few models ship; rendering prefixes works for any template whose earlier
+    turns render the same whatever follows them, and the others are refused with a message.
+    """
 
     name = "chat"
 
@@ -179,21 +217,54 @@ class ChatTemplateFormat(PromptFormat):
         return str(self.tokenizer.chat_template)
 
     def segments(self, messages: Sequence[Message]) -> list[Segment]:
-        user, answer = single_turn(messages)
-        prompt = self.render([user], add_generation_prompt=True)
-        if answer is None:
-            return [Segment(prompt, trained=False)]
-        full = self.render([user, answer])
-        if not full.startswith(prompt):
-            raise ConfigError(
-                "the tokenizer's chat template does not render a conversation as prompt + answer; "
-                "use data.prompt_format: koalpaca"
-            )
-        return [Segment(prompt, trained=False), Segment(full[len(prompt) :], trained=True)]
+        split_turns(messages)  # refuses a conversation out of order
+        segments, done = [], ""
+        for index, message in enumerate(messages):
+            if message.role == "assistant":
+                prompt = self.render(messages[:index], add_generation_prompt=True)
+                full = self.render(messages[: index + 1])
+                answer, _ = self.turn_end(self.after(prompt, full))
+                segments += [Segment(self.after(done, prompt), trained=False), Segment(answer, trained=True)]
+                done = prompt + answer
+        end = self.render(messages, add_generation_prompt=messages[-1].role == "user")
+        segments.append(Segment(self.after(done, end), trained=False))
+        return [segment for segment in segments if segment.text]
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         turns = [{"role": message.role, "content": message.text()} for message in messages]
-        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:
+            return self.tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except jinja2.TemplateError as err:  # e.g. a template that raises "System role not supported"
+            roles = [message.role for message in messages]
+            raise ConfigError(
+                f"the tokenizer's chat template cannot render a conversation of the roles {roles}: {err}"
+            ) from err
+
+    @staticmethod
+    def after(prefix: str, text: str) -> str:
+        """`text` past `prefix`, which it must start with: the template renders each conversation's beginning as it
+        renders the shorter conversation."""
+        if not text.startswith(prefix):
+            raise ConfigError(
+                "the tokenizer's chat template renders the beginning of a conversation differently once later turns "
+                "follow (some templates drop earlier reasoning, or mark the last turn), so its turns cannot be marked "
+                "for the loss; use data.prompt_format: koalpaca, or a model whose template renders each turn the same"
+            )
+        return text[len(prefix) :]
+
+    def turn_end(self, answer: str) -> tuple[str, str]:
+        """An assistant turn as rendered, split after its last special token (the end of turn): the trained part, and
+        what follows (whitespace before the next turn). A turn with no special token is trained whole."""
+        ends = [answer.rfind(token) + len(token) for token in self.special_tokens if token in answer]
+        end = max(ends, default=len(answer))
+        return answer[:end], answer[end:]
+
+    @cached_property
+    def special_tokens(self) -> set[str]:
+        added = {token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special}
+        return added | set(self.tokenizer.all_special_tokens)
 
 
 FORMATS: dict[str, type[PromptFormat]] = {cls.name: cls for cls in (KoAlpacaFormat, ChatTemplateFormat)}
@@ -209,12 +280,9 @@ def trained_format_name(run_config: dict[str, Any]) -> str:
     return (run_config.get("data") or {}).get("prompt_format") or DEFAULT_FORMAT
 
 
-def single_turn(messages: Sequence[Message]) -> tuple[Message, Message | None]:
-    """The user turn and its answer (None: to be answered) of a conversation of one turn, the one shape rows have."""
-    roles = [message.role for message in messages]
-    if roles not in (["user"], ["user", "assistant"]):
-        raise NotImplementedError(f"conversations of one user turn (and its answer) only, got the roles {roles}")
-    return messages[0], messages[1] if len(messages) == 2 else None
+def trained_system_prompt(run_config: dict[str, Any]) -> str | None:
+    """The default system prompt a run trained with (`data.system_prompt`), to prompt its adapter the same way."""
+    return (run_config.get("data") or {}).get("system_prompt") or None
 
 
 def tokenize_segments(tokenizer: PreTrainedTokenizerBase, segments: Sequence[Segment]) -> list[list[int]]:
@@ -229,53 +297,3 @@ def tokenize_segments(tokenizer: PreTrainedTokenizerBase, segments: Sequence[Seg
         for index, piece in zip(chosen, encoded, strict=True):
             ids[index] = piece + [tokenizer.eos_token_id] if segments[index].eos else piece
     return ids
-
-
-def tokenize_rows(prompt_format: PromptFormat, table: pd.DataFrame) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt and response token ids of every instruction/input/output row, untruncated (the token cache's
-    columns)."""
-    rows = table[["instruction", "input", "output"]].itertuples(index=False, name=None)
-    encoded = prompt_format.encode([row_messages(*row) for row in rows])
-    for segments in encoded:
-        if [segment.trained for segment in segments] != [False, True]:
-            raise NotImplementedError("the token cache keeps one prompt and one answer per row")
-    return [segments[0].ids for segments in encoded], [segments[1].ids for segments in encoded]
-
-
-def encode_example(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int
-) -> dict[str, list[int] | int]:
-    """Token ids of a koalpaca prompt (already rendered) + response + the tokenizer's own EOS, cut at `max_length`.
-
-    Prompt and response are tokenized separately so the prompt's length is known exactly (the collator masks the
-    prompt by position). A response cut by `max_length` loses its EOS: the model must not learn to stop there.
-    """
-    prompt_ids, response_ids = tokenize_segments(tokenizer, KoAlpacaFormat.pieces(prompt, response))
-    return cut_example(prompt_ids, response_ids, max_length)
-
-
-def cut_example(prompt_ids: list[int], response_ids: list[int], max_length: int) -> dict[str, list[int] | int]:
-    """One training example: prompt + response ids cut at `max_length`, and the prompt's length (for label masks)."""
-    return {"input_ids": (prompt_ids + response_ids)[:max_length], "prompt_length": min(len(prompt_ids), max_length)}
-
-
-def fit_to_length(
-    prompt_ids: list[list[int]], response_ids: list[list[int]], max_length: int, overlong: str = "truncate"
-) -> tuple[list[dict], dict[str, int]]:
-    """Examples of at most `max_length` tokens, and counts of what happened to the longer rows.
-
-    `overlong="truncate"` cuts them (the response loses its EOS), `"drop"` leaves them out. A row whose prompt alone
-    fills `max_length` is dropped either way: nothing of its response would be trained.
-    """
-    examples = []
-    counts = {"overlong": 0, "truncated": 0, "overlong_dropped": 0, "prompt_too_long_dropped": 0}
-    for prompt, response in zip(prompt_ids, response_ids, strict=True):
-        if len(prompt) + len(response) > max_length:
-            counts["overlong"] += 1
-            reason = "overlong_dropped" if overlong == "drop" else "truncated"
-            reason = "prompt_too_long_dropped" if len(prompt) >= max_length else reason
-            counts[reason] += 1
-            if reason != "truncated":
-                continue
-        examples.append(cut_example(prompt, response, max_length))
-    return examples, counts

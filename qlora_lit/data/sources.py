@@ -1,4 +1,6 @@
-"""Reading instruction data (hub ids, local files, `save_to_disk` folders, or a list of them) into one clean table."""
+"""Reading training data (hub ids, local files, `save_to_disk` folders, or a list of them) into clean conversations:
+each source's rows read as a table, turned into conversations (data/conversations.py: `messages`, ShareGPT
+`conversations` or KoAlpaca rows), then empty rows, bad rows and duplicates dropped and counted."""
 
 from __future__ import annotations
 
@@ -14,30 +16,114 @@ from pathlib import Path
 
 import datasets
 import pandas as pd
+from lightning.pytorch.utilities import rank_zero_warn
 
 from qlora_lit.assets import resolve_asset
+from qlora_lit.data.conversations import (
+    BadRow,
+    Conversation,
+    assistant_turns,
+    conversation_column,
+    parse_messages,
+    row_labels,
+    row_messages,
+    with_system,
+)
 from qlora_lit.errors import ConfigError, not_found_message
 
-FIELDS = ("instruction", "input", "output")
+FIELDS = ("instruction", "input", "output", "system")
+"""The columns of KoAlpaca-shaped rows (`system`: a row's own system prompt, optional)."""
 REQUIRED_COLUMNS = ("instruction", "output")
+CONVERSATION_FIELDS = ("messages", "role", "content")
+"""What `data.columns` may name for conversation rows: their column, and the role and text keys of each message."""
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-MAPPING_HINT = "map other names with data.columns, e.g. {instruction: question, output: answer}"
+MAPPING_HINT = (
+    "rows need `messages` (role/content), ShareGPT `conversations` (from/value) or instruction/output columns; map "
+    "other names with data.columns, e.g. {instruction: question, output: answer} or {messages: dialog}"
+)
+BAD_ROW_EXAMPLES = 5  # bad rows quoted in data_stats.json when they are skipped
 
 
-def load_sources(
-    paths: str | Sequence[str], columns: Mapping[str, str] | None = None, encoding: str = "utf-8"
-) -> pd.DataFrame:
-    """All rows of all sources, concatenated, as instruction/input/output columns (other columns are dropped).
+def load_conversations(
+    paths: str | Sequence[str],
+    columns: Mapping[str, str] | None = None,
+    encoding: str = "utf-8",
+    system_prompt: str | None = None,
+    bad_rows: str = "error",
+) -> tuple[list[Conversation], list[int], dict]:
+    """Every usable conversation of every source, duplicates dropped across sources (the first stays), the number
+    of the source each came from, and counts of what was read and dropped, so nothing disappears unreported.
 
     Args:
         paths: one source or several (see `load_table`).
-        columns: our field name -> the source's column name, e.g. {"instruction": "question", "output": "answer"}.
+        columns: our names -> the source's, e.g. {"instruction": "question", "output": "answer"} or
+            {"messages": "dialog", "role": "speaker", "content": "text"}.
         encoding: text encoding of CSV and JSON files.
+        system_prompt: the system prompt of rows that have none.
+        bad_rows: "error": a bad row stops with a message naming its file, line and problem; "skip": it is counted.
     """
     paths = [paths] if isinstance(paths, str) else list(paths)
-    return pd.concat(
-        [select_columns(load_table(path, encoding), columns, repr(path)) for path in paths], ignore_index=True
-    )
+    stats = {"rows_read": 0, "empty_dropped": 0, "bad_rows_skipped": 0, "duplicates_dropped": 0}
+    bad_examples: list[str] = []
+    kept: dict[Conversation, int] = {}  # insertion-ordered: the first occurrence of each conversation stays
+    for number, path in enumerate(paths):
+        table = load_table(path, encoding)
+        stats["rows_read"] += len(table)
+        for label, row in zip(row_labels(table), table_conversations(table, columns, repr(path)), strict=True):
+            if isinstance(row, BadRow):
+                if bad_rows == "error":
+                    raise ConfigError(
+                        f"{path!r}, {label}: {row}. Fix the row, or set data.bad_rows: skip to leave such rows out "
+                        "(they are counted in data_stats.json)"
+                    )
+                stats["bad_rows_skipped"] += 1
+                bad_examples += [f"{path}, {label}: {row}"][: BAD_ROW_EXAMPLES - len(bad_examples)]
+            elif not row:
+                stats["empty_dropped"] += 1
+            elif (conversation := with_system(row, system_prompt)) in kept:
+                stats["duplicates_dropped"] += 1
+            else:
+                kept[conversation] = number
+    return list(kept), list(kept.values()), finish_stats(stats, list(kept), bad_examples)
+
+
+def finish_stats(stats: dict, conversations: list[Conversation], bad_examples: list[str]) -> dict:
+    if bad_examples:
+        rank_zero_warn(f"skipped {stats['bad_rows_skipped']} bad rows (data.bad_rows: skip), e.g. {bad_examples[0]}")
+        stats["bad_row_examples"] = bad_examples
+    turns = [assistant_turns(conversation) for conversation in conversations]
+    stats.update(rows_kept=len(conversations), turns=sum(turns), multi_turn_rows=sum(count > 1 for count in turns))
+    if not conversations:
+        raise ConfigError(
+            f"no usable rows left after cleaning: of {stats['rows_read']} rows read, {stats['empty_dropped']} are "
+            f"empty (no instruction, output or messages), {stats['bad_rows_skipped']} are bad rows skipped and "
+            f"{stats['duplicates_dropped']} are duplicates"
+        )
+    return stats
+
+
+def table_conversations(
+    table: pd.DataFrame, columns: Mapping[str, str] | None = None, source: str = "data"
+) -> list[Conversation | BadRow]:
+    """Each row of one source as a conversation (empty: an empty row), or the BadRow saying why it is none."""
+    check_columns(columns)
+    column = conversation_column(list(table.columns), columns)
+    if column is None:
+        text = select_columns(table, columns, source)
+        rows = text[list(FIELDS)].itertuples(index=False, name=None)
+        return [row_messages(*row) if row[0].strip() and row[2].strip() else () for row in rows]
+    if column not in table.columns:
+        raise ConfigError(f"{source} has no column {column!r}; its columns are {list(table.columns)} ({MAPPING_HINT})")
+    keys = (columns["role"], columns["content"]) if columns and "role" in columns else None
+    system = _as_text(table, (columns or {}).get("system", "system"))
+    return [_parsed(value, keys, own_system) for value, own_system in zip(table[column].tolist(), system, strict=True)]
+
+
+def _parsed(value: object, keys: tuple[str, str] | None, system: str) -> Conversation | BadRow:
+    try:
+        return with_system(parse_messages(value, keys), system) if value is not None else ()
+    except BadRow as bad:
+        return bad
 
 
 def load_table(path: str, encoding: str = "utf-8") -> pd.DataFrame:
@@ -256,18 +342,29 @@ def _records(rows: object, path: Path) -> pd.DataFrame:
 
 
 def check_columns(columns: Mapping[str, str] | None) -> None:
-    """Validate a `data.columns` mapping: keys are our field names, values the source's column names."""
+    """Validate a `data.columns` mapping: keys are our field names, values the source's column (or key) names."""
+    known = [*FIELDS, *CONVERSATION_FIELDS]
     for field, name in (columns or {}).items():
-        if field not in FIELDS:
-            raise ConfigError(f"data.columns maps {field!r}, which is not one of {list(FIELDS)}")
+        if field not in known:
+            raise ConfigError(f"data.columns maps {field!r}, which is not one of {known}")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"data.columns.{field} must be a column name, got {name!r}")
+    given = set(columns or {})
+    if ("role" in given) != ("content" in given):
+        raise ConfigError("data.columns names the messages' keys in pairs: give both role and content")
+    if "messages" in given and given & {"instruction", "input", "output"}:
+        raise ConfigError(
+            "data.columns maps both a conversation column (messages) and instruction/input/output columns: a "
+            "source's rows are one or the other"
+        )
 
 
 def select_columns(table: pd.DataFrame, columns: Mapping[str, str] | None = None, source: str = "data") -> pd.DataFrame:
-    """instruction/input/output as text, taken from the source's columns named by `columns`; other columns dropped.
+    """instruction/input/output/system as text, taken from the source's columns named by `columns`; other columns
+    dropped.
 
-    A missing `input` is blank; a missing `instruction` or `output` (or any column named in `columns`) is an error.
+    A missing `input` or `system` is blank; a missing `instruction` or `output` (or any column named in `columns`) is
+    an error.
     """
     check_columns(columns)
     names = {field: field for field in FIELDS} | dict(columns or {})
@@ -276,29 +373,6 @@ def select_columns(table: pd.DataFrame, columns: Mapping[str, str] | None = None
     if missing:
         raise ConfigError(f"{source} has no column {missing}; its columns are {list(table.columns)} ({MAPPING_HINT})")
     return pd.DataFrame({field: _as_text(table, names[field], source) for field in FIELDS})
-
-
-def clean_table(table: pd.DataFrame, columns: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Keep instruction/input/output as text, drop rows with an empty instruction or output, then exact duplicates.
-
-    Returns the clean table and counts of what was dropped, so nothing disappears unreported.
-    """
-    text = select_columns(table, columns)
-    non_empty = (text["instruction"].str.strip() != "") & (text["output"].str.strip() != "")
-    kept = text[non_empty]
-    deduplicated = kept.drop_duplicates(keep="first", ignore_index=True)
-    stats = {
-        "rows_read": len(table),
-        "empty_dropped": int((~non_empty).sum()),
-        "duplicates_dropped": len(kept) - len(deduplicated),
-        "rows_kept": len(deduplicated),
-    }
-    if deduplicated.empty:
-        raise ConfigError(
-            f"no usable rows left after cleaning: of {len(table)} rows read, {stats['empty_dropped']} have an empty "
-            f"instruction or output and {stats['duplicates_dropped']} are duplicates"
-        )
-    return deduplicated, stats
 
 
 def _as_text(table: pd.DataFrame, column: str, source: str = "data") -> pd.Series:

@@ -89,15 +89,16 @@ def _init_args(section: dict | None) -> dict:
 
 def collect(data: KoAlpacaDataModule) -> dict:
     """The statistics of a set-up data module, as a dict (what `format_report` prints)."""
-    prompt_ids, response_ids, _ = read_tokens(data.cache_path)
-    prompt = np.array([len(ids) for ids in prompt_ids])
-    response = np.array([len(ids) for ids in response_ids])
-    lengths = {"prompt": prompt, "response": response, "total": prompt + response}
+    rows, _ = read_tokens(data.cache_path)
+    total = np.array([len(row.tokens.ids) for row in rows])
+    response = np.array([sum(end - start for start, end in row.tokens.trained) for row in rows])
+    lengths = {"prompt": total - response, "response": response, "total": total}
     _, item_lengths, _ = data.train_items()
     example_lengths = [len(example["input_ids"]) for example in data.train_set]
     return {
         **data.stats,
         "token_lengths": {name: percentiles(values) for name, values in lengths.items()},
+        "turns_per_row": percentiles(np.array([row.turns for row in rows])),
         "overlong_share": float((lengths["total"] > data.max_length).mean()),
         "padding_configured": padding_fraction(data, item_lengths, data.group_by_length),
         "padding_random": padding_fraction(data, example_lengths, False),
@@ -128,20 +129,40 @@ def format_report(data: KoAlpacaDataModule, report: dict) -> str:
         f"data {data.path} | tokenizer {data.tokenizer_name} | prompt format {data.prompt_format}",
         f"rows read            {report['rows_read']:>8}",
         f"empty dropped        {report['empty_dropped']:>8}",
+        f"bad rows skipped     {report['bad_rows_skipped']:>8}   (data.bad_rows: {data.bad_rows})",
         f"duplicates dropped   {report['duplicates_dropped']:>8}",
-        f"rows kept            {report['rows_kept']:>8}",
-        f"longer than max_length={data.max_length}: {overlong} ({report['overlong_share']:.1%}) -> truncated "
+        f"rows kept            {report['rows_kept']:>8}   ({report['multi_turn_rows']} of several turns, "
+        f"{report['turns']} assistant turns)",
+        f"longer than max_length={data.max_length}: {overlong} ({report['overlong_share']:.1%}) -> "
+        f"{report['turns_dropped_rows']} shortened by {report['turns_dropped']} earlier turns, truncated "
         f"{report['truncated']}, dropped {report['overlong_dropped'] + report['prompt_too_long_dropped']}",
         f"  (overlong: {data.overlong}; a row whose prompt alone fills max_length is always dropped)",
-        f"train / validation rows: {report['train_rows']} / {report['val_rows']}",
+        f"training examples per epoch / validation rows: {report['train_rows']} / {report['val_rows']}",
+        *source_lines(report["sources"]),
         "",
         "tokens   " + "".join(f"{name:>8}" for name in PERCENTILES),
     ]
     for name, values in report["token_lengths"].items():
         lines.append(f"{name:<9}" + "".join(f"{value:>8}" for value in values.values()))
+    lines.append("turns    " + "".join(f"{value:>8}" for value in report["turns_per_row"].values()))
     lines += [
         "",
         f"padding: {report['padding_configured']:.1%} with the configured batching (batches of {data.batch_size} "
         f"{batching}), {report['padding_random']:.1%} with plain random batches of {data.batch_size} examples",
     ]
     return "\n".join(lines)
+
+
+def source_lines(sources: list[dict]) -> list[str]:
+    """Per source, when there are several: rows, validation rows and training examples per epoch (its share)."""
+    if len(sources) < 2:
+        return []
+    per_epoch = sum(source["per_epoch"] for source in sources)
+    lines = []
+    for source in sources:
+        setting = "".join(f", {key} {source[key]}" for key in ("weight", "fraction") if key in source)
+        lines.append(
+            f"  {source['path']}{setting}: {source['rows']} rows, {source['val_rows']} validation, "
+            f"{source['per_epoch']} training examples per epoch ({source['per_epoch'] / max(per_epoch, 1):.0%})"
+        )
+    return lines
