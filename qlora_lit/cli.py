@@ -56,6 +56,7 @@ def trainer_defaults() -> dict:
 # Commands outside Lightning's loop: plain functions whose typed, documented arguments are the command line.
 PLAIN_COMMANDS: dict[str, str] = {
     "generate": "qlora_lit.generate:generate",
+    "chat": "qlora_lit.chat:chat",
     "export": "qlora_lit.export:export",
     "data-stats": "qlora_lit.data.stats:data_stats",
 }
