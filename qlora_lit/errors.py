@@ -38,8 +38,8 @@ def not_found_message(kind: str, name: str, err: Exception) -> str:
 def remote_code_message(name_or_path: str) -> str:
     return (
         f"the model {name_or_path!r} ships its own Python code, which qlora_lit runs only when you say so: "
-        "model.trust_remote_code: true in your config (fit, predict) or --trust_remote_code true (generate, export). "
-        "Only for code you trust; a setting saved in an adapter, model folder or checkpoint is never enough"
+        "model.trust_remote_code: true in your config (fit, predict) or --trust_remote_code true (generate, chat, "
+        "export). Only for code you trust; a setting saved in an adapter, model folder or checkpoint is never enough"
     )
 
 

@@ -1,5 +1,5 @@
 """Files a training run leaves beside its adapter: their names, shared by the callbacks that write them and the
-commands that read them (generate, export), and the reading of the run's saved config."""
+commands that read them (generate, chat, export), and the reading of the run's saved config."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ def test_an_unknown_command_lists_every_command(typed, guess, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert (
-        f"unknown command {typed!r}: the commands are fit, validate, test, predict, generate, export, data-stats"
+        f"unknown command {typed!r}: the commands are fit, validate, test, predict, generate, chat, export, data-stats"
         in error
     )
     assert guess in error

@@ -1,5 +1,5 @@
 """A run resumed from a mid-epoch checkpoint, or a finished run extended with a larger max_steps, ends exactly where an
-uninterrupted run ends."""
+uninterrupted run ends (padded KoAlpaca rows; packed rows of conversations mixed with KoAlpaca rows by weight)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def run(
     schedule: str = "cosine",
     val_size: int = 8,
     every: int | None = 3,
+    path: str | list = SAMPLE_DATA,
 ) -> QLoRAModule:
     """A fit saving a checkpoint every `every` steps (`step=N.ckpt`), or only `last.ckpt` where it ends."""
     L.seed_everything(7)
@@ -35,7 +36,7 @@ def run(
         optimizer=OptimizerArgs(lr=5e-3, warmup_steps=2, schedule=schedule),
     )
     data = KoAlpacaDataModule(
-        SAMPLE_DATA,
+        path,
         TINY_MODEL,
         max_length=96,
         batch_size=2 if pack_length else batch_size,
@@ -70,11 +71,14 @@ def assert_same_adapters(module: QLoRAModule, expected: QLoRAModule) -> None:
             torch.testing.assert_close(param, trained[name], rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("pack_length", [None, 192], ids=["padded", "packed"])
-def test_mid_epoch_resume_equals_uninterrupted_run(tmp_path, pack_length):
-    uninterrupted = run(tmp_path / "a", max_steps=7, pack_length=pack_length)
+MIXED = [{"path": "builtin:ko_chat_sample.jsonl", "weight": 0.5}, {"path": SAMPLE_DATA, "weight": 0.5}]
+
+
+@pytest.mark.parametrize(("pack_length", "path"), [(None, SAMPLE_DATA), (192, MIXED)], ids=["padded", "packed-mixed"])
+def test_mid_epoch_resume_equals_uninterrupted_run(tmp_path, pack_length, path):
+    uninterrupted = run(tmp_path / "a", max_steps=7, pack_length=pack_length, path=path)
     assert uninterrupted.trainer.num_training_batches > 3  # the checkpoint at step 3 is mid-epoch
-    resumed = run(tmp_path / "b", max_steps=7, ckpt_path=tmp_path / "a" / "step=3.ckpt", pack_length=pack_length)
+    resumed = run(tmp_path / "b", 7, ckpt_path=tmp_path / "a" / "step=3.ckpt", pack_length=pack_length, path=path)
     assert_same_adapters(resumed, uninterrupted)
 
 

@@ -69,7 +69,8 @@ CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %
 
 
 def test_a_chat_format_runs_samples_are_prompted_with_the_chat_template(tmp_path, monkeypatch):
-    """The samples' prompts are rendered as training renders them (data.prompt_format), not always as KoAlpaca."""
+    """The samples' prompts are rendered as training renders them (data.prompt_format, data.system_prompt), not always
+    as KoAlpaca."""
     import json
     import shutil
 
@@ -82,15 +83,17 @@ def test_a_chat_format_runs_samples_are_prompted_with_the_chat_template(tmp_path
     (model / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "chat_template": CHAT_TEMPLATE}))
     prompts = []
 
-    def recording(model_, tokenizer, instructions, max_new_tokens, synced=False, prompt_format="koalpaca"):
+    def recording(model_, tokenizer, instructions, max_new_tokens, synced=False, prompt_format="koalpaca", **kwargs):
         rows = [{"instruction": instruction} for instruction in instructions]
-        ids = qlora_lit.samples.encode_prompts(tokenizer, rows, prompt_format)
+        ids = qlora_lit.samples.encode_prompts(tokenizer, rows, prompt_format, kwargs["system_prompt"])
         prompts.extend(tokenizer.decode(row) for row in ids)
-        return greedy_answers(model_, tokenizer, instructions, max_new_tokens, synced, prompt_format)
+        return greedy_answers(model_, tokenizer, instructions, max_new_tokens, synced, prompt_format, **kwargs)
 
     monkeypatch.setattr(qlora_lit.samples, "greedy_answers", recording)
     module = QLoRAModule(str(model), quantization=QuantizationArgs(compute_dtype="float32"), lora=LoraArgs(r=4))
-    data = KoAlpacaDataModule(SAMPLE_DATA, str(model), prompt_format="chat", max_length=96, val_size=4)
+    data = KoAlpacaDataModule(
+        SAMPLE_DATA, str(model), prompt_format="chat", system_prompt="짧게.", max_length=96, val_size=4
+    )
     trainer = cpu_trainer(tmp_path, max_steps=2, callbacks=[SampleGenerations(["안녕?"], max_new_tokens=2)])
     trainer.fit(module, data)
-    assert prompts and set(prompts) == {"<user>안녕?<assistant>"}
+    assert prompts and set(prompts) == {"<system>짧게.<user>안녕?<assistant>"}

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from qlora_lit.data.conversations import Message
-from qlora_lit.data.sources import load_conversations, load_table, table_conversations
+from qlora_lit.data.sources import load_conversations, load_table, select_columns, table_conversations
 from qlora_lit.errors import ConfigError
 
 ROWS = [
@@ -153,6 +153,11 @@ def test_excel_utf8_byte_order_mark_is_ignored(tmp_path):
     path = tmp_path / "excel_utf8.csv"
     pd.DataFrame(ROWS).to_csv(path, index=False, encoding="utf-8-sig")
     assert list(load_table(str(path)).columns)[0] == "instruction"
+
+
+def load_sources(path: str, encoding: str = "utf-8") -> pd.DataFrame:
+    """A KoAlpaca-shaped source's instruction/input/output as the reader turns them into text (before cleaning)."""
+    return select_columns(load_table(path, encoding), None, repr(path))[["instruction", "input", "output"]]
 
 
 def read_rows(tmp_path, name: str, content: str | bytes) -> list[dict]:
