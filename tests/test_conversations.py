@@ -90,7 +90,7 @@ def test_other_names_are_mapped_with_data_columns(tmp_path):
     columns = {"messages": "dialog", "role": "speaker", "content": "text"}
     assert load_conversations(path, columns)[0] == EXPECTED
     with pytest.raises(
-        ConfigError, match=r"dialogs.jsonl', (row|line) 1: message 1 has neither a 'role' nor a 'from' key"
+        ConfigError, match=r"dialogs.jsonl', line 1: message 1 has neither a 'role' nor a 'from' key"
     ):
         load_conversations(path, {"messages": "dialog"})
     with pytest.raises(ConfigError, match=r"has no column 'talk'; its columns are \['dialog', 'messages'\]"):
@@ -144,7 +144,7 @@ def test_a_bad_row_names_the_file_the_row_and_the_problem(tmp_path, problem):
     path = write_rows(
         tmp_path / "bad.jsonl", [{"messages": MESSAGES[0]}, {"messages": MESSAGES[1]}, {"messages": messages}]
     )
-    with pytest.raises(ConfigError, match=rf"bad.jsonl', (row|line) 3: {message}.*data.bad_rows: skip"):
+    with pytest.raises(ConfigError, match=rf"bad.jsonl', line 3: {message}.*data.bad_rows: skip"):
         load_conversations(path)
     conversations, _, stats = load_conversations(path, bad_rows="skip")
     assert conversations == EXPECTED and stats["bad_rows_skipped"] == 1
@@ -157,7 +157,7 @@ def test_skipped_bad_rows_are_counted_in_the_runs_statistics(tmp_path):
     data.setup()
     assert (data.stats["rows_read"], data.stats["bad_rows_skipped"], data.stats["rows_kept"]) == (11, 9, 2)
     assert len(data.stats["bad_row_examples"]) == 5  # the first few, each naming its file, row and problem
-    with pytest.raises(ConfigError, match=r"bad.jsonl', (row|line) 3: message 1 has the role"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl', line 3: message 1 has the role"):
         KoAlpacaDataModule(str(tmp_path / "bad.jsonl"), TINY_MODEL, val_size=1).setup()  # error, by default
 
 
