@@ -89,9 +89,7 @@ def test_other_names_are_mapped_with_data_columns(tmp_path):
     path = write_rows(tmp_path / "dialogs.jsonl", rows)
     columns = {"messages": "dialog", "role": "speaker", "content": "text"}
     assert load_conversations(path, columns)[0] == EXPECTED
-    with pytest.raises(
-        ConfigError, match=r"dialogs.jsonl', line 1: message 1 has neither a 'role' nor a 'from' key"
-    ):
+    with pytest.raises(ConfigError, match=r"dialogs.jsonl', line 1: message 1 has neither a 'role' nor a 'from' key"):
         load_conversations(path, {"messages": "dialog"})
     with pytest.raises(ConfigError, match=r"has no column 'talk'; its columns are \['dialog', 'messages'\]"):
         load_conversations(path, {"messages": "talk"})
@@ -163,8 +161,8 @@ def test_skipped_bad_rows_are_counted_in_the_runs_statistics(tmp_path):
 
 def test_empty_system_messages_are_no_system_prompt_and_an_empty_cell_is_an_empty_row(tmp_path):
     rows = [{"messages": [{"role": "system", "content": ""}, *MESSAGES[1]]}, {"messages": []}, {"messages": None}]
-    conversations, _, stats = load_conversations(write_rows(tmp_path / "chat.json", rows))
-    assert conversations == [EXPECTED[1]] and stats["empty_dropped"] == 2
+    conversations, _, stats = load_conversations(write_rows(tmp_path / "chat.json", rows), system_prompt="기본.")
+    assert conversations == [(Message("system", "기본."), *EXPECTED[1])] and stats["empty_dropped"] == 2
 
 
 def test_prompts_files_take_conversations_ending_with_the_users_turn(tmp_path, tokenizer):

@@ -73,7 +73,7 @@ def row_messages(
 
 def with_system(messages: Sequence[Message], system: str | None) -> Conversation:
     """`messages` with `system` as their system prompt when they have none (`data.system_prompt`)."""
-    if not system or not system.strip() or (messages and messages[0].role == "system"):
+    if not messages or not system or not system.strip() or messages[0].role == "system":
         return tuple(messages)
     return (Message("system", system), *messages)
 
@@ -161,7 +161,7 @@ def parse_messages(value: object, keys: tuple[str, str] | None = None, answered:
 
 def as_list(value: object) -> list:
     """A conversation cell's items: a list (numpy's arrays from Parquet and datasets, too), or JSON text of one."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
         return []
     if isinstance(value, str):
         if not value.strip():

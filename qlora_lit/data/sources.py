@@ -115,13 +115,13 @@ def table_conversations(
     if column not in table.columns:
         raise ConfigError(f"{source} has no column {column!r}; its columns are {list(table.columns)} ({MAPPING_HINT})")
     keys = (columns["role"], columns["content"]) if columns and "role" in columns else None
-    system = _as_text(table, (columns or {}).get("system", "system"))
+    system = _as_text(table, (columns or {}).get("system", "system"), source)
     return [_parsed(value, keys, own_system) for value, own_system in zip(table[column].tolist(), system, strict=True)]
 
 
 def _parsed(value: object, keys: tuple[str, str] | None, system: str) -> Conversation | BadRow:
     try:
-        return with_system(parse_messages(value, keys), system) if value is not None else ()
+        return with_system(parse_messages(value, keys), system)
     except BadRow as bad:
         return bad
 
