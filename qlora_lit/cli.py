@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from qlora_lit import ddp
 from qlora_lit.callbacks import AdapterExport, DataStatsExport, PredictionWriter, run_dir
 from qlora_lit.checkpoint_io import AtomicCheckpointIO
 from qlora_lit.data import KoAlpacaDataModule
@@ -28,6 +29,7 @@ from qlora_lit.model import count_lora_parameters
 from qlora_lit.module import QLoRAModule
 from qlora_lit.monitor import TrainingMonitor
 from qlora_lit.preemption import PreemptionCheckpoint
+from qlora_lit.rank_watch import RankWatch, wait_for_verdict
 from qlora_lit.resume import continue_newest_run
 from qlora_lit.samples import SampleGenerations
 from qlora_lit.text_log import SaveAndLogConfig
@@ -79,6 +81,7 @@ class QLoRACLI(LightningCLI):
         # Always on, and configurable in the YAML (`monitor:`, `samples:`), unlike instances in trainer_defaults.
         parser.add_lightning_class_args(TrainingMonitor, "monitor")
         parser.add_lightning_class_args(SampleGenerations, "samples")
+        parser.add_lightning_class_args(RankWatch, "rank_watch")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val_loss",
@@ -186,6 +189,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
     # Settings dataclasses (LoraArgs, KoAlpacaDataModule, ...) explain each field in a docstring beneath it. Reading
     # those parses each class's source (about 0.7 s per command line), so only what prints help pays for it.
     set_parsing_settings(docstring_parse_attribute_docstrings=shows_help(argv))
+    ddp.register()
     try:
         if argv and argv[0] in PLAIN_COMMANDS:
             return run_plain_command(argv[0], argv[1:])
@@ -209,3 +213,6 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
     except TrainingError as err:
         print(f"qlora_lit: training stopped: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Exception as err:
+        wait_for_verdict(err)  # another rank went away: its watcher names it and ends this process
+        raise

@@ -28,6 +28,7 @@ from torch.distributed.fsdp._runtime_utils import _lazy_init
 from torch.optim import Optimizer
 from transformers import PreTrainedModel
 
+from qlora_lit.ddp import watched_launcher
 from qlora_lit.errors import ConfigError
 from qlora_lit.model import QuantizationArgs, to_dtype
 from qlora_lit.preflight import model_config
@@ -207,6 +208,10 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         if self.root_device.type != "cuda":
             raise ConfigError(f"FSDP runs on GPUs only, this run is on {self.root_device.type}: use DDP there")
         super().setup_environment()
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        watched_launcher(self)  # a failing rank is named by qlora_lit.rank_watch, not killed without a word
 
     def lightning_module_state_dict(self) -> dict[str, torch.Tensor]:
         return trained_state_dict(self.model)

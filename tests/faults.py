@@ -1,8 +1,13 @@
-"""Fault injection for the reliability tests: the Nth write of a named file stops halfway, then a fault strikes.
+"""Fault injection for the reliability tests: the Nth write of a named file stops halfway, then a fault strikes; or
+one rank's training step raises.
 
 As a script, the CLI killed (SIGKILL, no handler runs) halfway through the 2nd write of last.ckpt:
 
     python tests/faults.py last.ckpt 2 fit --config configs/demo.yaml ...
+
+or rank 1 of a DDP fit raising at its 3rd optimizer step (Lightning starts the other ranks with the same command):
+
+    python tests/faults.py raise 1 3 fit --config configs/demo.yaml --trainer.devices 2 ...
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 import peft.peft_model
 import safetensors.torch
+from lightning.pytorch.callbacks import Callback
 
 
 def kill_9() -> None:
@@ -89,8 +95,54 @@ def half_write_then(fault: Callable[[], None], name: str, nth: int, setattr: Cal
     setattr(peft.peft_model, "safe_save_file", save_file)
 
 
+class SignalAt(Callback):
+    """Sends this process `signum` at the Lightning hook `hook` (on_train_batch_start, on_before_backward,
+    on_train_batch_end, on_validation_batch_start, on_save_checkpoint, ...) first reached once `step` optimizer steps
+    are done: a kill or a signal at a chosen point of a run, for the chaos soak."""
+
+    HOOKS = (
+        "on_train_batch_start",
+        "on_before_backward",
+        "on_before_optimizer_step",
+        "on_train_batch_end",
+        "on_validation_batch_start",
+        "on_save_checkpoint",
+    )
+
+    def __init__(self, step: int, signum: int, hook: str) -> None:
+        assert hook in self.HOOKS, hook
+        self.step, self.signum, self.hook, self.sent = step, signum, hook, False
+        for name in self.HOOKS:
+            setattr(self, name, self._reached if name == hook else self._ignored)
+
+    def _reached(self, trainer, *args, **kwargs) -> None:
+        if not self.sent and trainer.global_step >= self.step and not trainer.sanity_checking:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def _ignored(self, *args, **kwargs) -> None:
+        pass
+
+
+def raise_in_rank(rank: int, step: int, setattr: Callable = setattr) -> None:
+    """The training step of global rank `rank` raises a RuntimeError once `step` optimizer steps are done."""
+    from qlora_lit.module import QLoRAModule
+
+    real_step = QLoRAModule.training_step
+
+    def training_step(module, batch, batch_idx):
+        if module.global_rank == rank and module.global_step == step:
+            raise RuntimeError(f"a bad batch (injected at step {step})")
+        return real_step(module, batch, batch_idx)
+
+    setattr(QLoRAModule, "training_step", training_step)
+
+
 if __name__ == "__main__":
-    half_write_then(kill_9, sys.argv[1], int(sys.argv[2]))
     from qlora_lit.cli import cli_main
 
-    cli_main(sys.argv[3:])
+    if sys.argv[1] == "raise":
+        raise_in_rank(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        half_write_then(kill_9, sys.argv[1], int(sys.argv[2]))
+    cli_main(sys.argv[4 if sys.argv[1] == "raise" else 3 :])

@@ -7,9 +7,12 @@ They run against a private single-node cluster started by the ``slurm_cluster`` 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -249,3 +252,33 @@ def test_preempted_job_requeues_and_resumes_where_it_stopped(slurm_cluster, tmp_
     assert slurm_cluster.job_info(job)["Restarts"] == "1"
     versions = list((tmp_path / "runs" / "demo").iterdir())
     assert [v.name for v in versions] == [f"slurm-{job}"]  # both attempts logged into the same TensorBoard run
+
+
+def _rank_pid(job: str, rank: int) -> int | None:
+    """The pid of the qlora_lit process of `job` with SLURM_PROCID `rank` (srun's task), if it runs."""
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = dict(item.split("=", 1) for item in (entry / "environ").read_text().split("\0") if "=" in item)
+            command = (entry / "cmdline").read_text()
+        except (OSError, ValueError):
+            continue
+        if environ.get("SLURM_JOB_ID") == job and environ.get("SLURM_PROCID") == str(rank) and "qlora_lit" in command:
+            return int(entry.name)
+    return None
+
+
+def test_a_killed_rank_requeues_the_job_which_resumes_from_the_last_checkpoint(slurm_cluster, tmp_path):
+    job = _submit_demo(slurm_cluster, tmp_path, "--trainer.max_steps", "8", "--trainer.val_check_interval", "2")
+    checkpoints = tmp_path / "runs" / "demo" / f"slurm-{job}" / "checkpoints"
+    deadline = time.monotonic() + 180
+    while not list(checkpoints.glob("step000002*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(_rank_pid(job, 1), signal.SIGKILL)  # the out-of-memory killer, say
+    slurm_cluster.wait_for(job, "COMPLETED", timeout=300)
+    out = slurm_cluster.read_output(job)
+    assert "task 1: Killed" in out, out  # srun's word
+    assert re.search(r"rank 1 \(pid \d+ on \S+\) ended without a word .*Rank 0 stops too", out), out
+    assert "a rank was lost (srun exit status 137): requeueing job" in out and "restart 1:" in out, out
+    assert slurm_cluster.job_info(job)["Restarts"] == "1"
+    assert re.search(r"Restoring states from the checkpoint path at .*slurm-\d+/checkpoints/\S+\.ckpt", out), out
+    assert _last_checkpoint(tmp_path, job)["global_step"] == 8
