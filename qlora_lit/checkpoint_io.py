@@ -1,9 +1,16 @@
-"""Checkpoint files that are either complete or absent, whatever kills the process and wherever the temp folder is."""
+"""Checkpoint files that are either complete or absent, whatever kills the process and wherever the temp folder is;
+and a file that is not a whole checkpoint (cut short, bytes changed, another kind of file) named with one message
+before it is loaded."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+import pickle
+import re
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +19,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from qlora_lit.errors import TrainingError, is_disk_full
+from qlora_lit.errors import ConfigError, TrainingError, is_disk_full
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -47,6 +54,103 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if is_disk_full(err):
                 raise TrainingError(disk_full_message(path, err)) from err
             raise
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Lightning's load, after `check_checkpoint_file`; what torch or Lightning would raise for a file that is no
+        training checkpoint becomes one message naming the file."""
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().load_checkpoint(path, map_location, weights_only)
+        check_checkpoint_file(Path(path))
+        try:
+            checkpoint = super().load_checkpoint(path, map_location, weights_only)
+        except pickle.UnpicklingError as err:
+            raise ConfigError(unsafe_objects_message(path, err)) from None
+        check_training_checkpoint(path, checkpoint)
+        return checkpoint
+
+
+def check_loads_safely(path: Path) -> None:
+    """Refuse, with one message, a checkpoint that `torch.load(weights_only=True)` would refuse or that is no
+    training checkpoint; reads its pickled part only (the tensors are mapped, not read)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(unsafe_objects_message(path, err)) from None
+    check_training_checkpoint(path, checkpoint)
+
+
+def unsafe_objects_message(path: str | Path, err: Exception) -> str:
+    """torch's own message suggests weights_only=False, which is never the advice here."""
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    return (
+        f"{path} holds Python objects ({found.group(1) if found else 'not tensors or plain containers'}) that a "
+        "checkpoint needs not hold and whose unpickling could run code, so qlora_lit does not load it; checkpoints "
+        "written by qlora_lit hold tensors and plain containers only"
+    )
+
+
+def check_training_checkpoint(path: str | Path, checkpoint: Any) -> None:
+    if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= checkpoint.keys():
+        keys = sorted(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ConfigError(f"{path} was written by torch.save but is no training checkpoint (it holds {keys})")
+
+
+ZIP_START = b"PK\x03\x04"  # torch.save writes zip archives; each entry carries a CRC-32 of its bytes
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """Refuse, with one message naming `path`, a file that is no whole torch checkpoint: missing, a folder, another
+    kind of file (text, an adapter's safetensors), or damaged: cut short (a copy or a write that did not finish), or
+    with changed bytes (a disk or filesystem fault), which torch itself would load without a word, since it does not
+    check the CRC-32 its zip entries carry. Reads the whole file once; a file checked before and unchanged since is
+    not read again."""
+    if not path.exists():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"checkpoint {path} is a folder; give a .ckpt file (a run's checkpoints/*.ckpt) or `last`")
+    stat = path.stat()
+    _check_archive(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_archive(path: str, size: int, mtime_ns: int) -> None:
+    with open(path, "rb") as file:
+        head = file.read(16)
+    if size == 0:
+        raise ConfigError(f"checkpoint {path} is damaged: the file is empty")
+    if not head.startswith(ZIP_START):
+        raise ConfigError(f"{path} is not a checkpoint: {what_it_is(head)}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_entry = archive.testzip()
+    except zipfile.BadZipFile as err:
+        reason = "it is cut short (its zip archive has no end)" if "not a zip file" in str(err) else str(err)
+        raise ConfigError(f"checkpoint {path} is damaged: {reason}") from None
+    except (OSError, EOFError, ValueError) as err:  # a damaged header can make the zip reader fail in other ways
+        raise ConfigError(f"checkpoint {path} is damaged: {err}") from None
+    if bad_entry is not None:
+        raise ConfigError(f"checkpoint {path} is damaged: the bytes of its entry {bad_entry} fail their checksum")
+
+
+def what_it_is(head: bytes) -> str:
+    """What a file that is no zip archive probably is, from its first bytes, and what to give instead."""
+    if len(head) > 9 and head[8:10] == b'{"' and struct.unpack("<Q", head[:8])[0] < 100_000_000:
+        return (
+            "it is a safetensors file (an adapter's or a model's weights), not a training checkpoint; resuming "
+            "takes a .ckpt file from a run's checkpoints/ folder"
+        )
+    return (
+        "torch.save writes zip archives and this file is not one (if it was a checkpoint, it is damaged); give a "
+        ".ckpt file from a run's checkpoints/ folder"
+    )
+
+
+def remove_partial_checkpoints(folder: Path) -> None:
+    """Remove what a killed process left of checkpoint writes in `folder` (AtomicCheckpointIO's partial files)."""
+    for partial in folder.glob(".*.ckpt.partial"):
+        partial.unlink(missing_ok=True)
 
 
 def disk_full_message(path: Path, err: BaseException) -> str:

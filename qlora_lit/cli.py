@@ -10,6 +10,7 @@ import difflib
 import importlib
 import inspect
 import sys
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import auto_cli, set_parsing_settings
@@ -30,7 +31,8 @@ from qlora_lit.module import QLoRAModule
 from qlora_lit.monitor import TrainingMonitor
 from qlora_lit.preemption import PreemptionCheckpoint
 from qlora_lit.rank_watch import RankWatch, wait_for_verdict
-from qlora_lit.resume import continue_newest_run
+from qlora_lit.resume import ResumedRun, checkpoint_to_resume, continue_newest_run, newest_last_checkpoint
+from qlora_lit.run_folder import release_runs, take_new_run_folder
 from qlora_lit.samples import SampleGenerations
 from qlora_lit.text_log import SaveAndLogConfig
 from qlora_lit.trainer_settings import check_run_settings, check_trainer_settings
@@ -40,7 +42,8 @@ def trainer_defaults() -> dict:
     return {
         "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": "runs", "name": "qlora_lit"},
+            # No hp_metric: its placeholder -1 at step 0 would be logged again by every resumed process.
+            "init_args": {"save_dir": "runs", "name": "qlora_lit", "default_hp_metric": False},
         },
         # The data module's own sampler splits batches across ranks and resumes mid-epoch.
         "use_distributed_sampler": False,
@@ -51,6 +54,7 @@ def trainer_defaults() -> dict:
             DataStatsExport(),
             LearningRateMonitor(logging_interval="step"),
             PreemptionCheckpoint(),
+            ResumedRun(),
         ],
     }
 
@@ -107,8 +111,9 @@ class QLoRACLI(LightningCLI):
             check_run_settings(
                 config.trainer.get("val_check_interval"), checkpoint.get("save_top_k"), checkpoint.get("monitor")
             )
-        if self.subcommand == "fit" and config.ckpt_path == "last" and config.checkpoint.dirpath is None:
-            continue_newest_run(config.trainer.logger)  # before the logger exists: it names the run's folder
+        resumes = config.ckpt_path in ("last", "best") if config else False
+        if self.subcommand == "fit" and resumes and config.checkpoint.dirpath is None:
+            continue_newest_run(config.trainer.logger, config.ckpt_path)  # before the logger exists: it names the run
 
     def before_fit(self) -> None:
         if self.trainer.is_global_zero:  # rank 0 writes the run's files (another rank would name the next version)
@@ -117,15 +122,39 @@ class QLoRACLI(LightningCLI):
             ensure_writable(folder, "the run's outputs", save_dir)
             lora = count_lora_parameters(self.model.model_name_or_path, self.model.lora, self.model.trust_remote_code)
             ensure_free_space(folder, run_size_estimate(lora, self.trainer.checkpoint_callback))
-        fit_args = self.config_init["fit"]
-        if fit_args.get("weights_only") is None:
-            # Checkpoints hold tensors and plain containers only: resume without running pickled code.
-            fit_args["weights_only"] = True
+        self.check_ckpt_path()
+
+    def before_validate(self) -> None:
+        self.check_ckpt_path()
+
+    def before_test(self) -> None:
+        self.check_ckpt_path()
 
     def before_predict(self) -> None:
         writers = [callback for callback in self.trainer.callbacks if isinstance(callback, PredictionWriter)]
         if self.trainer.is_global_zero and writers:  # before the model loads
             ensure_writable(writers[0].output_path(self.trainer).parent, "the predictions", "predictions.output")
+        self.check_ckpt_path()
+
+    def check_ckpt_path(self) -> None:
+        """`--ckpt_path` checked before the model loads: `last` and `best` resolved to a whole checkpoint of the run
+        (qlora_lit.resume.checkpoint_to_resume), a file refused with one message unless it is a whole checkpoint that
+        loads with `torch.load(weights_only=True)` (the default here; `--weights_only false` for other files). Every
+        rank resolves it alike (they read the same files)."""
+        args = self.config_init[self.subcommand]
+        if args.get("weights_only") is None:
+            # Checkpoints hold tensors and plain containers only: load them without running pickled code.
+            args["weights_only"] = True
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and callback.dirpath:
+            folder = Path(callback.dirpath)
+        elif self.subcommand == "fit" or args.get("ckpt_path") not in ("last", "best") or not self.trainer.loggers:
+            folder = run_dir(self.trainer) / "checkpoints"  # fit: the run continue_newest_run chose
+        else:  # validate, test, predict: the newest run of this save_dir and name, not their own new folder
+            newest = newest_last_checkpoint(Path(self.trainer.loggers[0].root_dir))
+            folder = newest.parent if newest else run_dir(self.trainer) / "checkpoints"
+        monitor = callback.monitor if callback is not None else None
+        args["ckpt_path"] = checkpoint_to_resume(args.get("ckpt_path"), folder, monitor, args["weights_only"])
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Refuse impossible settings, add a rich progress bar unless the config has another or turns it off
@@ -146,6 +175,8 @@ class QLoRACLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        if self.subcommand:  # before Lightning numbers the run's folder: two runs started together, two folders
+            take_new_run_folder(trainer_config.get("logger"))
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:  # Lightning's word on other settings, no traceback
@@ -216,3 +247,5 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
     except Exception as err:
         wait_for_verdict(err)  # another rank went away: its watcher names it and ends this process
         raise
+    finally:
+        release_runs()

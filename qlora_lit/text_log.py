@@ -39,9 +39,17 @@ class SaveAndLogConfig(SaveConfigCallback):
     """Lightning's config.yaml in the log directory, plus the same resolved config as TensorBoard text `config`.
 
     (Lightning also puts the model's and data's hyperparameters into TensorBoard's HPARAMS tab; this is the whole
-    run: trainer, callbacks and seed included.)
+    run: trainer, callbacks and seed included.) A fit logs it when training starts, at the step it starts from (a
+    resumed run's settings may differ from the first process's), once qlora_lit.resume.ResumedRun has told
+    TensorBoard where this process's events begin.
     """
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        config = self.parser.dump(self.config, skip_none=False)
-        log_text(trainer, "config", verbatim(config), step=trainer.global_step)
+        self.text = verbatim(self.parser.dump(self.config, skip_none=False))
+        if stage != "fit":
+            log_text(trainer, "config", self.text, step=trainer.global_step)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(self, "text", None) is not None and trainer.is_global_zero:
+            log_text(trainer, "config", self.text, step=trainer.global_step)
+            self.text = None

@@ -80,5 +80,10 @@ def check_run_settings(val_check_interval: Any, save_top_k: Any, monitor: Any) -
         )
     if isinstance(save_top_k, int) and save_top_k < -1:
         raise ConfigError(f"checkpoint.save_top_k must be -1 (keep all), 0 (none) or more, got {save_top_k}")
+    if monitor is None and isinstance(save_top_k, int) and save_top_k > 1:  # Lightning: a traceback
+        raise ConfigError(
+            f"checkpoint.save_top_k={save_top_k} keeps the best checkpoints by checkpoint.monitor, which is null: name "
+            f"a metric ({', '.join(MONITORABLE[:2])}, ...), or keep the newest (save_top_k 1) or all (-1)"
+        )
     if monitor is not None and monitor not in MONITORABLE:
         raise ConfigError(f"checkpoint.monitor {monitor!r} is not a metric this run logs; choose one of {MONITORABLE}")

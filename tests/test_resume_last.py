@@ -43,7 +43,7 @@ def test_an_unfixed_version_becomes_the_folder_of_the_newest_last_checkpoint(tmp
 
 def test_with_no_checkpoint_anywhere_training_starts_over_with_a_warning(tmp_path):
     logger = logger_config(tmp_path)
-    with pytest.warns(UserWarning, match="no run in .*demo has a checkpoints/last.ckpt; training starts at step 0"):
+    with pytest.warns(UserWarning, match="no run in .*demo has a checkpoints/last.ckpt; starting at step 0"):
         continue_newest_run(logger)
     assert logger.init_args.version is None
 
