@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class PreemptionCheckpoint(Callback):
@@ -19,8 +20,11 @@ class PreemptionCheckpoint(Callback):
     save `last.ckpt` (adapters, optimizer, loop state and data position), requeue a Slurm job, and stop.
 
     Lightning's own Slurm handler saves from inside the signal handler, in the middle of a step, and each rank on
-    its own; here the ranks agree at the next optimizer-step boundary (one tiny all-reduce per step) and save
-    together, so the resumed run continues exactly where this one stopped. `fit --ckpt_path last` resumes.
+    its own; here the ranks agree at the next optimizer-step boundary (one tiny all-reduce per step) and stop
+    together once that step is over, its validation and logging included: the run then stops where an uninterrupted
+    run would have gone on, and the resumed run continues bit for bit as the uninterrupted one (stopping right away
+    instead would skip the step's scheduled validation; `trainer.should_stop` would add a validation of its own,
+    whose data loader draws from the random stream). `fit --ckpt_path last` resumes.
 
     Args:
         requeue: on SIGUSR1 under Slurm, run `scontrol requeue $SLURM_JOB_ID` after saving.
@@ -31,8 +35,20 @@ class PreemptionCheckpoint(Callback):
     def __init__(self, requeue: bool = True) -> None:
         self.requeue = requeue
         self.received: int | None = None
+        self.stopping: int | None = None  # the signal all ranks agreed to stop for
+        self.saved_step: int | None = None  # the step of this process's latest checkpoint
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # From before the model loads: a signal's default action ends the process, and Slurm's warning may come early
+        # (preemption). It is acted on at the first optimizer-step boundary.
+        self.received = self.stopping = self.saved_step = None
+        if stage == "fit":
+            self.install_handlers()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.install_handlers()  # again: Lightning set its own just before training
+
+    def install_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
         for signum in self.SIGNALS:  # replaces Lightning's handlers; Lightning restores the originals at teardown
@@ -42,22 +58,41 @@ class PreemptionCheckpoint(Callback):
         self.received = self.received or signum
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or self.stopping:
             return  # mid-accumulation: the partial gradients would be lost
         signum = self.received or 0
         if trainer.world_size > 1:  # every rank stops at the same step, or the others wait for it forever
             flag = torch.tensor(float(signum), device=pl_module.device)
             signum = int(trainer.strategy.reduce(flag, reduce_op="max").item())
-        if not signum:
+        if signum:
+            self.stopping = signum
+            # Lightning's own way to stop for SIGTERM: it raises SIGTERMException once this step is over (after a
+            # validation due at this step and the step's logging), and every rank does it at the same step.
+            trainer._signal_connector.received_sigterm = True
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stopping:  # a validation due at this step runs whole (Lightning's flag would end it after a batch)
+            trainer._signal_connector.received_sigterm = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stopping:
+            trainer._signal_connector.received_sigterm = True
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.saved_step = trainer.global_step
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not self.stopping or not isinstance(exception, SIGTERMException):
             return
         path = self.checkpoint_path(trainer)
-        rank_zero_info(f"received {signal.Signals(signum).name}: saving {path} at step {trainer.global_step}")
-        trainer.save_checkpoint(path)
-        if trainer.checkpoint_callback is not None:
-            trainer.checkpoint_callback.last_model_path = str(path)  # or it would write last-v1.ckpt beside ours
-        if signum == signal.SIGUSR1 and self.requeue and trainer.is_global_zero and "SLURM_JOB_ID" in os.environ:
+        if self.saved_step != trainer.global_step:  # else the step's validation has just saved it
+            if trainer.checkpoint_callback is not None:  # before saving, as it is part of the saved state: a resumed
+                trainer.checkpoint_callback.last_model_path = str(path)  # run would write last-v1.ckpt beside it
+            trainer.save_checkpoint(path)
+        name = signal.Signals(self.stopping).name
+        rank_zero_info(f"received {name}: stopped at step {trainer.global_step}, saved (--ckpt_path last resumes)")
+        if self.stopping == signal.SIGUSR1 and self.requeue and trainer.is_global_zero and "SLURM_JOB_ID" in os.environ:
             self._requeue()
-        trainer.should_stop = True
 
     @staticmethod
     def checkpoint_path(trainer: L.Trainer) -> Path:

@@ -36,7 +36,7 @@ def test_sigterm_saves_last_checkpoint_and_the_run_resumes_from_it(tmp_path):
     output = process.stdout.readlines()
     assert process.wait(timeout=120) == 0, "".join(output)[-3000:]
     log = "".join(output)
-    assert "received SIGTERM: saving" in log, log[-3000:]
+    assert "received SIGTERM: stopped at step" in log, log[-3000:]
     checkpoint = checkpoints / "last.ckpt"
     stopped_at = torch.load(checkpoint, weights_only=True)["global_step"]
     assert 20 <= stopped_at < 60

@@ -242,7 +242,7 @@ def test_preempted_job_requeues_and_resumes_where_it_stopped(slurm_cluster, tmp_
     slurm_cluster.cancel(job, "USR1")
     slurm_cluster.wait_for(job, "COMPLETED", timeout=300)
     out = slurm_cluster.read_output(job)
-    saved = re.search(r"received SIGUSR1: saving .*last\.ckpt at step (\d+)", out)
+    saved = re.search(r"received SIGUSR1: stopped at step (\d+), saved", out)
     assert saved, out
     stopped_at = int(saved.group(1))
     assert 0 < stopped_at < 60, out
