@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+from qlora_lit.downloads import unfinished_load
+
 
 class ConfigError(ValueError):
     """A setting, file or name given by the user cannot work; the message says which and why."""
@@ -15,8 +17,11 @@ class TrainingError(RuntimeError):
 
 
 def not_found_message(kind: str, name: str, err: Exception) -> str:
-    """Why a model, tokenizer or dataset did not load: a local folder that lacks files, a cache that cannot be
-    written, or a name found neither here nor on the hub."""
+    """Why a model, tokenizer or dataset did not load: a download or copy that did not finish, a local folder that
+    lacks files, a cache that cannot be written, or a name found neither here nor on the hub."""
+    unfinished = unfinished_load(kind, resolve_builtin(name))
+    if unfinished:
+        return unfinished
     local = Path(name).expanduser()
     if local.is_dir():
         return incomplete_folder_message(kind, name, local, err)
@@ -82,3 +87,10 @@ def is_disk_full(err: BaseException) -> bool:
     if isinstance(err, OSError):
         return err.errno in DISK_FULL_ERRNOS
     return any(f"(os error {code})" in str(err) for code in DISK_FULL_ERRNOS)
+
+
+def resolve_builtin(name: str) -> str:
+    """`builtin:<asset>` as the shipped file's path (qlora_lit.assets, which imports this module, resolves it)."""
+    if not name.startswith("builtin:"):
+        return name
+    return str(Path(__file__).parent / "assets" / name.removeprefix("builtin:"))

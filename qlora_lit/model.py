@@ -10,6 +10,7 @@ import os
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import bitsandbytes as bnb
@@ -23,6 +24,7 @@ from qlora_lit import attention  # noqa: F401 - registers attn_implementation "v
 from qlora_lit.assets import resolve_asset
 from qlora_lit.cache import default_cache_dir
 from qlora_lit.disk_space import write_problem
+from qlora_lit.downloads import cut_short_files
 from qlora_lit.dtypes import DTypeName, to_dtype
 from qlora_lit.errors import ConfigError, not_found_message
 from qlora_lit.preflight import choose_attention, expert_parameters, model_config
@@ -138,7 +140,13 @@ def load_base_model(
     except OSError as err:
         raise ConfigError(not_found_message("model", name_or_path, err)) from err
     except SafetensorError as err:  # a weights file cut short (a copy or download interrupted)
-        raise ConfigError(f"could not load the model {name_or_path!r}: a weights file is damaged ({err})") from err
+        cut = "; ".join(cut_short_files(Path(path))) if Path(path).is_dir() else ""
+        again = (
+            f": {cut} (a copy or download that did not finish). Copy or download it again, then run the same command"
+        )
+        raise ConfigError(
+            f"could not load the model {name_or_path!r}: a weights file is damaged ({err}){again if cut else ''}"
+        ) from err
     except (ImportError, ValueError) as err:  # transformers' "attention implementation not available here"
         if "attn_implementation" not in str(err) and "attention" not in str(err):
             raise
