@@ -7,6 +7,7 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -37,25 +38,45 @@ class PreemptionCheckpoint(Callback):
         self.received: int | None = None
         self.stopping: int | None = None  # the signal all ranks agreed to stop for
         self.saved_step: int | None = None  # the step of this process's latest checkpoint
+        self.previous: dict[int, Any] = {}  # the process's own handlers, from before the fit
+        self.active = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # From before the model loads: a signal's default action ends the process, and Slurm's warning may come early
         # (preemption). It is acted on at the first optimizer-step boundary.
         self.received = self.stopping = self.saved_step = None
-        if stage == "fit":
+        if stage == "fit" and self.in_main_thread():
+            self.previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
+            self.active = True
             self.install_handlers()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.install_handlers()  # again: Lightning set its own just before training
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning restores the handlers it found, which were ours: the process's own come back here.
+        self.active = False
+        for signum, handler in self.previous.items():
+            if self.in_main_thread() and handler is not None:
+                signal.signal(signum, handler)
+
     def install_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be installed from the main thread
-        for signum in self.SIGNALS:  # replaces Lightning's handlers; Lightning restores the originals at teardown
-            signal.signal(signum, self._on_signal)
+        if self.in_main_thread():  # signal handlers can only be installed from the main thread
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._on_signal)
+
+    @staticmethod
+    def in_main_thread() -> bool:
+        return threading.current_thread() is threading.main_thread()
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self.received = self.received or signum
+        if self.active:
+            self.received = self.received or signum
+            return
+        # Still installed after the fit (after an error Lightning puts back the handlers it found, ours): the signal
+        # goes to the process's own handling, as before the fit.
+        signal.signal(signum, self.previous.get(signum) or signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches or self.stopping:
@@ -83,6 +104,7 @@ class PreemptionCheckpoint(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not self.stopping or not isinstance(exception, SIGTERMException):
+            self.teardown(trainer, pl_module, "fit")
             return
         path = self.checkpoint_path(trainer)
         if self.saved_step != trainer.global_step:  # else the step's validation has just saved it
@@ -93,6 +115,7 @@ class PreemptionCheckpoint(Callback):
         rank_zero_info(f"received {name}: stopped at step {trainer.global_step}, saved (--ckpt_path last resumes)")
         if self.stopping == signal.SIGUSR1 and self.requeue and trainer.is_global_zero and "SLURM_JOB_ID" in os.environ:
             self._requeue()
+        self.teardown(trainer, pl_module, "fit")
 
     @staticmethod
     def checkpoint_path(trainer: L.Trainer) -> Path:

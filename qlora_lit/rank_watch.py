@@ -25,7 +25,9 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import lightning as L
 import torch.distributed as dist
@@ -104,8 +106,8 @@ class Watcher(threading.Thread):
         self.failing = False  # this rank raised: it ends on its own, with its own error
         self.progress = time.monotonic()  # when the watcher last began a round of store calls
         self.neighbour = (rank + 1) % world_size
-        self.known: dict[int, list[str]] = {}  # rank -> [host, pid, pid namespace], once it has posted them
-        self.known[rank] = [socket.gethostname(), str(os.getpid()), _pid_namespace()]
+        self.known: dict[int, list[str]] = {}  # rank -> [host, pid, machine], once it has posted them
+        self.known[rank] = [socket.gethostname(), str(os.getpid()), _pid_space()]
         self.store.set(f"who/{rank}", " ".join(self.known[rank]))
 
     def start(self) -> None:
@@ -166,12 +168,12 @@ class Watcher(threading.Thread):
         return None
 
     def process_is_gone(self, rank: int) -> bool:
-        """Whether `rank`'s process has ended, when it runs on this host in this pid namespace (a pid means nothing
-        elsewhere)."""
+        """Whether `rank`'s process has ended, when it runs on this machine (same boot) in this pid namespace (a pid
+        means nothing elsewhere, and host names may repeat across containers)."""
         if rank not in self.known:
             return False
-        host, pid, namespace = self.known[rank]
-        if host != socket.gethostname() or namespace != _pid_namespace():
+        host, pid, space = self.known[rank]
+        if host != socket.gethostname() or space != _pid_space():
             return False
         try:
             with open(f"/proc/{pid}/stat") as stat:
@@ -255,8 +257,10 @@ def wait_for_verdict(error: BaseException) -> None:
     watcher.join(timeout=watcher.silence_s + 2 * HEARTBEAT_S + ACK_WAIT_S)
 
 
-def _pid_namespace() -> str:
+def _pid_space() -> str:
+    """This machine's boot and this process's pid namespace: equal for two processes whose pids mean the same."""
     try:
-        return os.readlink("/proc/self/ns/pid")
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
     except OSError:
-        return "unknown"
+        return f"unknown-{uuid.uuid4()}"  # never equal: no pid check

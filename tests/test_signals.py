@@ -146,3 +146,25 @@ def test_a_single_process_checks_for_signals_without_touching_the_device():
     with NoHostWaits() as guard:
         PreemptionCheckpoint().on_train_batch_end(trainer, SimpleNamespace(device=torch.device("cpu")), None, {}, 0)
     assert guard.ops == 0
+
+
+def test_the_processs_own_signal_handlers_come_back_after_a_fit():
+    """Handlers are installed from setup (before the model loads); after the fit the process's own are back, and one
+    of ours that Lightning puts back after an error hands the signal to them."""
+    from qlora_lit.preemption import PreemptionCheckpoint
+
+    got = []
+    own = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    try:
+        callback = PreemptionCheckpoint()
+        callback.setup(SimpleNamespace(), None, "fit")
+        assert signal.getsignal(signal.SIGUSR1) == callback._on_signal
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert callback.received == signal.SIGUSR1 and got == []  # during the fit: kept for the next step boundary
+        callback.teardown(SimpleNamespace(), None, "fit")
+        assert signal.getsignal(signal.SIGUSR1) != callback._on_signal
+        signal.signal(signal.SIGUSR1, callback._on_signal)  # as Lightning's teardown after an error leaves it
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert got == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, own)
