@@ -31,6 +31,7 @@ from qlora_lit.module import QLoRAModule
 from qlora_lit.monitor import TrainingMonitor
 from qlora_lit.preemption import PreemptionCheckpoint
 from qlora_lit.rank_watch import RankWatch, wait_for_verdict
+from qlora_lit.ranks import rank_layout
 from qlora_lit.resume import ResumedRun, checkpoint_to_resume, continue_newest_run, newest_last_checkpoint
 from qlora_lit.run_folder import release_runs, take_new_run_folder
 from qlora_lit.samples import SampleGenerations
@@ -116,6 +117,9 @@ class QLoRACLI(LightningCLI):
             continue_newest_run(config.trainer.logger, config.ckpt_path)  # before the logger exists: it names the run
 
     def before_fit(self) -> None:
+        layout = rank_layout(self.trainer)
+        if layout:  # every rank says where it stands (qlora_lit/ranks.py says why)
+            print(layout, file=sys.stderr, flush=True)
         if self.trainer.is_global_zero:  # rank 0 writes the run's files (another rank would name the next version)
             folder = run_dir(self.trainer)
             save_dir = "trainer.logger.init_args.save_dir (or trainer.default_root_dir)"
