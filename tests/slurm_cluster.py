@@ -1,4 +1,4 @@
-"""A real, private, single-node Slurm cluster for tests (pytest fixture + helpers).
+"""A real, private Slurm cluster on this machine for tests (pytest fixtures + helpers): one node, or several.
 
 Usage in a test module::
 
@@ -10,7 +10,7 @@ Usage in a test module::
         slurm_cluster.wait_for(job, "COMPLETED", timeout=60)
         print(slurm_cluster.read_output(job))
 
-What the fixture does (session scope):
+What the fixtures do (`slurm_cluster`: one node, session scope; `two_node_slurm_cluster`: two nodes, module scope):
 
 * skips (fails instead if ``QLORA_REQUIRE_SLURM=1``, for a CI that must run them) when not on
   Linux, not root, when a Slurm/munge binary is missing (``.ci/install-slurm.sh`` installs
@@ -19,6 +19,12 @@ What the fixture does (session scope):
   or touched), writes a minimal ``slurm.conf`` (cons_tres, linuxproc, task/none, one node with this
   machine's CPUs/memory from ``slurmd -C``, free TCP ports, everything under a temp dir),
   starts ``slurmctld -D`` and ``slurmd -D`` and waits until ``sinfo`` says the node is idle;
+* with several nodes, starts one ``slurmd -N NAME`` per node on this machine, each listening on its own port
+  (Slurm's "multiple slurmd" setup: Debian's build has it, ``scontrol show config`` says
+  ``MULTIPLE_SLURMD = Yes``). The first node is named after the machine, the others ``<machine>-node2`` ...;
+  Slurm sorts a job's node list, so the machine's own name comes first in ``SLURM_NODELIST`` and the
+  rendezvous address Lightning takes from it resolves to this machine, as the first node of a real allocation
+  does;
 * tears down whatever it started, even when tests fail: cancels its jobs, stops the daemons,
   then kills leftover job processes (recognised by a marker variable that only this fixture
   puts into the daemons' and jobs' environment). Leftovers of an earlier, hard-killed pytest run
@@ -139,8 +145,10 @@ def _parse_kv(text: str) -> dict[str, str]:
 class SlurmCluster:
     """A private slurmctld + slurmd + munged under ``root``; see the module docstring."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, nodes: int = 1):
         self.root = Path(root)
+        self.node_count = nodes
+        self.nodenames: list[str] = []
         self.conf = self.root / "slurm.conf"
         self.logdir = self.root / "log"
         self.marker = f"{os.getpid()}:{self.root}"
@@ -196,12 +204,14 @@ class SlurmCluster:
         if info.returncode != 0 or "NodeName" not in hw:
             raise SlurmError(f"slurmd -C failed: {info.stdout}{info.stderr}")
         self.nodename = hw["NodeName"]
+        self.nodenames = [self.nodename] + [f"{self.nodename}-node{i}" for i in range(2, self.node_count + 1)]
         self.cpus = int(hw.get("CPUs", "1"))
         for d in ("munge", "state", "spool", "log"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)
         (self.root / "munge").chmod(0o755)
-        (self.root / "spool" / f"slurmd-{self.nodename}").mkdir(exist_ok=True)
+        for name in self.nodenames:
+            (self.root / "spool" / f"slurmd-{name}").mkdir(exist_ok=True)
 
         # munge: a fresh private key and socket, so the system munge (if any) is not involved.
         key = self.root / "munge" / "munge.key"
@@ -227,13 +237,19 @@ class SlurmCluster:
 
         self._write_conf(hw)
         self._spawn("slurmctld", ["slurmctld", "-D", "-i"])
-        self._spawn("slurmd", ["slurmd", "-D", "-N", self.nodename])
+        for name in self.nodenames:
+            self._spawn(self._slurmd(name), ["slurmd", "-D", "-N", name])
 
-        def node_idle() -> bool:
-            r = self.run("sinfo", "-h", "-N", "-n", self.nodename, "-o", "%T", check=False, timeout=10)
-            return r.returncode == 0 and r.stdout.strip().rstrip("*") == "idle"
+        def nodes_idle() -> bool:
+            r = self.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=10)
+            states = [state.rstrip("*") for state in r.stdout.split()]
+            return r.returncode == 0 and states == ["idle"] * len(self.nodenames)
 
-        self._wait(node_idle, timeout, "node idle in sinfo")
+        self._wait(nodes_idle, timeout, "nodes idle in sinfo")
+
+    def _slurmd(self, node: str) -> str:
+        """The name under which the slurmd of `node` runs in `_procs` (and its stdout log)."""
+        return "slurmd" if node == self.nodename else f"slurmd-{node}"
 
     def _write_conf(self, hw: Mapping[str, str]) -> None:
         r = self.root
@@ -241,15 +257,19 @@ class SlurmCluster:
         if cpus >= 2:
             keys = ("Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
             topo = " ".join(f"{k}={hw[k]}" for k in keys if k in hw)
-            node = f"NodeName={self.nodename} NodeAddr=127.0.0.1 CPUs={cpus} {topo}"
+            resources = f"CPUs={cpus} {topo}"
         else:  # a 1-CPU CI box: declare 2 CPUs (config_overrides below) so 2-rank jobs fit
-            node = f"NodeName={self.nodename} NodeAddr=127.0.0.1 CPUs=2"
-        node += f" RealMemory={hw.get('RealMemory', '1000')} State=UNKNOWN"
+            resources = "CPUs=2"
+        resources += f" RealMemory={hw.get('RealMemory', '1000')} State=UNKNOWN"
+        # Every node's slurmd runs on this machine and listens on its own port.
+        nodes = [
+            f"NodeName={name} NodeHostname={self.nodename} NodeAddr=127.0.0.1 Port={_free_port()} {resources}"
+            for name in self.nodenames
+        ]
         lines = [
             "ClusterName=qlora-test",
             f"SlurmctldHost={self.nodename}(127.0.0.1)",
             f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             # cred_expire also sets how long a requeued job waits before it may start again.
@@ -261,7 +281,7 @@ class SlurmCluster:
             f"SlurmctldPidFile={r / 'slurmctld.pid'}",
             f"SlurmdPidFile={r / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={self.logdir / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.logdir / 'slurmd.log'}",
+            f"SlurmdLogFile={self.logdir / 'slurmd-%n.log'}",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             f"PlugStackConfig={r / 'plugstack.conf'}",
@@ -281,8 +301,8 @@ class SlurmCluster:
             "KillWait=5",
             "MinJobAge=600",
             "InactiveLimit=0",
-            node,
-            f"PartitionName=test Nodes={self.nodename} Default=YES MaxTime=INFINITE State=UP",
+            *nodes,
+            f"PartitionName=test Nodes={','.join(self.nodenames)} Default=YES MaxTime=INFINITE State=UP",
         ]
         if cpus < 2:
             lines.append("SlurmdParameters=config_overrides")
@@ -337,7 +357,7 @@ class SlurmCluster:
                         time.sleep(0.5)
             except (subprocess.SubprocessError, OSError):
                 pass
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [*map(self._slurmd, self.nodenames), "slurmctld", "munged"]:
             p = self._procs.get(name)
             if p is None or p.poll() is not None:
                 continue
@@ -444,9 +464,9 @@ def _skip_reason() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session", name="slurm_cluster")
-def slurm_cluster_fixture(tmp_path_factory):
-    """A running private single-node Slurm cluster (see module docstring)."""
+def _running_cluster(tmp_path_factory, nodes: int):
+    """A started cluster of `nodes` nodes, stopped when the generator closes; skips (or fails) as the module
+    docstring says."""
     reason = _skip_reason()
     if reason:
         if os.environ.get("QLORA_REQUIRE_SLURM") == "1":
@@ -456,7 +476,7 @@ def slurm_cluster_fixture(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm")
     if len(str(root)) > 60:  # unix socket paths are limited to ~107 bytes
         root = Path(tempfile.mkdtemp(prefix="qlora-slurm-"))
-    cluster = SlurmCluster(root)
+    cluster = SlurmCluster(root, nodes)
     try:
         cluster.start()
     except (SlurmError, OSError, subprocess.SubprocessError) as e:
@@ -468,3 +488,15 @@ def slurm_cluster_fixture(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session", name="slurm_cluster")
+def slurm_cluster_fixture(tmp_path_factory):
+    """A running private single-node Slurm cluster (see module docstring)."""
+    yield from _running_cluster(tmp_path_factory, nodes=1)
+
+
+@pytest.fixture(scope="module", name="two_node_slurm_cluster")
+def two_node_slurm_cluster_fixture(tmp_path_factory):
+    """A running private Slurm cluster of two nodes, both on this machine (see module docstring)."""
+    yield from _running_cluster(tmp_path_factory, nodes=2)
