@@ -11,6 +11,7 @@ recorded commands; bench/run_baselines.sh runs the comparison variants one proce
     step_trace            StepProfiler: a torch.profiler trace of one optimizer step of a Lightning run
     optimizer_step        bitsandbytes' 8-bit AdamW step against qlora_lit's
     scaling               `python -m qlora_lit fit` on 1, 2, 4, 8 GPUs
+    rank_balance          how long DDP ranks wait for the slowest each step, from the data alone (no GPU)
     prequantized          a random pre-quantized 4-bit folder of a real shape (70B without the bf16 model)
     fsdp_capped           the CLI's FSDP fit on two ranks sharing one GPU, each capped below the whole base
     fsdp_memory           FSDP-QLoRA's memory per GPU, computed from a shape

@@ -94,7 +94,10 @@ class EpochBatchSampler(torch.utils.data.Sampler[list]):
         return batches
 
     def rank_batches(self) -> list[list]:
-        rank, world_size = self.world()
+        return self.batches_of(*self.world())
+
+    def batches_of(self, rank: int, world_size: int) -> list[list]:
+        """This epoch's batches of rank `rank` among `world_size` ranks (bench/rank_balance.py asks for each)."""
         batches = self.all_batches()
         batches = batches[: len(batches) // world_size * world_size]
         if self.label_counts is not None:
