@@ -1,17 +1,25 @@
 """Multi-GPU scaling of the CLI itself: `python -m qlora_lit fit --config configs/base.yaml`, DDP on 1, 2, 4, 8 GPUs.
 
-    python -m bench.scaling --shape llama-3.1-8b --devices 1 2 4 8 --out scaling.jsonl
+    python -m bench.scaling --shape llama-3.1-8b --devices 1 2 4 8 --out scaling.jsonl                    # weak
+    python -m bench.scaling --shape llama-3.1-8b --devices 1 2 4 8 --scaling strong --out scaling.jsonl   # strong
 
 Each device count N is one fit of base.yaml (packed 2048-token rows, varlen attention, compiled layers) with two rows
-per micro-batch and max(1, 4 // N) accumulation steps: about 59 examples per optimizer step up to 4 GPUs, the
-benchmark's common batch (`base-b2` on one GPU), and twice that on 8. The figures are the CLI's own TrainingMonitor
-(real tokens of all ranks over the slowest rank's time, MFU, the largest rank's peak memory), read from the run's
-TensorBoard events for the log windows after the first (`--window` optimizer steps each; the first holds compilation).
+per micro-batch on each GPU. Weak scaling (the default, the way a user adds GPUs) keeps each GPU's share of a step:
+`--accumulate` micro-batches (default 4: 8 rows, about 59 examples, per GPU and step; `base-b2` on one GPU), so a step
+trains N times as much on N GPUs. Strong scaling keeps the step: `--global_rows` rows (default 16) over all GPUs, so
+each GPU accumulates global_rows / (2 N) micro-batches (8, 4, 2, 1 on 1, 2, 4, 8 GPUs). The device counts run from the
+fewest up, and each row's scaling efficiency is its tokens/s over N times the 1-GPU fit's of the same call (null when
+the call has none). Several GPUs train under qlora_lit's DDP (qlora_lit/ddp.py); `--lightning_ddp` runs them under
+Lightning's own DDPStrategy instead, which wraps the model on a side stream, for the comparison.
+
+The figures are the CLI's own TrainingMonitor (real tokens of all ranks over the slowest rank's time, MFU, the largest
+rank's peak memory), read from the run's TensorBoard events for the log windows after the first (`--window` optimizer
+steps each; the first holds compilation). Each fit logs into `<work_dir>/<shape>/<variant>/`, emptied first.
 
 Model: the random-initialised shape of shapes.py; its tokenizer reads the word `t<id>` as token <id>, so the data are
 KoAlpaca-style JSONL rows of such words, their lengths drawn as in data.py (30% instruction, the rest the answer; the
 prompt template adds its own tokens). `--cli_args` passes more overrides to every fit (e.g. CPU settings for a smoke
-run: `--devices 1 2 --cli_args "--trainer.accelerator cpu --trainer.precision 32-true ..."`).
+run, docs/PERFORMANCE.md has it).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +42,8 @@ from bench import data as bench_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SERIES = ("throughput/tokens_per_s", "throughput/step_time_s", "throughput/samples_per_s", "throughput/mfu")
+ROWS_PER_MICRO_BATCH = 2  # data.batch_size of every fit: base-b2
+LIGHTNING_DDP = "lightning.pytorch.strategies.DDPStrategy"
 
 
 def write_text_data(path: Path, n: int, max_length: int, seed: int = 1234) -> Path:
@@ -50,6 +61,30 @@ def write_text_data(path: Path, n: int, max_length: int, seed: int = 1234) -> Pa
     return path
 
 
+def accumulation(devices: int, a: argparse.Namespace) -> int:
+    """Micro-batches per optimizer step on each GPU: the GPU's share kept (weak) or the step's rows kept (strong)."""
+    if a.scaling == "weak":
+        return a.accumulate
+    return a.global_rows // (ROWS_PER_MICRO_BATCH * devices)
+
+
+def lightning_ddp(devices: int, a: argparse.Namespace) -> bool:
+    return a.lightning_ddp and devices > 1
+
+
+def variant(devices: int, a: argparse.Namespace) -> str:
+    name = f"cli-base-b2-ddp{devices}"
+    if a.scaling == "strong":
+        name += f"-global{a.global_rows}"
+    return name + ("-lightning-ddp" if lightning_ddp(devices, a) else "")
+
+
+def strategy(devices: int, a: argparse.Namespace) -> str:
+    if devices == 1:
+        return "single device (strategy: auto)"
+    return LIGHTNING_DDP if lightning_ddp(devices, a) else "qlora_lit.ddp.DefaultStreamDDPStrategy (strategy: auto)"
+
+
 def fit(devices: int, model_dir: str, data_path: Path, a: argparse.Namespace) -> Path:
     """One CLI fit on `devices` GPUs; its run folder."""
     out = Path(a.work_dir)
@@ -58,8 +93,8 @@ def fit(devices: int, model_dir: str, data_path: Path, a: argparse.Namespace) ->
         "model.model_name_or_path": model_dir,
         "data.path": str(data_path),
         "data.max_length": a.max_length,
-        "data.batch_size": 2,
-        "trainer.accumulate_grad_batches": max(1, 4 // devices),
+        "data.batch_size": ROWS_PER_MICRO_BATCH,
+        "trainer.accumulate_grad_batches": accumulation(devices, a),
         "trainer.devices": devices,
         "trainer.max_steps": a.window * (a.windows + 1),
         "trainer.log_every_n_steps": a.window,
@@ -67,15 +102,18 @@ def fit(devices: int, model_dir: str, data_path: Path, a: argparse.Namespace) ->
         "trainer.enable_progress_bar": "false",
         "trainer.logger.init_args.save_dir": str(out),
         "trainer.logger.init_args.name": a.shape,
-        "trainer.logger.init_args.version": f"devices{devices}",
+        "trainer.logger.init_args.version": variant(devices, a),
         "samples.prompts": "[]",
     }
     if torch.cuda.is_available():  # MFU over the benchmark's measured peak, as in its other tables
         overrides["monitor.peak_tflops"] = common.H200_BF16_PEAK_TFLOPS
+    if lightning_ddp(devices, a):
+        overrides["trainer.strategy.class_path"] = LIGHTNING_DDP
     command += [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
     command += shlex.split(a.cli_args)
-    run = out / a.shape / f"devices{devices}"
-    run.mkdir(parents=True, exist_ok=True)
+    run = out / a.shape / variant(devices, a)
+    shutil.rmtree(run, ignore_errors=True)  # an earlier call's events in the folder would mix with this one's
+    run.mkdir(parents=True)
     with open(run / "fit.log", "w") as log:
         code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
     if code:
@@ -116,6 +154,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(shapes.SHAPES))
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--scaling", choices=["weak", "strong"], default="weak", help="keep each GPU's share or the step")
+    p.add_argument("--accumulate", type=int, default=4, help="weak: micro-batches of 2 rows per GPU and step")
+    p.add_argument("--global_rows", type=int, default=16, help="strong: packed rows per step over all GPUs")
+    p.add_argument("--lightning_ddp", action="store_true", help="several GPUs under Lightning's DDPStrategy")
     p.add_argument("--max_length", type=int, default=512)
     p.add_argument("--n_examples", type=int, default=16384, help="rows of the data (an epoch should outlast the run)")
     p.add_argument("--window", type=int, default=10, help="optimizer steps per log window")
@@ -125,22 +167,28 @@ def main() -> None:
     p.add_argument("--cli_args", default="", help="more overrides for every fit, as one string")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     a = p.parse_args()
-    for name in ("devices", "window", "windows"):
+    for name in ("devices", "window", "windows", "accumulate", "global_rows"):
         values = getattr(a, name) if name == "devices" else [getattr(a, name)]
         if any(value < 1 for value in values):
             p.error(f"--{name} must be at least 1, got {getattr(a, name)}")
+    uneven = [n for n in a.devices if a.global_rows % (ROWS_PER_MICRO_BATCH * n)]
+    if a.scaling == "strong" and uneven:
+        p.error(
+            f"--global_rows {a.global_rows} does not split into micro-batches of {ROWS_PER_MICRO_BATCH} rows on "
+            f"{uneven} GPUs: give a multiple of {ROWS_PER_MICRO_BATCH * max(uneven)}"
+        )
     model_dir = shapes.build_model_dir(a.shape, common.default_model_dir(a.shape), a.model_device)
     shapes.make_tokenizer().save_pretrained(model_dir)  # a folder built before the word tokens existed gets them
     data_file = Path(a.work_dir) / f"text-n{a.n_examples}-l{a.max_length}.jsonl"
     data_path = write_text_data(data_file, a.n_examples, a.max_length)
     single = None
-    for devices in a.devices:
+    for devices in sorted(set(a.devices)):  # the 1-GPU fit first: the others' efficiency is against it
         run = fit(devices, model_dir, data_path, a)
         result = measured(run, a.window)
         single = single or (result["tokens_per_s"] if devices == 1 else None)
         line = {
             "system": "qlora_lit",
-            "variant": f"cli-base-b2-ddp{devices}",
+            "variant": variant(devices, a),
             "model": a.shape,
             "max_length": a.max_length,
             "devices": devices,
@@ -149,9 +197,11 @@ def main() -> None:
             "scaling_efficiency": result["tokens_per_s"] / (single * devices) if single else None,
             "settings": {
                 "config": "configs/base.yaml",
-                "batch": 2,
-                "accum": max(1, 4 // devices),
-                "strategy": "ddp (Lightning's choice for several devices)",
+                "scaling": a.scaling,
+                "batch": ROWS_PER_MICRO_BATCH,
+                "accum": accumulation(devices, a),
+                "global_rows": ROWS_PER_MICRO_BATCH * accumulation(devices, a) * devices,
+                "strategy": strategy(devices, a),
                 "window": a.window,
                 "cli_args": a.cli_args,
             },
