@@ -8,9 +8,10 @@ per micro-batch on each GPU. Weak scaling (the default, the way a user adds GPUs
 `--accumulate` micro-batches (default 4: 8 rows, about 59 examples, per GPU and step; `base-b2` on one GPU), so a step
 trains N times as much on N GPUs. Strong scaling keeps the step: `--global_rows` rows (default 16) over all GPUs, so
 each GPU accumulates global_rows / (2 N) micro-batches (8, 4, 2, 1 on 1, 2, 4, 8 GPUs). The device counts run from the
-fewest up, and each row's scaling efficiency is its tokens/s over N times the 1-GPU fit's of the same call (null when
-the call has none). Several GPUs train under qlora_lit's DDP (qlora_lit/ddp.py); `--lightning_ddp` runs them under
-Lightning's own DDPStrategy instead, which wraps the model on a side stream, for the comparison.
+fewest up, and each row's scaling efficiency is its tokens/s over N times the 1-GPU fit's of the same call, or, in a
+call without one, of the newest 1-GPU row of the same settings and GPU type in `--out` (null when there is none).
+Several GPUs train under qlora_lit's DDP (qlora_lit/ddp.py); `--lightning_ddp` runs them under Lightning's own
+DDPStrategy instead, which wraps the model on a side stream, for the comparison.
 
 The figures are the CLI's own TrainingMonitor (real tokens of all ranks over the slowest rank's time, MFU, the largest
 rank's peak memory), read from the run's TensorBoard events for the log windows after the first (`--window` optimizer
@@ -150,6 +151,22 @@ def measured(run: Path, window: int) -> dict:
     }
 
 
+def earlier_single_gpu_row(a: argparse.Namespace, gpu: str | None) -> dict | None:
+    """The newest 1-GPU row of these settings on this GPU type in `--out`, for a call without a 1-GPU fit: a command
+    on the GPU machines may run 10 minutes, about three fits of the 8B shape, so 1, 2, 4 and 8 GPUs take two calls."""
+    if not a.out or not os.path.exists(a.out):
+        return None
+    with open(a.out) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    wanted = (variant(1, a), a.shape, a.max_length, a.cli_args, gpu)
+
+    def settings(row: dict) -> tuple:
+        return row["variant"], row["model"], row["max_length"], row["settings"]["cli_args"], row["env"]["gpu"]
+
+    matches = [row for row in rows if settings(row) == wanted]
+    return matches[-1] if matches else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(shapes.SHAPES))
@@ -181,7 +198,10 @@ def main() -> None:
     shapes.make_tokenizer().save_pretrained(model_dir)  # a folder built before the word tokens existed gets them
     data_file = Path(a.work_dir) / f"text-n{a.n_examples}-l{a.max_length}.jsonl"
     data_path = write_text_data(data_file, a.n_examples, a.max_length)
-    single = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    earlier = None if 1 in a.devices else earlier_single_gpu_row(a, gpu)
+    single = earlier["tokens_per_s"] if earlier else None
+    reference = {"date": earlier["env"]["date"], "tokens_per_s": single} if earlier else "this call"
     for devices in sorted(set(a.devices)):  # the 1-GPU fit first: the others' efficiency is against it
         run = fit(devices, model_dir, data_path, a)
         result = measured(run, a.window)
@@ -204,9 +224,10 @@ def main() -> None:
                 "strategy": strategy(devices, a),
                 "window": a.window,
                 "cli_args": a.cli_args,
+                "efficiency_against_1_gpu_fit_of": reference if single else None,
             },
             "env": {
-                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                "gpu": gpu,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 **common.versions(),
             },
