@@ -15,7 +15,9 @@ DDPStrategy instead, which wraps the model on a side stream, for the comparison.
 
 The figures are the CLI's own TrainingMonitor (real tokens of all ranks over the slowest rank's time, MFU, the largest
 rank's peak memory), read from the run's TensorBoard events for the log windows after the first (`--window` optimizer
-steps each; the first holds compilation). Each fit logs into `<work_dir>/<shape>/<variant>/`, emptied first.
+steps each; the first holds compilation). Each fit logs into `<work_dir>/<shape>/<variant>/`, emptied first. With
+`--profile`, each fit trains one more step after the timed ones, traced by bench/step_trace.py on every rank into
+`<variant>/profile/rank<N>/` (trace.json.gz, summary.txt).
 
 Model: the random-initialised shape of shapes.py; its tokenizer reads the word `t<id>` as token <id>, so the data are
 KoAlpaca-style JSONL rows of such words, their lengths drawn as in data.py (30% instruction, the rest the answer; the
@@ -110,9 +112,18 @@ def fit(devices: int, model_dir: str, data_path: Path, a: argparse.Namespace) ->
         overrides["monitor.peak_tflops"] = common.H200_BF16_PEAK_TFLOPS
     if lightning_ddp(devices, a):
         overrides["trainer.strategy.class_path"] = LIGHTNING_DDP
+    run = out / a.shape / variant(devices, a)
+    if a.profile:  # one more step after the timed windows (logged at none of them), traced on every rank
+        overrides["trainer.max_steps"] += 1
+        overrides["trainer.callbacks+"] = "bench.step_trace.StepProfiler"
+        profiler = {
+            "step": a.window * (a.windows + 1),
+            "out_dir": run / "profile",
+            "accumulate": accumulation(devices, a),
+        }
+        overrides.update({f"trainer.callbacks.{key}": value for key, value in profiler.items()})
     command += [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
     command += shlex.split(a.cli_args)
-    run = out / a.shape / variant(devices, a)
     shutil.rmtree(run, ignore_errors=True)  # an earlier call's events in the folder would mix with this one's
     run.mkdir(parents=True)
     with open(run / "fit.log", "w") as log:
@@ -175,6 +186,7 @@ def main() -> None:
     p.add_argument("--accumulate", type=int, default=4, help="weak: micro-batches of 2 rows per GPU and step")
     p.add_argument("--global_rows", type=int, default=16, help="strong: packed rows per step over all GPUs")
     p.add_argument("--lightning_ddp", action="store_true", help="several GPUs under Lightning's DDPStrategy")
+    p.add_argument("--profile", action="store_true", help="trace one more step on every rank (bench/step_trace.py)")
     p.add_argument("--max_length", type=int, default=512)
     p.add_argument("--n_examples", type=int, default=16384, help="rows of the data (an epoch should outlast the run)")
     p.add_argument("--window", type=int, default=10, help="optimizer steps per log window")
@@ -223,6 +235,7 @@ def main() -> None:
                 "global_rows": ROWS_PER_MICRO_BATCH * accumulation(devices, a) * devices,
                 "strategy": strategy(devices, a),
                 "window": a.window,
+                "profiled_step_after_the_timed_ones": a.profile,
                 "cli_args": a.cli_args,
                 "efficiency_against_1_gpu_fit_of": reference if single else None,
             },

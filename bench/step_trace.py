@@ -2,8 +2,9 @@
 
 `StepProfiler(step, out_dir)` starts the profiler on the first micro-batch of optimizer step `step` and stops it
 after that step's last micro-batch. It writes `out_dir/trace.json.gz` (chrome://tracing or Perfetto) and
-`out_dir/summary.txt`: the profiled wall time, how much of it the GPU spent running kernels (the union of kernel
-intervals) and its longest idle gaps, host synchronisations, and the operators by self CPU time and by GPU time.
+`out_dir/summary.txt` (each rank of several into `out_dir/rank<N>/`): the profiled wall time, how much of it the GPU
+spent running kernels (the union of kernel intervals) and its longest idle gaps, host synchronisations, and the
+operators by self CPU time and by GPU time.
 A GPU busy far below the wall time means the host is the bottleneck (kernel launches, Python, synchronisations).
 """
 
@@ -99,8 +100,9 @@ class StepProfiler(L.Callback):
         sync()
         wall = time.perf_counter() - self.t0
         self.prof.stop()
-        os.makedirs(self.out_dir, exist_ok=True)
-        raw = os.path.join(self.out_dir, "trace.json")
+        folder = self.out_dir if trainer.world_size == 1 else os.path.join(self.out_dir, f"rank{trainer.global_rank}")
+        os.makedirs(folder, exist_ok=True)
+        raw = os.path.join(folder, "trace.json")
         self.prof.export_chrome_trace(raw)
         with open(raw, "rb") as f:
             data = f.read()
@@ -116,7 +118,7 @@ class StepProfiler(L.Callback):
                 averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70),
             ]
         )
-        with open(os.path.join(self.out_dir, "summary.txt"), "w") as f:
+        with open(os.path.join(folder, "summary.txt"), "w") as f:
             f.write(text + "\n")
         print(text, flush=True)
         self.prof, self.done = None, True
