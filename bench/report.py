@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 KEEP = ("system", "variant", "model", "max_length", "tokens_per_s", "peak_mem_gib", "mfu", "settings")
-EXTRA = ("steps_timed", "examples_per_step", "devices")  # not in issue 7's JSON shape, kept for reading the runs
+# Not in issue 7's JSON shape: kept for reading the runs, and the multi-GPU rows' own keys (issue 23).
+EXTRA = ("steps_timed", "examples_per_step", "devices", "tokens_per_s_per_device", "scaling_efficiency")
 
 
 def load_runs(paths: list[str]) -> list[dict]:

@@ -85,7 +85,7 @@ def variant(devices: int, a: argparse.Namespace) -> str:
 def strategy(devices: int, a: argparse.Namespace) -> str:
     if devices == 1:
         return "single device (strategy: auto)"
-    return LIGHTNING_DDP if lightning_ddp(devices, a) else "qlora_lit.ddp.DefaultStreamDDPStrategy (strategy: auto)"
+    return LIGHTNING_DDP if lightning_ddp(devices, a) else "qlora_lit.ddp.QLoRADDPStrategy (strategy: auto)"
 
 
 def fit(devices: int, model_dir: str, data_path: Path, a: argparse.Namespace) -> Path:
