@@ -26,6 +26,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("QLORA_LIT_CACHE", str(tmp_path_factory.getbasetemp() / "qlora_lit_cache"))
 
 
+@pytest.fixture(autouse=True)
+def _rank_zero_restored(monkeypatch):
+    """A Trainer built for another rank (a Slurm task's variables) sets Lightning's process-wide rank; later tests
+    of this process would then log nothing and find TensorBoard's writer replaced by a stand-in."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from qlora_lit.data.datamodule import load_tokenizer
