@@ -263,6 +263,7 @@ def result_line(system, variant, shape, max_length, timer_res, device, settings,
             "peak_tflops": peak_tflops,
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "call": os.environ.get("BENCH_CALL"),  # one id per device call: ratios are taken within one call
             **versions(),
         },
         "step_times_s": timer_res["step_times_s"],

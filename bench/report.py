@@ -3,8 +3,11 @@ max length.
 
 python -m bench.report bench/results/raw/2026-11-29-h200-*.jsonl --out bench/results/2026-11-29-h200.json
 
-"x walkthrough" divides by the walkthrough run of the same input file (the same call) when there is one, else by
-the walkthrough run of that model and max length timed over the most optimizer steps; "-" where there is none.
+"x walkthrough" divides by the walkthrough run of the same device call (the rows' `env.call`, set by
+bench/run_baselines.sh or `BENCH_CALL`); rows recorded before calls had ids fall back to the walkthrough run of the
+same input file, else of that model and max length timed over the most optimizer steps; "-" where there is none.
+A row with a call id is never divided by another call's walkthrough: two machines of one GPU type differ by more
+than some of the ratios being claimed.
 """
 
 from __future__ import annotations
@@ -25,12 +28,16 @@ def load_runs(paths: list[str]) -> list[dict]:
             if line.strip():
                 run = json.loads(line)
                 kept = {key: run[key] for key in KEEP} | {key: run.get(key) for key in EXTRA}
-                runs.append({**kept, "source": Path(path).name, "env": run["env"]})
+                env = run["env"]
+                runs.append({**kept, "source": Path(path).name, "call": env.get("call"), "env": env})
     return runs
 
 
 def walkthrough_reference(run: dict, group: list[dict]) -> float | None:
     walkthroughs = [r for r in group if r["system"] == "walkthrough"]
+    if run["call"]:
+        same_call = [r for r in walkthroughs if r["call"] == run["call"]]
+        return same_call[0]["tokens_per_s"] if same_call else None
     same_call = [r for r in walkthroughs if r["source"] == run["source"]]
     longest = sorted(walkthroughs, key=lambda r: r["steps_timed"] or 0, reverse=True)
     chosen = (same_call or longest or [None])[0]
@@ -40,7 +47,7 @@ def walkthrough_reference(run: dict, group: list[dict]) -> float | None:
 def table(group: list[dict]) -> str:
     rows = [
         "| system | variant | real tokens/s | x walkthrough | peak GiB | MFU | micro-batch x accumulation "
-        "| examples/step | source |",
+        "| examples/step | call or source |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
     ]
     for run in sorted(group, key=lambda r: r["tokens_per_s"]):
@@ -51,7 +58,7 @@ def table(group: list[dict]) -> str:
         rows.append(
             f"| {run['system']} | {run['variant']} | {run['tokens_per_s']:,.0f} | {ratio} "
             f"| {run['peak_mem_gib']:.1f} | {run['mfu']:.1%} | {shape} | {run['examples_per_step']} "
-            f"| {run['source']} |"
+            f"| {run['call'] or run['source']} |"
         )
     return "\n".join(rows)
 
@@ -66,7 +73,7 @@ def main() -> None:
     result = {
         "gpu": first["gpu"],
         "date": first["date"][:10],
-        "runs": [{k: r[k] for k in (*KEEP, *EXTRA, "source")} for r in runs],
+        "runs": [{k: r[k] for k in (*KEEP, *EXTRA, "source", "call")} for r in runs],
     }
     result["versions"] = {k: v for k, v in first.items() if k not in ("gpu", "device", "date")}
     Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

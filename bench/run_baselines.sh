@@ -16,6 +16,9 @@ export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"  # the tools are modules
 shape=$1; len=$2; out=$3; shift 3
 py=${PYTHON:-python}
 args=(--shape "$shape" --max_length "$len" --out "$out" ${BENCH_ARGS:-})
+# One id for every row of this device call (set it once before several scripts of the same call); bench/report.py
+# takes ratios only between rows of one call.
+export BENCH_CALL="${BENCH_CALL:-$(date -u +%Y%m%dT%H%M%SZ)-$(hostname)-$$}"
 status=0
 for v in "$@"; do
   echo "=== $v ($shape, max_length $len) $(date -u +%H:%M:%S)" >&2

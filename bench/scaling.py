@@ -242,6 +242,7 @@ def main() -> None:
             "env": {
                 "gpu": gpu,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "call": os.environ.get("BENCH_CALL"),
                 **common.versions(),
             },
         }
