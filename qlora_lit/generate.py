@@ -25,6 +25,7 @@ from qlora_lit.data.inference import encode_prompts, left_pad, read_prompts_file
 from qlora_lit.data.prompts import PromptFormatName, trained_format_name, trained_system_prompt
 from qlora_lit.decoding import GenerationArgs, generate_texts
 from qlora_lit.disk_space import ensure_writable
+from qlora_lit.downloads import cut_short
 from qlora_lit.dtypes import DTypeFlag, dtype_name
 from qlora_lit.errors import ConfigError
 from qlora_lit.model import QuantizationArgs, load_base_model
@@ -35,6 +36,8 @@ DTypeChoice = Literal["auto", DTypeFlag]  # auto: bf16 on a GPU that has it, els
 
 
 def check_adapter_dir(adapter: str) -> None:
+    """The adapter folder is whole: its config reads as JSON and its weights are all there (checked before the base
+    model loads, which can take minutes); a folder copied halfway is named with what to do."""
     folder = Path(adapter)
     if not (folder / "adapter_config.json").is_file():
         reason = "has no adapter_config.json" if folder.is_dir() else "does not exist"
@@ -42,6 +45,16 @@ def check_adapter_dir(adapter: str) -> None:
             f"adapter folder {adapter!r} {reason}; give the adapter/ folder of a training run, "
             "e.g. runs/demo/version_0/adapter"
         )
+    again = "copy the adapter folder again (or export it again from its run's checkpoint)"
+    try:
+        json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{folder / 'adapter_config.json'} is not valid JSON ({err}): {again}") from err
+    weights = [folder / name for name in ("adapter_model.safetensors", "adapter_model.bin")]
+    if not any(path.is_file() for path in weights):
+        raise ConfigError(f"adapter folder {adapter!r} has no adapter_model.safetensors: {again}")
+    if weights[0].is_file() and (damaged := cut_short(weights[0])):
+        raise ConfigError(f"the adapter's weights are damaged: {damaged}; {again}")
 
 
 def resolve_device(device: str) -> torch.device:

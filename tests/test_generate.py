@@ -158,6 +158,34 @@ def test_adapter_folder_without_adapter_config(tmp_path, capsys):
     assert "has no adapter_config.json" in capsys.readouterr().err
 
 
+def cut_in_half(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {
+    "weights cut short": (lambda folder: cut_in_half(folder / "adapter_model.safetensors"), "is cut short ("),
+    "weights missing": (lambda folder: (folder / "adapter_model.safetensors").unlink(), "has no adapter_model"),
+    "config not JSON": (lambda folder: cut_in_half(folder / "adapter_config.json"), "is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_an_adapter_folder_copied_halfway_is_named_before_the_base_loads(
+    adapter, damage, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr("qlora_lit.generate.load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    spoil, message = DAMAGES[damage]
+    spoil(copy)
+    for command in (["generate", "--prompt", "안녕?"], ["export", "--output", str(tmp_path / "merged")]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([*command, "--adapter", str(copy)])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert message in error and "copy the adapter folder again" in error and "Traceback" not in error
+
+
 def test_bad_prompts_file_line_is_one_message(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"instruction": "안녕?"}\n{"instruction": "broken"\n', encoding="utf-8")
