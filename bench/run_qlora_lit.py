@@ -25,6 +25,8 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
                           per optimizer step, so the optimizer steps after every micro-batch
     base-cli, base-b2-cli base and base-b2 with the callbacks `python -m qlora_lit fit` adds (TrainingMonitor,
                           PreemptionCheckpoint, the rich progress bar): what they cost per micro-batch
+    packed-keep           packed with the 4-bit weights kept dequantized (model.keep_dequantized: true)
+    base-b2-keep          base-b2 with model.keep_dequantized: auto (decided by QLoRAModule, said in its log)
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -71,6 +73,8 @@ VARIANTS["base-b2"] = {**VARIANTS["base"], "batch": 2, "accum": 4}
 VARIANTS["base-as-configured"] = {**VARIANTS["base"], "accum": 1}
 VARIANTS["base-cli"] = {**VARIANTS["base"], "cli": True}
 VARIANTS["base-b2-cli"] = {**VARIANTS["base-b2"], "cli": True}
+VARIANTS["packed-keep"] = {**PACKED, "keep": True}
+VARIANTS["base-b2-keep"] = {**VARIANTS["base-b2"], "keep": "auto"}
 
 
 class RowCounter(common.CountingCollator):
@@ -145,21 +149,26 @@ def main() -> None:
         loss_chunk_tokens=v.get("chunk", 4096),
         attn_implementation=v.get("attn", "sdpa"),
         compile=v.get("compile", False),
+        keep_dequantized=v.get("keep", False),
     )
-    if v["gc"] == "auto":
+    if "auto" in (v["gc"], v.get("keep")):
         # The CLI's LightningDataModule tells QLoRAModule the largest micro-batch (pack_length x batch_size, or
         # max_length x batch_size); the bench has none, and without it `auto` falls back to checkpointing on a GPU.
         # Give the module the same number base.yaml's data settings would, so it makes base.yaml's decision.
         widest = v.get("pack", a.max_length)
         module.micro_batch_tokens = lambda: widest * v["batch"]
     decided = {}
-    checkpointing_for = module.checkpointing_for
+    checkpointing_for, dequantize_for = module.checkpointing_for, module.dequantize_for
 
-    def record_checkpointing(base, device):
-        decided["gc"] = checkpointing_for(base, device)
+    def record_checkpointing(*args):
+        decided["gc"] = checkpointing_for(*args)
         return decided["gc"]
 
-    module.checkpointing_for = record_checkpointing
+    def record_dequantizing(*args):
+        decided["keep"] = dequantize_for(*args)
+        return decided["keep"]
+
+    module.checkpointing_for, module.dequantize_for = record_checkpointing, record_dequantizing
     warmup = v.get("warmup", a.warmup_steps)
     timer = LightningStepTimer(counter, warmup, v["accum"], a.max_seconds)
     callbacks = [timer]
@@ -192,6 +201,7 @@ def main() -> None:
         "attn_implementation": v.get("attn", "sdpa"),
         "torch_compile": "decoder layers" if v.get("compile") else "off",
         "gc_decided": decided.get("gc"),
+        "keep_dequantized_decided": decided.get("keep"),
         "max_seconds": a.max_seconds,
     }
     line = common.result_line("qlora_lit", a.variant, a.shape, a.max_length, timer.timer.result(), a.device, settings)

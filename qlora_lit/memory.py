@@ -1,4 +1,5 @@
-"""`model.gradient_checkpointing: auto`: recompute activations only when keeping them would not fit the GPU.
+"""`model.gradient_checkpointing: auto`: recompute activations only when keeping them would not fit the GPU; and
+`model.keep_dequantized: auto`: keep the 4-bit weights dequantized only when they fit beside the kept activations.
 
 Kept activations grow with the tokens of a micro-batch. Per token, each decoder layer keeps about 14 x hidden +
 4 x intermediate bf16 values (layer inputs, q/k/v, attention output, the MLP's gate/up/product, the LoRA inputs), and
@@ -22,3 +23,8 @@ def activation_bytes(config, tokens: int, loss_chunk_tokens: int) -> int:
 
 def needs_checkpointing(config, tokens: int, loss_chunk_tokens: int, weights_bytes: int, gpu_bytes: int) -> bool:
     return weights_bytes + activation_bytes(config, tokens, loss_chunk_tokens) > HEADROOM * gpu_bytes
+
+
+def fits_dequantized(config, tokens: int, loss_chunk_tokens: int, weights_bytes: int, gpu_bytes: int) -> bool:
+    """`weights_bytes` (with the dequantized weights) and the activations of `tokens` fit the GPU with room to spare."""
+    return not needs_checkpointing(config, tokens, loss_chunk_tokens, weights_bytes, gpu_bytes)

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PeftModel
 
-from qlora_lit import attention
+from qlora_lit import attention, dequantized
 from qlora_lit.checkpoint_state import (
     RANDOM_STREAMS_KEY,
     all_random_streams,
@@ -31,7 +31,7 @@ from qlora_lit.fsdp import (
     shards_the_model,
 )
 from qlora_lit.loss import IGNORE_INDEX, chunked_lm_loss_sum, supports_chunked_loss
-from qlora_lit.memory import activation_bytes, needs_checkpointing
+from qlora_lit.memory import activation_bytes, fits_dequantized, needs_checkpointing
 from qlora_lit.model import (
     AttnImplementation,
     LoraArgs,
@@ -89,6 +89,10 @@ class QLoRAModule(L.LightningModule):
             (about 2 minutes for an 8B model on an H200). GPUs only: ignored, with a message, on a CPU.
         nonfinite_loss: on a NaN or infinite training loss, `stop` with a message naming the step (checkpoints
             already written stay as they are) or `skip` the batch on every rank and go on.
+        keep_dequantized: keep the frozen 4-bit weights dequantized in the compute dtype instead of dequantizing
+            them twice per micro-batch (qlora_lit/dequantized.py): the same products, faster, for the weights'
+            memory in bf16. `auto` keeps them on a GPU when they fit beside the kept activations (qlora_lit/memory.py)
+            and gradient checkpointing is off; never under FSDP.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class QLoRAModule(L.LightningModule):
         attn_implementation: AttnImplementation = "auto",
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         compile: bool = False,
+        keep_dequantized: bool | Literal["auto"] = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(checkpointed_settings(locals()))  # first: `locals()` holds the arguments only
@@ -123,6 +128,7 @@ class QLoRAModule(L.LightningModule):
         self.attn_implementation = attn_implementation
         self.nonfinite_loss = nonfinite_loss
         self.compile_layers = compile  # not `self.compile`, which would hide nn.Module.compile
+        self.keep_dequantized = keep_dequantized
         self.model: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self._val_loss_sum = torch.zeros(())
@@ -150,6 +156,11 @@ class QLoRAModule(L.LightningModule):
             raise ConfigError(
                 "model.upcast_to_fp32 must be false under FSDP (configs/fsdp.yaml sets it): a unit holds one dtype"
             )
+        if sharded and self.keep_dequantized is True:
+            raise ConfigError(
+                "model.keep_dequantized: true cannot be used under FSDP (each rank holds a shard of the 4-bit weights, "
+                "not whole ones to dequantize): set it to false or auto"
+            )
         args = (self.model_name_or_path, self.quantization)
         base = strategy.empty_base(*args, self.attn_implementation, self.trust_remote_code) if sharded else None
         sharded = base is not None
@@ -159,9 +170,13 @@ class QLoRAModule(L.LightningModule):
         if experts:
             rank_zero_info(experts)
         weights = strategy.bytes_per_rank(base) if sharded else None
-        self.model = attach_lora(base, self.lora, self.checkpointing_for(base, device, weights), self.upcast_to_fp32)
+        checkpointing = self.checkpointing_for(base, device, weights)
+        self.model = attach_lora(base, self.lora, checkpointing, self.upcast_to_fp32)
         if sharded:
             strategy.load_while_wrapping(self.model)
+        elif not isinstance(strategy, QLoRAFSDPStrategy) and self.dequantize_for(self.model, device, checkpointing):
+            replaced = dequantized.replace_four_bit_layers(self.model)
+            rank_zero_info(f"keep_dequantized: {replaced} 4-bit layers kept dequantized in the compute dtype")
         if self.compile_layers and device.type == "cuda":
             compile_decoder_layers(self.model)
         elif self.compile_layers:  # inductor's CPU path fails on some dynamic shapes (torch 2.13), and gains little
@@ -183,6 +198,23 @@ class QLoRAModule(L.LightningModule):
         estimate = (weights + activation_bytes(base.config, tokens, self.loss_chunk_tokens)) / 2**30
         rank_zero_info(
             f"gradient_checkpointing auto: {'on' if chosen else 'off'} (about {estimate:.1f} GiB needed without it "
+            f"for {tokens} tokens per micro-batch, {total / 2**30:.1f} GiB on the GPU)"
+        )
+        return chosen
+
+    def dequantize_for(self, model: torch.nn.Module, device: torch.device, checkpointing: bool) -> bool:
+        """The `keep_dequantized` setting, with `auto` decided like `gradient_checkpointing`'s: on a GPU, without
+        checkpointing (memory is not short), when the dequantized weights fit beside the kept activations."""
+        if self.keep_dequantized != "auto":
+            return bool(self.keep_dequantized)
+        tokens = self.micro_batch_tokens()
+        if device.type != "cuda" or tokens is None or checkpointing:
+            return False
+        weights, extra = torch.cuda.memory_allocated(device), dequantized.extra_bytes(model)
+        total = torch.cuda.get_device_properties(device).total_memory
+        chosen = fits_dequantized(model.config, tokens, self.loss_chunk_tokens, weights + extra, total)
+        rank_zero_info(
+            f"keep_dequantized auto: {'on' if chosen else 'off'} (+{extra / 2**30:.1f} GiB of dequantized weights "
             f"for {tokens} tokens per micro-batch, {total / 2**30:.1f} GiB on the GPU)"
         )
         return chosen
