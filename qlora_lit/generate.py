@@ -124,8 +124,22 @@ def load_for_generation(
     loaded = load_base_model(base_name, quantization, target, trust_remote_code)
     if adapter is not None:
         loaded = PeftModel.from_pretrained(loaded, adapter)
-    tokenizer = load_tokenizer(adapter or base_name, trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_folder(adapter, base_name), trust_remote_code)
     return loaded.eval(), tokenizer, run_config
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+def tokenizer_folder(adapter: str | None, base_name: str) -> str:
+    """The adapter's copy of the tokenizer (its run's, with any tokens training added) when the folder has one; an
+    adapter saved by plain PEFT has none, and then the base model's is used, with a note."""
+    if adapter is None:
+        return base_name
+    if any((Path(adapter) / name).is_file() for name in TOKENIZER_FILES):
+        return adapter
+    print(f"note: the adapter folder {adapter!r} has no tokenizer files: using the base model's", file=sys.stderr)
+    return base_name
 
 
 def _adapter_base_name(adapter: str) -> str:

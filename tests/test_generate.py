@@ -61,6 +61,19 @@ def test_prompts_file_batched_equals_one_at_a_time(adapter, tmp_path):
     assert written == [{**row, "generated": answer} for row, answer in zip(ROWS, batched, strict=True)]
 
 
+def test_an_adapter_saved_without_a_tokenizer_answers_with_the_bases(adapter, tmp_path, capsys):
+    """As plain PEFT saves one (adapter_config.json and weights only): the same answers, with a note."""
+    bare = tmp_path / "peft-adapter"
+    shutil.copytree(adapter, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json", "qlora_lit_config.yaml"):
+        (bare / name).unlink()
+    prompt = ["--prompt", "안녕?", "--prompt_format", "koalpaca", *UNQUANTIZED]
+    expected = cli_main(["generate", "--adapter", adapter, *prompt])
+    capsys.readouterr()
+    assert cli_main(["generate", "--adapter", str(bare), *prompt]) == expected
+    assert f"the adapter folder {str(bare)!r} has no tokenizer files: using the base model's" in capsys.readouterr().err
+
+
 def test_without_adapter_the_base_answers(tmp_path):
     answers = cli_main(["generate", "--model", TINY_MODEL, "--quantize", "none", "--prompt", "안녕?", *GREEDY])
     model, tokenizer, run_config = load_for_generation(model=TINY_MODEL, quantize="none", dtype="fp32")
