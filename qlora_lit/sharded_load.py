@@ -28,6 +28,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from qlora_lit.assets import resolve_asset
+from qlora_lit.downloads import unfinished_load
 from qlora_lit.errors import ConfigError, not_found_message
 from qlora_lit.model import is_lora_a, lora_a_init
 
@@ -40,10 +41,17 @@ class SafetensorsCheckpoint:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        if unfinished := unfinished_load("model", str(folder)):  # before any unit is built: named, not a traceback
+            raise ConfigError(unfinished)
         index = folder / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ConfigError(f"{index} is no safetensors index ({err!r}): copy or download it again") from err
             self.files = {key: folder / name for key, name in weight_map.items()}
+            if missing := sorted({path.name for path in self.files.values() if not path.is_file()}):
+                raise ConfigError(f"{index} names weights files that {folder} lacks: {', '.join(missing)}")
         elif (folder / SINGLE_NAME).is_file():
             with safe_open(folder / SINGLE_NAME, "pt") as handle:
                 self.files = dict.fromkeys(handle.keys(), folder / SINGLE_NAME)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch.multiprocessing as mp
 from conftest import TINY_MODEL
 from zoo import build_zoo_model
 
+from qlora_lit.errors import ConfigError
 from qlora_lit.model import LoraArgs, QuantizationArgs, attach_lora, load_base_model, lora_a_init
 from qlora_lit.preflight import model_config
 from qlora_lit.sharded_load import (
@@ -104,6 +107,49 @@ def test_tensors_stored_under_other_names_are_found_before_loading(tmp_path):
     folder = build_zoo_model("qwen3_moe", tmp_path / "moe")
     base = empty_model(model_config(str(folder)), torch.bfloat16, "sdpa", None)
     assert missing_tensors(base, SafetensorsCheckpoint(folder))
+
+
+def split_in_two_shards(folder: Path) -> None:
+    """The tiny model's weights as a two-file checkpoint with an index, as large models are published."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({key: tensors[key] for key in keys}, folder / file, metadata={"format": "pt"})
+    weight_map = {key: file for file, keys in shards.items() for key in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def cut_the_second_shard(folder: Path) -> None:
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+DAMAGES = {
+    "a shard cut short": (cut_the_second_shard, "model-00002-of-00002.safetensors is cut short ("),
+    "a shard missing": (lambda folder: (folder / "model-00001-of-00002.safetensors").unlink(), "lacks: model-00001"),
+    "the index not JSON": (
+        lambda folder: (folder / "model.safetensors.index.json").write_text('{"weight_map": '),
+        "model.safetensors.index.json is no safetensors index",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_checkpoint_folder_copied_halfway_is_named_before_any_unit_loads(damage, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint_folder(TINY_MODEL), folder)
+    split_in_two_shards(folder)
+    assert len(SafetensorsCheckpoint(folder).files) > 2  # whole, it reads
+    spoil, message = DAMAGES[damage]
+    spoil(folder)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        SafetensorsCheckpoint(folder)
 
 
 def free_port() -> int:
