@@ -131,8 +131,7 @@ class QLoRAModule(L.LightningModule):
         self.keep_dequantized = keep_dequantized
         self.model: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
-        self._val_loss_sum = torch.zeros(())
-        self._val_tokens = torch.zeros(())
+        self._val_totals = torch.zeros(1, 2)  # per validation loader (one per source with several): loss sum, tokens
 
     def configure_model(self) -> None:
         """Load the base on this process's device and attach LoRA (Lightning calls this once the device is set)."""
@@ -306,22 +305,27 @@ class QLoRAModule(L.LightningModule):
             flag = self.trainer.strategy.reduce(flag, reduce_op="max")
         return bool(flag)
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         loss_sum, label_tokens = self.loss_sum(batch)
-        self._val_loss_sum += loss_sum.detach().float().cpu()
-        self._val_tokens += label_tokens.cpu()
+        if dataloader_idx >= len(self._val_totals):
+            self._val_totals = torch.cat([self._val_totals, torch.zeros(dataloader_idx + 1 - len(self._val_totals), 2)])
+        self._val_totals[dataloader_idx] += torch.stack([loss_sum.detach().float(), label_tokens.float()]).cpu()
 
     def on_validation_epoch_end(self) -> None:
-        """Validation loss per label token over the whole set (not a mean of batch means), and its perplexity."""
-        totals = self.all_gather(torch.stack([self._val_loss_sum, self._val_tokens]).to(self.device))
-        loss_sum, tokens = totals.reshape(-1, 2).sum(0)
+        """Validation loss per label token over the whole set (not a mean of batch means), its perplexity, and with
+        several sources (one validation loader each) each source's loss as `val_loss/<name>`."""
+        per_loader = self.all_gather(self._val_totals.to(self.device)).reshape(-1, *self._val_totals.shape).sum(0)
+        loss_sum, tokens = per_loader.sum(0)
         val_loss = loss_sum / tokens.clamp(min=1)
         # Logged on every rank (the values are already global): a metric that ModelCheckpoint monitors must exist on
         # all ranks, or rank 0 waits in the checkpoint barrier for ranks that skipped it.
         self.log("val_loss", val_loss, prog_bar=True, sync_dist=True)
         self.log("val_ppl", torch.exp(val_loss), sync_dist=True)
-        self._val_loss_sum.zero_()
-        self._val_tokens.zero_()
+        names = list(getattr(self.trainer.datamodule, "val_by_source", None) or ())
+        if len(per_loader) > 1 and len(names) == len(per_loader):
+            for name, (source_sum, source_tokens) in zip(names, per_loader, strict=True):
+                self.log(f"val_loss/{name}", source_sum / source_tokens.clamp(min=1), sync_dist=True)
+        self._val_totals = torch.zeros(1, 2)
 
     def on_predict_start(self) -> None:
         check_predict_strategy(self.trainer.strategy)

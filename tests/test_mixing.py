@@ -98,3 +98,36 @@ def test_a_weighted_source_with_nothing_left_to_train_is_named(tmp_path):
     data = KoAlpacaDataModule(path, TINY_MODEL, max_length=128, overlong="drop", val_size=4)
     with pytest.raises(ConfigError, match=r"long.jsonl' has no training rows left .* give it no weight or remove it"):
         data.setup()
+
+
+def test_each_sources_validation_loss_is_logged_beside_the_whole_sets(tmp_path, monkeypatch):
+    """Two sources, one validation loader each: `val_loss/<name>` is that source's loss per label token, and
+    `val_loss` still the whole set's (the sources' sums over their tokens, not a mean of the two)."""
+    import sys
+
+    import torch
+    from conftest import SHORT_FIT
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from qlora_lit.cli import cli_main
+
+    monkeypatch.setattr(sys, "argv", ["qlora_lit"])
+    sources = f"[{SAMPLE_DATA}, {{path: {CHAT_DATA}, fraction: 0.5}}]"
+    args = ["--data.path", sources, "--trainer.max_steps", "2", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    cli = cli_main([*SHORT_FIT, *args])
+    events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    logged = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("val_loss")}
+    assert sorted(logged) == ["val_loss", "val_loss/ko_chat_sample", "val_loss/koalpaca_sample"]
+
+    module, loaders = cli.model.eval(), cli.datamodule.val_dataloader()
+    totals = []
+    with torch.no_grad():
+        for loader in loaders:
+            sums = [module.loss_sum(batch) for batch in loader]
+            totals.append((sum(loss for loss, _ in sums), sum(tokens for _, tokens in sums)))
+    for name, (loss_sum, tokens) in zip(["koalpaca_sample", "ko_chat_sample"], totals, strict=True):
+        assert logged[f"val_loss/{name}"] == pytest.approx((loss_sum / tokens).item(), rel=1e-5)
+    whole = sum(loss for loss, _ in totals) / sum(tokens for _, tokens in totals)
+    assert logged["val_loss"] == pytest.approx(whole.item(), rel=1e-5)
+    assert logged["val_loss/ko_chat_sample"] != pytest.approx(logged["val_loss/koalpaca_sample"], rel=1e-3)

@@ -20,7 +20,7 @@ from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_cou
 from qlora_lit.data.conversations import assistant_turns, to_json
 from qlora_lit.data.inference import PromptCollator, encode_prompts, read_prompts_file
 from qlora_lit.data.length import fit_to_length
-from qlora_lit.data.mixing import DataSource, epoch_counts, mix, parse_sources, split_per_source
+from qlora_lit.data.mixing import DataSource, epoch_counts, mix, parse_sources, source_names, split_per_source
 from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows
 from qlora_lit.data.prompts import DEFAULT_FORMAT, PromptFormat, PromptFormatName, check_format_name
 from qlora_lit.data.sampler import EpochBatchSampler, batch_count
@@ -123,6 +123,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
         self.cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
+        self.val_by_source: dict[str, list[dict]] = {}  # with several sources: each one's validation rows, by name
         self.packed_rows: list[list[int]] = []
         self.stats: dict[str, Any] = {}
         self.train_sampler: EpochBatchSampler | None = None
@@ -291,6 +292,8 @@ class KoAlpacaDataModule(L.LightningDataModule):
             {**source.record(), "rows": len(rows), "val_rows": len(held), "train_rows": len(kept), "per_epoch": count}
             for source, rows, held, kept, count in zip(self.sources, by_source, val, train, counts, strict=True)
         ]
+        names = source_names(self.sources)
+        self.val_by_source = {name: rows for name, rows in zip(names, val, strict=True) if rows}
         return mix(train, counts), [example for rows in val for example in rows]
 
     def collator(self) -> PaddingCollator:
@@ -329,10 +332,15 @@ class KoAlpacaDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_set, batch_size=self.batch_size, collate_fn=self.collator(), num_workers=self.num_workers
-        )
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation rows; with several sources, one loader per source that holds rows out (in `val_by_source`'s
+        order), so that `val_loss` is also logged per source (`val_loss/<name>`)."""
+        sets = list(self.val_by_source.values()) if len(self.val_by_source) > 1 else [self.val_set]
+        loaders = [
+            DataLoader(rows, batch_size=self.batch_size, collate_fn=self.collator(), num_workers=self.num_workers)
+            for rows in sets
+        ]
+        return loaders if len(loaders) > 1 else loaders[0]
 
     def predict_dataloader(self) -> DataLoader:
         """Each rank answers every world_size-th prompt, wrapped in the training template, none twice.

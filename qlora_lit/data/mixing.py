@@ -20,7 +20,8 @@ loss's label tokens and the sampler's resumable position all see one training se
 
 Validation: each source is split on its own, before any weighting, so no copy of a validation row is trained on
 (`data.val_size` as a fraction applies to each source; as a row count it is shared in proportion to the sources' rows).
-Validation rows are not weighted: `val_loss` covers each source's held-out rows once.
+Validation rows are not weighted: `val_loss` covers each source's held-out rows once, and `val_loss/<name>` each
+source's alone (`source_names`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 import torch
 
+from qlora_lit.data.sources import FILE_SUFFIXES
 from qlora_lit.errors import ConfigError
 
 ENTRY_KEYS = ("path", "weight", "fraction")
@@ -50,6 +53,14 @@ class DataSource:
     def record(self) -> dict[str, Any]:
         """What data_stats.json says of the entry."""
         return {key: value for key, value in vars(self).items() if value is not None}
+
+
+def source_names(sources: Sequence[DataSource]) -> list[str]:
+    """A short name per source for its metrics (`val_loss/<name>`): the file's or data set's name without folders or
+    extension, numbered where two would be the same."""
+    names = [PurePosixPath(source.path.rstrip("/").split(":")[-1]) for source in sources]
+    stems = [name.stem if name.suffix.lower() in FILE_SUFFIXES else name.name or "data" for name in names]
+    return [stem if stems.count(stem) == 1 else f"{stem}-{index + 1}" for index, stem in enumerate(stems)]
 
 
 def parse_sources(setting: str | Sequence[str | Mapping[str, Any]]) -> list[DataSource]:
