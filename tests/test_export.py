@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_MODEL
 from peft import PeftModel
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlora_lit.assets import resolve_asset
@@ -77,6 +78,7 @@ def test_an_output_that_is_a_file_is_refused_even_with_overwrite(tmp_path, capsy
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
+    save_file({}, adapter / "adapter_model.safetensors")  # whole, and nothing in it
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit) as exit_info:  # refused before anything loads: this adapter would not
         cli_main(["export", "--adapter", str(adapter), "--output", str(tmp_path / "notes.txt"), "--overwrite", "true"])
