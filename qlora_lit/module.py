@@ -272,7 +272,8 @@ class QLoRAModule(L.LightningModule):
         label_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the model shifts labels by one
         if self.loss_chunk_tokens and supports_chunked_loss(causal_lm):
             return chunked_lm_loss_sum(causal_lm, self.model_inputs(batch), self.loss_chunk_tokens), label_tokens
-        return self(**batch).loss * label_tokens, label_tokens
+        loss = self(**batch).loss  # the model's mean: NaN for a batch without labels (a validation filler's)
+        return torch.where(label_tokens > 0, loss * label_tokens, 0.0), label_tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Loss per label token of the whole optimizer step, over all ranks and accumulated micro-batches.

@@ -10,7 +10,8 @@ import pytest
 from conftest import SAMPLE_DATA, TINY_MODEL
 
 from qlora_lit.data import KoAlpacaDataModule
-from qlora_lit.data.collate import IGNORE_INDEX
+from qlora_lit.data.collate import IGNORE_INDEX, PaddingCollator
+from qlora_lit.data.datamodule import rank_share
 from qlora_lit.errors import ConfigError
 
 CHAT_TEMPLATE = (
@@ -149,3 +150,17 @@ def test_chat_format_without_a_chat_template_is_a_clear_error():
 def test_bad_data_settings_fail_at_construction(setting, message):
     with pytest.raises(ConfigError, match=message):
         make_data(**setting)
+
+
+@pytest.mark.parametrize(("rows", "world_size"), [(5, 2), (8, 4), (3, 4), (7, 1)])
+def test_each_validation_row_is_on_one_rank_and_every_rank_runs_as_many_batches(rows, world_size):
+    """Every rank validated the whole set before (each GPU of eight did the work of one); the shares are evened out
+    with label-less copies, since under FSDP the ranks meet in every forward pass."""
+    examples = [{"input_ids": [3, 4, 5 + index], "trained_spans": [(1, 3)]} for index in range(rows)]
+    shares = [rank_share(examples, rank, world_size) for rank in range(world_size)]
+    assert len({len(share) for share in shares}) == 1
+    real = [example for share in shares for example in share if not example.get("filler")]
+    assert sorted(example["input_ids"][-1] for example in real) == [5 + index for index in range(rows)]
+    fillers = [example for share in shares for example in share if example.get("filler")]
+    collated = PaddingCollator(pad_id=0)(fillers) if fillers else None
+    assert collated is None or bool((collated["labels"] == IGNORE_INDEX).all())

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import checkpoint_at, fit_in_subprocess
+from conftest import DEMO_CONFIG, checkpoint_at, fit_in_subprocess
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qlora_lit.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +46,7 @@ def test_two_ranks_step_like_one_process_with_twice_the_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rank_resume_ends_exactly_where_the_uninterrupted_run_ends(tmp_path):
+def test_two_rank_resume_ends_exactly_where_the_uninterrupted_run_ends(tmp_path, monkeypatch):
     """Each rank's random stream (LoRA dropout) is saved and restored: the ranks draw different amounts (their
     batches differ), so rank 0's stream alone would change rank 1's dropout masks after a resume."""
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.val_check_interval", "2"]
@@ -55,3 +58,13 @@ def test_two_rank_resume_ends_exactly_where_the_uninterrupted_run_ends(tmp_path)
     expected = checkpoint_at(full, 4)["state_dict"]
     for key, value in checkpoint_at(resumed, 4)["state_dict"].items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    # Each rank validated its own share of the rows: together, the loss one process computes on the whole set.
+    events = EventAccumulator(str(full), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = {event.step: event.value for event in events.Scalars("val_loss")}
+    monkeypatch.setattr(sys, "argv", ["qlora_lit"])
+    (step_4,) = (full / "checkpoints").glob("step000004-*.ckpt")
+    one = ["validate", "--config", DEMO_CONFIG, "--samples.prompts", "[]", "--ckpt_path", str(step_4)]
+    cli = cli_main([*one, "--trainer.logger.init_args.save_dir", str(tmp_path / "one-process")])
+    assert sorted(logged) == [1, 3], logged  # the validations after steps 2 and 4, at Lightning's step numbers
+    assert logged[max(logged)] == pytest.approx(cli.trainer.callback_metrics["val_loss"].item(), rel=1e-5)

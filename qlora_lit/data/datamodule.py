@@ -333,11 +333,18 @@ class KoAlpacaDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        """The validation rows; with several sources, one loader per source that holds rows out (in `val_by_source`'s
-        order), so that `val_loss` is also logged per source (`val_loss/<name>`)."""
+        """This rank's share of the validation rows (`rank_share`: each row on one rank); with several sources, one
+        loader per source that holds rows out (in `val_by_source`'s order), so that `val_loss` is also logged per
+        source (`val_loss/<name>`)."""
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sets = list(self.val_by_source.values()) if len(self.val_by_source) > 1 else [self.val_set]
         loaders = [
-            DataLoader(rows, batch_size=self.batch_size, collate_fn=self.collator(), num_workers=self.num_workers)
+            DataLoader(
+                rank_share(rows, rank, world_size),
+                batch_size=self.batch_size,
+                collate_fn=self.collator(),
+                num_workers=self.num_workers,
+            )
             for rows in sets
         ]
         return loaders if len(loaders) > 1 else loaders[0]
@@ -387,3 +394,12 @@ class KoAlpacaDataModule(L.LightningDataModule):
                 f"{len(sampler)} (the data, data.batch_size or the number of devices changed): training continues "
                 f"after as many batches as were trained, not with the examples that came next"
             )
+
+
+def rank_share(rows: list[dict], rank: int, world_size: int) -> list[dict]:
+    """Every `world_size`-th row from `rank` on, evened out with label-less copies ("filler": no loss, no tokens) so
+    that every rank runs as many validation batches: under FSDP (and DDP's forward) the ranks meet in every forward
+    pass. The ranks' loss sums then add up to the whole set's, each row counted once."""
+    share = rows[rank::world_size]
+    fillers = -(-len(rows) // world_size) - len(share)
+    return share + [{**rows[0], "filler": True}] * fillers if fillers else share
