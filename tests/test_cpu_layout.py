@@ -8,6 +8,11 @@ lack the instruction set, so the tests make bitsandbytes believe it is there.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -17,6 +22,8 @@ from qlora_lit.data import KoAlpacaDataModule
 from qlora_lit.model import LoraArgs, QuantizationArgs
 from qlora_lit.module import QLoRAModule
 from qlora_lit.samples import SampleGenerations
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -83,3 +90,36 @@ def test_validation_and_samples_do_not_convert_the_base(module_and_data, tmp_pat
     trainer.validate(module, data)
     assert not converted(module)
     assert not any(layer.support_avx512bf16_for_cpu for layer in four_bit_layers(module))
+
+
+AVX2_CHECKS = [
+    "tests/test_module.py::test_adapter_loads_in_plain_peft_with_the_same_logits",
+    "tests/test_packing.py::test_logits_of_a_packed_row_equal_those_of_the_examples_run_separately",
+    "tests/test_dequantized.py::test_kept_weights_train_exactly_as_the_4bit_layers",
+    "tests/test_loss_normalisation.py",
+]
+
+
+def test_a_cpu_without_avx512_computes_the_same_training(tmp_path):
+    """Most laptops have AVX2 only. torch and bitsandbytes choose kernels by the CPU's instruction set (bitsandbytes:
+    its int8 matmul and 4-bit dequantization dispatch on `torch.backends.cpu.get_cpu_capability()`), so the numeric
+    tests run again, in a process held to AVX2, wherever this suite runs."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    probe = "import torch, bitsandbytes.backends.cpu.ops as ops; print(torch.backends.cpu.get_cpu_capability())"
+    probe += "; print(ops._has_avx512)"
+    seen = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert seen.stdout.split() == ["AVX2", "False"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--basetemp",
+        str(tmp_path),
+        *AVX2_CHECKS,
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
