@@ -86,3 +86,25 @@ def test_predict_on_two_processes(trained_run, prompts, generated, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     # 5 prompts: 3 answered on rank 0, 2 on rank 1, merged back in file order.
     assert read_jsonl(output) == [{**row, "generated": answer} for row, answer in zip(PROMPTS, generated, strict=True)]
+
+
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "안녕하세요."}]
+     + [{"role": "user", "content": "한국의 수도는?"}]},
+    {"conversations": [{"from": "system", "value": "짧게 답해."}, {"from": "human", "value": "하늘은 왜 파래?"}]},
+    {"instruction": "김치찌개 끓이는 법을 알려줘."},
+]  # fmt: skip
+
+
+def test_predict_answers_conversation_rows_as_generate_does(trained_run, tmp_path):
+    """Rows of `messages` and ShareGPT `conversations` (the last turn the user's) beside a single-turn row."""
+    prompts = tmp_path / "conversations.jsonl"
+    prompts.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in CONVERSATIONS), encoding="utf-8")
+    adapter = str(trained_run[0] / "adapter")
+    expected = cli_main(
+        ["generate", "--adapter", adapter, "--prompts_file", str(prompts), "--batch_size", "2", *GREEDY]
+    )
+    output = tmp_path / "predictions.jsonl"
+    cli_main(predict_args(trained_run[0], str(prompts), output))
+    answers = read_jsonl(output)
+    assert answers == [{**row, "generated": answer} for row, answer in zip(CONVERSATIONS, expected, strict=True)]
