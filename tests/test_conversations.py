@@ -297,3 +297,19 @@ def test_every_answer_is_trained_once_per_epoch_however_conversations_are_batche
         if token >= 0
     )
     assert labelled == expected and len(expected) == sum(label_count(example) for example in data.train_set)
+
+
+def test_json_in_a_csv_cell_is_read_as_json_files_are(tmp_path):
+    """A number as a message's text is taken as written, as in a JSON lines file (it was refused as "not text"), and a
+    key given twice is named (JSON keeps only its last value)."""
+    cell = '[{"role": "user", "content": 4}, {"role": "assistant", "content": 4.50}]'
+    numbers = tmp_path / "numbers.csv"
+    pd.DataFrame({"messages": [cell]}).to_csv(numbers, index=False)
+    lines = tmp_path / "numbers.jsonl"
+    lines.write_text('{"messages": ' + cell + "}\n", encoding="utf-8")
+    expected = [(Message("user", "4"), Message("assistant", "4.50"))]
+    assert load_conversations(str(numbers))[0] == load_conversations(str(lines))[0] == expected
+    twice = tmp_path / "twice.csv"
+    pd.DataFrame({"messages": ['[{"role": "user", "content": "a", "content": "b"}]']}).to_csv(twice, index=False)
+    with pytest.raises(ConfigError, match=r"twice.csv', row 1: an object has the key \['content'\] more than once"):
+        load_conversations(str(twice))

@@ -25,6 +25,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from qlora_lit.data.json_text import DuplicateKey, parse_json
+
 Role = Literal["system", "user", "assistant"]
 ROLE_NAMES: dict[str, Role] = {
     "system": "system",
@@ -167,9 +169,11 @@ def as_list(value: object) -> list:
         if not value.strip():
             return []
         try:
-            value = json.loads(value)
+            value = parse_json(value)
         except json.JSONDecodeError as err:
             raise BadRow(f"its text is not a JSON list of messages ({err.msg}): {value[:60]!r}") from None
+        except DuplicateKey as err:
+            raise BadRow(str(err)) from None
     if isinstance(value, (list, tuple, np.ndarray)):
         return list(value)
     raise BadRow(f"it holds {short_json(value)}, not a list of messages")
