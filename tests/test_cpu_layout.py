@@ -123,3 +123,22 @@ def test_a_cpu_without_avx512_computes_the_same_training(tmp_path):
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_an_8bit_layer_on_a_cpu_trains_on_its_dequantized_weight_and_evaluates_in_int8():
+    """bitsandbytes 0.50 on a CPU: an 8-bit base layer in training computes with its dequantized weight (MatMul8bitFp,
+    no activation quantization), in eval mode (validation, samples, generation) through int8 activations
+    (MatMul8bitLt), as on a GPU in both. docs/ARCHITECTURES.md says what this means for 8-bit bases on a CPU; when
+    this fails, bitsandbytes has changed the CPU path and the page is to be read again."""
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 32, bias=False)
+    layer = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False)
+    layer.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    layer = layer.to("cpu")
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        trained = layer.train()(x)
+        evaluated = layer.eval()(x)
+        dequantized = layer.state.CB.float() * layer.state.SCB.float()[:, None] / 127
+    torch.testing.assert_close(trained, x @ dequantized.t(), rtol=1e-6, atol=1e-6)
+    assert (trained - evaluated).abs().max() > 1e-3
