@@ -37,10 +37,11 @@ class DequantizedLinear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
 
 
-def four_bit_layers(model: nn.Module) -> list[tuple[nn.Module, str, bnb.nn.Linear4bit]]:
-    """Each 4-bit linear layer of `model`, with its parent module and its name there."""
+def four_bit_layers(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Where each 4-bit linear layer of `model` is: its parent module and its name there (not the layer itself, so a
+    replaced layer is freed at once)."""
     return [
-        (parent, name, child)
+        (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
         if isinstance(child, bnb.nn.Linear4bit)
@@ -51,17 +52,17 @@ def extra_bytes(model: nn.Module) -> int:
     """What keeping the 4-bit weights dequantized adds to the model's memory: each weight in its compute dtype, less
     its packed 4-bit data (the quantization constants are small beside it)."""
     total = 0
-    for _, _, layer in four_bit_layers(model):
+    for parent, name in four_bit_layers(model):
+        layer = getattr(parent, name)
         itemsize = (layer.compute_dtype or torch.float32).itemsize
         total += layer.in_features * layer.out_features * itemsize - layer.weight.data.nbytes
     return total
 
 
 def replace_four_bit_layers(model: nn.Module) -> int:
-    """Replace every 4-bit linear layer of `model` with its `DequantizedLinear`, one at a time (the peak is one layer
-    more than the result); returns how many were replaced."""
-    layers = four_bit_layers(model)
-    for parent, name, layer in layers:
-        setattr(parent, name, DequantizedLinear(layer))
-        del layer
-    return len(layers)
+    """Replace every 4-bit linear layer of `model` with its `DequantizedLinear`, one at a time (each 4-bit layer is
+    freed as its replacement takes its place); returns how many were replaced."""
+    places = four_bit_layers(model)
+    for parent, name in places:
+        setattr(parent, name, DequantizedLinear(getattr(parent, name)))
+    return len(places)

@@ -107,3 +107,19 @@ def test_fsdp_refuses_keeping_the_weights_before_loading(monkeypatch):
     module._trainer = SimpleNamespace(strategy=strategy, precision="32-true", datamodule=None)
     with pytest.raises(ConfigError, match="keep_dequantized: true cannot be used under FSDP"):
         module.configure_model()
+
+
+def test_auto_asks_the_gpu_and_the_data(monkeypatch):
+    """The GPU branch of `auto`, run on the CPU with the GPU's answers given: the tiny model's dequantized weights and
+    4096 tokens of activations need about 0.07 GiB beside 1 GiB already allocated."""
+    module = configured("float32", "auto")
+    monkeypatch.setattr(module, "micro_batch_tokens", lambda: 4096)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2**30)
+    cuda = torch.device("cuda")
+    for gpu_gib, expected in ((16, True), (1.1, False)):
+        properties = SimpleNamespace(total_memory=int(gpu_gib * 2**30))
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, p=properties: p)
+        assert module.dequantize_for(module.model, cuda, checkpointing=False) is expected
+    assert module.dequantize_for(module.model, cuda, checkpointing=True) is False  # memory is short: checkpointing
+    monkeypatch.setattr(module, "micro_batch_tokens", lambda: None)
+    assert module.dequantize_for(module.model, cuda, checkpointing=False) is False  # nothing to judge by
