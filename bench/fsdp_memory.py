@@ -5,7 +5,8 @@
 Per rank, as qlora_lit loads and trains (base.yaml + lowmem.yaml + fsdp.yaml): its shard of the packed 4-bit weights
 and of the bf16 embeddings, head and norms; the 4-bit weights' quantization scales, which every rank keeps whole
 (bitsandbytes holds them beside the layer, not as a parameter FSDP could shard); the largest gathered units (a decoder
-layer and the next one prefetched, or the output head); the LoRA weights, gradients and 8-bit Adam state, sharded;
+layer and the next one prefetched, or the output head); the LoRA weights, gradients and 8-bit Adam state (whole on
+every rank);
 and the step's transients at `--tokens` tokens per micro-batch: the checkpointed layer inputs, one layer's recomputed
 activations, a dequantized weight and its gradient, one chunk of logits. Add about 0.5 GiB of CUDA context per GPU.
 A model, not a measurement: bench/fsdp_capped.py measures, and docs/FSDP.md sets the two side by side.
@@ -48,7 +49,7 @@ def per_rank_bytes(shape: str, gpus: int, tokens: int, lora_r: int) -> dict[str,
         "sharded base": (packed + plain) / gpus,
         "scales (every rank)": scales,
         "gathered units": max(2 * layer_packed, head + layer_packed) if gpus > 1 else 0,
-        "LoRA + grads + 8-bit Adam": lora * (4 + 4 + 2) / gpus,
+        "LoRA + grads + 8-bit Adam": lora * (4 + 4 + 2),  # whole on every rank
         "checkpointed activations": layers * tokens * hidden * 2,
         "one layer recomputed": tokens * (6 * hidden + 4 * inner) * 2,
         "dequantized weight + grad": 2 * hidden * inner * 2,

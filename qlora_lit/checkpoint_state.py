@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from qlora_lit.errors import ConfigError
-from qlora_lit.fsdp import SHARDS_KEY, unwrapped_name
+from qlora_lit.fsdp import SHARDED_STATE_MESSAGE, SHARDS_KEY, unwrapped_name
 from qlora_lit.resume import fixed_setting_changes
 
 RANDOM_STREAMS_KEY = "torch_rng"
@@ -57,11 +57,11 @@ def restore_random_streams(saved: list[dict] | dict, rank: int, world_size: int)
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_resume(checkpoint: dict[str, Any], hparams: dict[str, Any], model_name: str, sharded: bool, fitting: bool):
+def check_resume(checkpoint: dict[str, Any], hparams: dict[str, Any], model_name: str, fitting: bool):
     """Whether `checkpoint` may continue a run with these settings (`hparams`): a warning when it was trained on
     another model name (the same model at another path is fine: the tensors' shapes are checked next); an error when a
-    setting that decides what the adapters are changed (resume.FIXED_ON_RESUME), or when a `fitting` run that is not
-    `sharded` would resume optimizer state saved in FSDP shards."""
+    setting that decides what the adapters are changed (resume.FIXED_ON_RESUME), or when a `fitting` run would resume
+    optimizer state that an earlier qlora_lit saved in FSDP shards."""
     saved = checkpoint.get("hyper_parameters", {})
     trained_on = saved.get("model_name_or_path")
     if trained_on and trained_on != model_name:
@@ -76,22 +76,17 @@ def check_resume(checkpoint: dict[str, Any], hparams: dict[str, Any], model_name
             + "; ".join(f"{key} was {before!r}, now {now!r}" for key, before, now in changed)
             + ". Resume with the checkpoint's values, or start a new run (leave --ckpt_path out)"
         )
-    saved_sharded = any(SHARDS_KEY in state for state in checkpoint.get("optimizer_states", []))
-    if saved_sharded and fitting and not sharded:
-        raise ConfigError(
-            "this checkpoint was saved under FSDP (configs/fsdp.yaml), with the optimizer state in shards: "
-            "resume it with configs/fsdp.yaml on as many GPUs, or start a new run from its adapter"
-        )
+    if fitting and any(SHARDS_KEY in state for state in checkpoint.get("optimizer_states", [])):
+        raise ConfigError(SHARDED_STATE_MESSAGE)
 
 
-def check_adapter_tensors(saved: dict[str, torch.Tensor], module: torch.nn.Module, compare_shapes: bool) -> None:
+def check_adapter_tensors(saved: dict[str, torch.Tensor], module: torch.nn.Module) -> None:
     """Every trained tensor of `module` is in `saved` (a checkpoint's state dict), of its shape, and `saved` holds
-    nothing the module lacks. `compare_shapes=False` under FSDP: its parameters are flat shards, and
-    QLoRAFSDPStrategy compares the shapes itself when it loads them."""
+    nothing the module lacks (under FSDP too: the trained tensors are whole on every rank)."""
     params = {unwrapped_name(name): param for name, param in module.named_parameters()}
     trained = trained_names(module)
     missing = sorted(trained - saved.keys())
-    compared = trained & saved.keys() if compare_shapes else set()
+    compared = trained & saved.keys()
     wrong_shape = [key for key in compared if saved[key].shape != params[key].shape]
     unexpected = sorted(saved.keys() - params.keys())
     if missing or wrong_shape or unexpected:

@@ -1,30 +1,33 @@
 """FSDP wrapping for a 4-bit base with LoRA adapters (`configs/fsdp.yaml`).
 
-FSDP flattens the parameters of each wrapped unit into one buffer of one dtype, and a buffer is either trained or
-frozen. So: the 4-bit weights are stored in the compute dtype (`quantization.quant_storage`), nothing is upcast to
-fp32 (`upcast_to_fp32: false`), every decoder layer is one unit, and every module that holds trainable parameters
-of its own (the LoRA A and B matrices) is a unit of its own inside it, so no unit mixes frozen and trained tensors.
+FSDP shards the frozen base; the adapters stay out of it. Each decoder layer (and the untied embeddings and output
+head) is a unit, which FSDP flattens into one buffer of one dtype: the 4-bit weights are stored in the compute dtype
+(`quantization.quant_storage`) and nothing frozen is upcast (`upcast_to_fp32: false`). The LoRA weights, a few MB to
+a few hundred MB, are FSDP's `ignored_states`: whole and in fp32 on every rank, their gradients averaged by one
+all-reduce per optimizer step, as DDP does. Sharding them instead makes every LoRA matrix a unit of its own (a unit
+cannot mix frozen and trained tensors without gradient buffers the size of the base): 448 more units at 8B, each
+gathered twice and reduce-scattered every micro-batch (bench/fsdp_units.py measures the cost).
 
-`QLoRAFSDPStrategy` is Lightning's FSDPStrategy with checkpoints that suit a frozen base: only the trained units are
-gathered (one small unit at a time), and the optimizer state stays per rank (see the class).
+`QLoRAFSDPStrategy` is Lightning's FSDPStrategy with that all-reduce, and checkpoints that suit a frozen base: the
+adapters and the optimizer state as without FSDP (never the base), so a run resumes on any number of GPUs, with or
+without FSDP.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from peft import PeftModel, get_peft_model
-from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE as FSDP_PREFIX
-from torch.distributed.fsdp._runtime_utils import _lazy_init
 from torch.optim import Optimizer
 from transformers import PreTrainedModel
 
@@ -43,7 +46,7 @@ from qlora_lit.sharded_load import (
     prequantized_settings,
 )
 
-SHARDS_KEY = "fsdp_rank_states"
+SHARDS_KEY = "fsdp_rank_states"  # optimizer state saved per rank by qlora_lit before adapters were replicated
 
 
 def _own_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -51,16 +54,21 @@ def _own_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def qlora_wrap_policy(
-    module: torch.nn.Module, recurse: bool, nonwrapped_numel: int, own_units: frozenset[int] = frozenset()
+    module: torch.nn.Module,
+    recurse: bool,
+    nonwrapped_numel: int,
+    own_units: frozenset[int] = frozenset(),
+    lora_units: bool = False,
 ) -> bool:
-    """FSDP `auto_wrap_policy`: decoder layers, leaf modules whose parameters all train (LoRA matrices), and the
-    modules in `own_units` (ids; QLoRAFSDPStrategy puts untied embeddings and output head there)."""
+    """FSDP `auto_wrap_policy`: decoder layers and the modules in `own_units` (ids; QLoRAFSDPStrategy puts untied
+    embeddings and output head there). `lora_units`: also every leaf module whose parameters all train (the LoRA
+    matrices), for adapters sharded rather than replicated (bench/fsdp_units.py compares the two)."""
     if recurse:
         return True
     if type(module).__name__.endswith("DecoderLayer") or id(module) in own_units:
         return True
     own = _own_parameters(module)
-    return bool(own) and not list(module.children()) and all(param.requires_grad for param in own)
+    return lora_units and bool(own) and not list(module.children()) and all(param.requires_grad for param in own)
 
 
 def embedding_units(model: torch.nn.Module) -> frozenset[int]:
@@ -74,56 +82,52 @@ def embedding_units(model: torch.nn.Module) -> frozenset[int]:
     return frozenset({id(embeddings), id(head)})
 
 
+def trained_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that train (the adapters): FSDP's `ignored_states`, replicated on every rank."""
+    return [param for param in model.parameters() if param.requires_grad]
+
+
 def unwrapped_name(name: str) -> str:
     """A parameter's or module's name with FSDP's wrapper segments removed: as the unwrapped model names it."""
     return name.replace(f"{FSDP_PREFIX}.", "")
 
 
-def trained_units(root: FullyShardedDataParallel) -> list[tuple[str, FullyShardedDataParallel]]:
-    """The FSDP units whose parameters train (each LoRA matrix, under `qlora_wrap_policy`), with their names, in
-    module order: the same on every rank, as collective calls need.
-
-    FSDP sets its units up from the root's first forward; one used before that (a resumed run loads its weights
-    before training) would take itself for a root, so the root's setup is run first.
-    """
-    _lazy_init(root, root)  # does nothing once done
-    units = []
-    for name, module in root.named_modules():
-        handle = module._handle if isinstance(module, FullyShardedDataParallel) else None  # its flat parameter
-        if handle is not None and handle.flat_param.requires_grad:
-            units.append((name, module))
-    return units
-
-
-def unit_parameters(name: str, unit: FullyShardedDataParallel) -> dict[str, torch.nn.Parameter]:
-    """The unit's own parameters (not those of units nested in it), named as the unwrapped model names them."""
-    return {unwrapped_name(f"{name}.{fqn}"): unit.module.get_parameter(fqn) for fqn in unit._handle.flat_param._fqns}
+@torch.no_grad()
+def average_replicated_grads(root: torch.nn.Module) -> None:
+    """Average the gradients of the trained parameters FSDP leaves whole on every rank (its `ignored_states`)
+    across the ranks, in one all-reduce per dtype, as DDP does; FSDP reduces only what it shards. A parameter
+    without a gradient on this rank counts as zero, so every rank takes part in the same collectives."""
+    params = trained_parameters(root)
+    world = torch.distributed.get_world_size()
+    for dtype in sorted({param.dtype for param in params}, key=str):
+        same = [param for param in params if param.dtype == dtype]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in same])
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        for param, averaged in zip(same, flat.split([param.numel() for param in same]), strict=True):
+            param.grad = averaged.view_as(param)
 
 
 @torch.no_grad()
 def trained_state_dict(root: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors, whole, on the CPU of every rank. Gathered one small unit at a time: a full state dict
-    would gather the frozen base too."""
-    state = {}
-    for name, unit in trained_units(root):
-        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
-            state.update({key: param.detach().cpu().clone() for key, param in unit_parameters(name, unit).items()})
-    return state
+    """The trained tensors, whole (every rank holds them), on the CPU; the frozen base is never gathered."""
+    return {unwrapped_name(n): p.detach().cpu().clone() for n, p in root.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()
 def load_trained_state_dict(root: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy `state` (as `trained_state_dict` returns it) into the sharded trained parameters of every rank."""
-    for name, unit in trained_units(root):
-        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=True):
-            for key, param in unit_parameters(name, unit).items():
-                if key not in state or state[key].shape != param.shape:
-                    found = "missing" if key not in state else f"of shape {tuple(state[key].shape)}"
-                    raise ConfigError(
-                        f"the checkpoint does not match this model's adapters: {key} is {found}, the model's is "
-                        f"{tuple(param.shape)} (another model or LoRA setting?)"
-                    )
-                param.copy_(state[key])
+    """Copy `state` (as `trained_state_dict` returns it) into every rank's trained parameters."""
+    for name, param in root.named_parameters():
+        key = unwrapped_name(name)
+        if not param.requires_grad:
+            continue
+        if key not in state or state[key].shape != param.shape:
+            found = "missing" if key not in state else f"of shape {tuple(state[key].shape)}"
+            raise ConfigError(
+                f"the checkpoint does not match this model's adapters: {key} is {found}, the model's is "
+                f"{tuple(param.shape)} (another model or LoRA setting?)"
+            )
+        param.copy_(state[key])
 
 
 def save_gathered_adapter(model: PeftModel, weights: dict[str, torch.Tensor], folder: Path) -> None:
@@ -139,10 +143,10 @@ def save_gathered_adapter(model: PeftModel, weights: dict[str, torch.Tensor], fo
 class QLoRAFSDPStrategy(FSDPStrategy):
     """Lightning's FSDPStrategy for a frozen (4-bit) base with trained adapters.
 
-    Checkpoints hold the adapters, gathered whole (the base is never gathered for them), and each rank's own shard of
-    the optimizer state: torch's FSDP cannot regroup the blockwise 8-bit state of bitsandbytes' optimizers into
-    whole tensors, so a run resumes on as many processes as it saved from. FSDP needs GPUs and at least two
-    processes: with one, torch runs it unsharded, which only adds overhead (and fails for tied embeddings).
+    The base is sharded; the adapters are replicated (FSDP's `ignored_states`) and their gradients averaged before
+    each optimizer step. Checkpoints hold the adapters and the optimizer state as without FSDP. FSDP needs GPUs and
+    at least two processes: with one, torch runs it unsharded, which only adds overhead (and fails for tied
+    embeddings).
     """
 
     loader: ShardedLoader | None = None
@@ -183,6 +187,7 @@ class QLoRAFSDPStrategy(FSDPStrategy):
     def load_while_wrapping(self, model: PeftModel) -> None:
         """Make FSDP fill `model` (the empty base of `empty_base`, with LoRA attached) unit by unit as it wraps it."""
         self.loader = ShardedLoader(model, self.checkpoint, self.root_device, torch.initial_seed())
+        self.loader.make_adapters()
         self.kwargs["param_init_fn"] = self.loader
 
     def bytes_per_rank(self, model: torch.nn.Module) -> int:
@@ -192,6 +197,7 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         if self.kwargs.get("auto_wrap_policy") is qlora_wrap_policy:
             units = embedding_units(self.lightning_module.model)
             self.kwargs["auto_wrap_policy"] = functools.partial(qlora_wrap_policy, own_units=units)
+        self.kwargs["ignored_states"] = trained_parameters(self.lightning_module)
         super().setup(trainer)
         if self.loader is not None:
             describe(self.loader, self.world_size)
@@ -227,29 +233,36 @@ class QLoRAFSDPStrategy(FSDPStrategy):
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         load_trained_state_dict(self.model, checkpoint["state_dict"])
 
+    @property
+    def mixed_precision_config(self) -> MixedPrecision | None:
+        """Lightning's for the precision, without casting buffers: FSDP would cast the rotary frequencies to bf16
+        (positions hundreds of tokens in would turn by a different angle than in training without FSDP)."""
+        config = super().mixed_precision_config
+        return None if config is None else dataclasses.replace(config, buffer_dtype=None)
+
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
+        def closure_then_average() -> Any:  # before clipping, which runs after the closure
+            loss = closure()
+            average_replicated_grads(self.model)
+            return loss
+
+        return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
+
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """Every rank's optimizer state, collected on rank 0 (each rank holds the state of its own shards)."""
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap Lightning's LightningOptimizer
-        local = apply_to_collection(optimizer.state_dict(), torch.Tensor, lambda tensor: tensor.cpu())
-        shards = [None] * self.world_size if self.global_rank == 0 else None
-        torch.distributed.gather_object(local, shards, dst=0)
-        return {SHARDS_KEY: shards}
+        """The optimizer state as without FSDP: every rank's is the same (it updates the replicated adapters)."""
+        return getattr(optimizer, "_optimizer", optimizer).state_dict()  # unwrap Lightning's LightningOptimizer
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            shards = saved.get(SHARDS_KEY)
-            if shards is None:
-                raise ConfigError(
-                    "this checkpoint was saved without FSDP: resume it without configs/fsdp.yaml, or start a new run "
-                    "from its adapter"
-                )
-            if len(shards) != self.world_size:
-                raise ConfigError(
-                    f"this checkpoint's optimizer state was saved by FSDP on {len(shards)} processes, and this run "
-                    f"has {self.world_size}: resume with as many (trainer.devices x trainer.num_nodes), or start a "
-                    "new run from its adapter"
-                )
-            optimizer.load_state_dict(shards[self.global_rank])
+            if SHARDS_KEY in saved:
+                raise ConfigError(SHARDED_STATE_MESSAGE)
+            optimizer.load_state_dict(saved)
+
+
+SHARDED_STATE_MESSAGE = (
+    "this checkpoint was saved under FSDP by an earlier qlora_lit, which kept the optimizer state in per-rank shards "
+    "of the adapters; it cannot be resumed: start a new run from its adapter"
+)
 
 
 def shards_the_model(strategy: Any) -> bool:

@@ -28,7 +28,6 @@ from qlora_lit.fsdp import (
     check_fsdp_strategy,
     check_predict_strategy,
     clip_sharded_grad_norm,
-    shards_the_model,
 )
 from qlora_lit.loss import IGNORE_INDEX, chunked_lm_loss_sum, supports_chunked_loss
 from qlora_lit.memory import activation_bytes, fits_dequantized, needs_checkpointing
@@ -367,9 +366,8 @@ class QLoRAModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """With strict loading off, check ourselves that the checkpoint is this model's, with these adapters."""
-        sharded = shards_the_model(self.trainer.strategy)
         fitting = self.trainer.state.fn == "fit"
-        check_resume(checkpoint, self.hparams, self.model_name_or_path, sharded, fitting)
+        check_resume(checkpoint, self.hparams, self.model_name_or_path, fitting)
         if RANDOM_STREAMS_KEY in checkpoint:
             restore_random_streams(checkpoint[RANDOM_STREAMS_KEY], self.global_rank, self.trainer.world_size)
-        check_adapter_tensors(checkpoint["state_dict"], self, compare_shapes=not sharded)
+        check_adapter_tensors(checkpoint["state_dict"], self)

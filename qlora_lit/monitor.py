@@ -7,7 +7,6 @@ import time
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from qlora_lit.flops import LoraFlops, peak_tflops
@@ -24,7 +23,7 @@ class TrainingMonitor(Callback):
     - `throughput/mfu`: model FLOPs utilisation (see qlora_lit.flops), when the device's peak is known.
     - `train/padding_fraction`: share of the batches' token slots that are padding.
     - `train/grad_norm`: L2 norm of the trained parameters' gradient at the logged step, before clipping (with DDP
-      the all-reduced gradient; under FSDP the norm over every rank's shard).
+      the all-reduced gradient; under FSDP too, whose ranks hold the adapters whole).
     - `memory/peak_allocated_gib`, `memory/peak_reserved_gib`: CUDA allocator peaks since the last log, the
       largest rank's (CUDA only).
 
@@ -66,10 +65,7 @@ class TrainingMonitor(Callback):
         # Lightning calls this after backward (gradients all-reduced, unscaled) and before it clips them.
         if self._logs_at(trainer, trainer.global_step + 1):
             grads = [param.grad for param in pl_module.parameters() if param.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads).to(pl_module.device)  # empty: a CPU zero
-            if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard of every gradient
-                norm = trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
-            self._grad_norm = norm
+            self._grad_norm = torch.nn.utils.get_total_norm(grads).to(pl_module.device)  # empty: a CPU zero
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int):
         if trainer.global_step == self._last_step:

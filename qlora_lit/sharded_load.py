@@ -1,8 +1,9 @@
 """Load the base for FSDP so that no rank ever holds all of it: the reason FSDP-QLoRA exists.
 
 Every rank builds the model empty (meta device: module tree and shapes, no memory), with bitsandbytes' 4-bit layers
-in place of the linear layers, and attaches LoRA to it. FSDP then materialises it one unit at a time (a LoRA matrix,
-a decoder layer, the rest) through `ShardedLoader`, its `param_init_fn`: the unit's tensors are read from the
+in place of the linear layers, and attaches LoRA to it. The LoRA weights are made whole (every rank trains them);
+FSDP then materialises the base one unit at a time (a decoder layer, the rest) through `ShardedLoader`, its
+`param_init_fn`: the unit's tensors are read from the
 safetensors files (memory-mapped, so only those bytes are read and the page cache is shared by the node's ranks),
 quantized on this rank's device, and flattened and sharded by FSDP before the next unit is read. A rank's peak is
 its shard of the base plus one unsharded unit; the CPU holds no more than the tensors being read.
@@ -218,6 +219,13 @@ class ShardedLoader:
         if computed and not list(module.parameters(recurse=False)):
             causal_lm(self.model)._init_weights(module)  # rotary frequencies are computed, not stored
         self.peak_unsharded_bytes = max(self.peak_unsharded_bytes, self.unsharded_bytes())
+
+    def make_adapters(self) -> None:
+        """Make the trained tensors (the adapters) now, whole: FSDP leaves them to every rank (`ignored_states`)
+        and materialises only the modules it shards."""
+        for module in self.model.modules():
+            if any(param.requires_grad for param in module.parameters(recurse=False)):
+                self(module)
 
     def parameter(self, module: torch.nn.Module, name: str, meta: torch.nn.Parameter) -> torch.nn.Parameter:
         if is_lora(name):

@@ -79,7 +79,7 @@ def check(out: Path, extra: list[str]) -> None:
         "adapter_tensors": len(final),
         "dtypes": sorted({str(v.dtype) for v in final.values()}),
         "exported_equals_checkpoint": all(torch.equal(exported[peft_key(k)], v) for k, v in final.items()),
-        "optimizer_shards": len(checkpoint_at(full, 6)["optimizer_states"][0].get("fsdp_rank_states", [])),
+        "optimizer_states": len(checkpoint_at(full, 6)["optimizer_states"][0]["state"]),
         "resumed_max_abs_diff": max((resumed["state_dict"][k] - v).abs().max().item() for k, v in final.items()),
         "moved_steps_4_to_6_max_abs": moved,
         "gradient_checkpointing_run": gc_steps,

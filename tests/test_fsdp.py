@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL, checkpoint_at, fit_in_subprocess
 from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from peft import PeftModel
 from runs import peft_key
@@ -21,7 +22,7 @@ from zoo import build_zoo_model
 
 from qlora_lit.data.datamodule import load_tokenizer
 from qlora_lit.errors import ConfigError
-from qlora_lit.fsdp import SHARDS_KEY, QLoRAFSDPStrategy, embedding_units, qlora_wrap_policy
+from qlora_lit.fsdp import SHARDS_KEY, QLoRAFSDPStrategy, embedding_units, qlora_wrap_policy, trained_parameters
 from qlora_lit.model import LoraArgs, QuantizationArgs, load_base_model
 from qlora_lit.module import QLoRAModule
 from qlora_lit.samples import DEFAULT_PROMPTS, greedy_answers
@@ -30,7 +31,7 @@ from qlora_lit.text_log import as_prose
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = str(ROOT / "configs" / "fsdp.yaml")
 FSDP_CPU = ROOT / "tests" / "fsdp_cpu.py"
-# r=64: the LoRA matrices' shards reach bitsandbytes' 4096 elements, so the optimizer keeps 8-bit (blockwise) state.
+# r=64: the LoRA matrices reach bitsandbytes' 4096 elements, so the optimizer keeps 8-bit (blockwise) state.
 RANK = 64
 CPU_FSDP = ["--trainer.strategy.class_path", "fsdp_cpu.CPUFSDPStrategy", "--trainer.accelerator", "cpu"]
 CPU_FSDP += ["--trainer.devices", "2", "--model.quantization.compute_dtype", "bfloat16"]  # fsdp.yaml's bf16 as is
@@ -43,20 +44,24 @@ def tiny_module(compute_dtype: str = "float32", **settings) -> QLoRAModule:
     return module
 
 
-def test_fsdp_units_never_mix_frozen_and_trained_tensors():
-    """FSDP flattens each unit's own parameters into one buffer: the policy must make every decoder layer a unit and
-    every LoRA matrix a unit of its own, and leave the frozen rest together."""
+def test_fsdp_units_hold_the_frozen_base_and_the_adapters_stay_whole_on_every_rank():
+    """FSDP flattens each unit's own parameters into one buffer: every decoder layer is a unit, the LoRA matrices are
+    none (they are FSDP's ignored_states, replicated), so a unit holds frozen tensors only, and the ignored ones are
+    exactly the trained ones."""
     model = tiny_module().model
     units = [m for m in model.modules() if qlora_wrap_policy(m, recurse=False, nonwrapped_numel=0)]
     layers = model.get_base_model().model.layers
     assert all(layer in units for layer in layers)
     lora_matrices = [m for name, m in model.named_modules() if name.endswith((".lora_A.default", ".lora_B.default"))]
-    assert lora_matrices and all(m in units for m in lora_matrices)
+    assert lora_matrices and not any(m in units for m in lora_matrices)
+    replicated = {id(p) for p in trained_parameters(model)}
+    assert replicated == {id(p) for m in lora_matrices for p in m.parameters()}
     assert all(qlora_wrap_policy(m, recurse=True, nonwrapped_numel=0) for m in model.modules())
-    for unit in [*units, model]:  # what stays in a unit once its wrapped children are taken out
+    for unit in [*units, model]:  # what FSDP flattens in a unit once its wrapped children are taken out
         inner = {id(p) for child in unit.modules() if child is not unit and child in units for p in child.parameters()}
-        own = [p for p in unit.parameters() if id(p) not in inner]
-        assert len({p.requires_grad for p in own}) <= 1, type(unit).__name__
+        assert not any(p.requires_grad for p in unit.parameters() if id(p) not in inner | replicated)
+    sharded_lora = [m for m in lora_matrices if qlora_wrap_policy(m, False, 0, lora_units=True)]
+    assert sharded_lora == lora_matrices  # the alternative bench/fsdp_units.py times
 
 
 def test_untied_embeddings_and_head_are_units_of_their_own_and_tied_ones_stay_together(tmp_path):
@@ -98,24 +103,38 @@ def test_predict_under_fsdp_is_refused_with_what_to_use():
         module.on_predict_start()
 
 
-@pytest.mark.parametrize(
-    ("saved", "message"),
-    [({SHARDS_KEY: [{}, {}, {}]}, "saved by FSDP on 3 processes, and this run has 2"), ({"state": {}}, "without FSDP")],
-)
-def test_resuming_another_runs_optimizer_state_says_how_it_was_saved(saved, message):
+def test_optimizer_state_is_saved_and_loaded_as_without_fsdp_and_the_old_sharded_form_is_named():
     environment = LightningEnvironment()
     environment.set_world_size(2)
     strategy = QLoRAFSDPStrategy(parallel_devices=[torch.device("cuda", 0)] * 2, cluster_environment=environment)
-    strategy.optimizers = [torch.optim.SGD([torch.zeros(1, requires_grad=True)])]
-    with pytest.raises(ConfigError, match=message):
-        strategy.load_optimizer_state_dict({"optimizer_states": [saved]})
+    weight = torch.zeros(3, requires_grad=True)
+    trained = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
+    weight.grad = torch.ones(3)
+    trained.step()
+    saved = strategy.optimizer_state(trained)
+    assert saved.keys() == {"state", "param_groups"}
+    strategy.optimizers = [torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.1, momentum=0.9)]
+    strategy.load_optimizer_state_dict({"optimizer_states": [saved]})
+    assert torch.equal(strategy.optimizers[0].state_dict()["state"][0]["momentum_buffer"], torch.ones(3))
+    with pytest.raises(ConfigError, match="per-rank shards of the adapters; it cannot be resumed"):
+        strategy.load_optimizer_state_dict({"optimizer_states": [{SHARDS_KEY: [{}, {}]}]})
 
 
-def test_an_fsdp_checkpoint_resumed_without_fsdp_says_so():
+def test_bf16_mixed_under_fsdp_computes_in_bf16_and_leaves_buffers_as_they_are():
+    """Lightning's bf16-mixed would cast every buffer to bf16, the rotary frequencies too."""
+    strategy = QLoRAFSDPStrategy(
+        parallel_devices=[torch.device("cuda", 0)] * 2, precision_plugin=FSDPPrecision("bf16-mixed")
+    )
+    config = strategy.mixed_precision_config
+    assert config.param_dtype == torch.bfloat16 and config.buffer_dtype is None
+    assert FSDPPrecision("bf16-mixed").mixed_precision_config.buffer_dtype == torch.bfloat16  # what it replaces
+
+
+def test_a_checkpoint_of_an_earlier_sharded_form_is_named_wherever_it_is_resumed():
     module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype="float32"))
     module._trainer = SimpleNamespace(strategy=object(), state=SimpleNamespace(fn="fit"))
     checkpoint = {"optimizer_states": [{SHARDS_KEY: [{}, {}]}], "state_dict": {}}
-    with pytest.raises(ConfigError, match="saved under FSDP"):
+    with pytest.raises(ConfigError, match="saved under FSDP by an earlier qlora_lit"):
         module.on_load_checkpoint(checkpoint)
 
 
@@ -145,10 +164,10 @@ def test_fsdp_fit_saves_whole_adapters_and_resumes_like_the_uninterrupted_run(fs
     final = checkpoint_at(run, 4)
     assert {key: value.shape for key, value in final["state_dict"].items()} == shapes  # whole, and the adapters only
     assert all(value.dtype == torch.float32 for value in final["state_dict"].values())  # bf16 compute, fp32 weights
-    shards = final["optimizer_states"][0][SHARDS_KEY]
-    assert len(shards) == 2 and all(len(shard["state"]) == len(shapes) for shard in shards)
-    states = [state.get("__bnb_optimizer_quant_state__", state)["state1"] for state in shards[0]["state"].values()]
-    assert any(state.dtype == torch.uint8 for state in states)  # blockwise 8-bit state, kept per shard
+    optimizer = final["optimizer_states"][0]  # as without FSDP: the adapters are whole on every rank
+    assert len(optimizer["state"]) == len(shapes)
+    states = [state.get("__bnb_optimizer_quant_state__", state)["state1"] for state in optimizer["state"].values()]
+    assert any(state.dtype == torch.uint8 for state in states)  # bitsandbytes' blockwise 8-bit state
 
     # The exported adapter is the last checkpoint's, in PEFT's format: it loads onto the base as any adapter does.
     exported = load_file(run / "adapter" / "adapter_model.safetensors")
@@ -188,8 +207,8 @@ def scalars(run: Path, tag: str) -> dict[int, float]:
 @pytest.mark.slow
 def test_fsdp_clips_by_norm_and_logs_the_norm_over_every_shard(fsdp_run, tmp_path):
     """base.yaml clips the gradient norm, which Lightning's FSDP precision refuses; under qlora_lit's FSDP the root
-    module clips it (the run above trained), and train/grad_norm is the norm of the whole gradient, as two DDP ranks
-    see it in the first step (same weights, same batches), not rank 0's shard."""
+    module clips it (the run above trained), and train/grad_norm is the norm of the averaged gradient, as two DDP ranks
+    see it in the first step (same weights, same batches), not one rank's own."""
     ddp = ["--config", FSDP_CONFIG, *CPU_FSDP, "--trainer.strategy", "ddp", "--trainer.max_steps", "1", *CLIPPED]
     replicated = scalars(fit_in_subprocess(tmp_path / "ddp", *ddp), "train/grad_norm")[0]  # fsdp.yaml's dtypes
     assert replicated > 0.5  # so the clipping acts
