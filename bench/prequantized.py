@@ -35,7 +35,9 @@ def random_module_state(module: torch.nn.Module, prefix: str, generator: torch.G
     """The module's own tensors drawn at random (norms at one), quantized where the module is 4-bit, as saved."""
     metas = dict(module.named_parameters(recurse=False))
     for name, meta in metas.items():
-        value = torch.empty(meta.shape, dtype=torch.bfloat16, device=device)
+        # The empty model's 4-bit weights have their packed shape; the weight to quantize has the layer's.
+        shape = (module.out_features, module.in_features) if isinstance(meta, bnb.nn.Params4bit) else meta.shape
+        value = torch.empty(shape, dtype=torch.bfloat16, device=device)
         value.fill_(1.0) if meta.dim() == 1 else value.normal_(0.0, 0.02, generator=generator)
         if isinstance(meta, bnb.nn.Params4bit):
             settings = {key: getattr(meta, key) for key in ("quant_type", "blocksize", "compress_statistics")}

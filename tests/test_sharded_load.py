@@ -11,6 +11,7 @@ import shutil
 import socket
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
 import torch
 import torch.distributed as dist
@@ -99,6 +100,23 @@ def test_a_base_loaded_unit_by_unit_is_the_one_from_pretrained_loads(source, pre
         assert torch.equal(as_bytes(value), as_bytes(expected[key])), key
     assert model.get_base_model().lm_head.weight is model.get_base_model().model.embed_tokens.weight  # still tied
     torch.testing.assert_close(logits(model), logits(whole), rtol=0, atol=0)
+
+
+def test_the_benchs_pre_quantized_folder_has_the_shapes_of_the_model_it_stands_for(tmp_path, monkeypatch):
+    """bench/prequantized.py writes a pre-quantized folder module by module (the 70B run's base): each 4-bit weight is
+    its layer's whole weight, packed (it once quantized the packed shape again: half the bytes, a 1 x N weight that
+    failed at the first matmul), and the folder loads as from_pretrained loads any `*-bnb-4bit` folder."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from bench.prequantized import build
+
+    build("tiny", tmp_path / "model", "cpu")
+    model = whole_peft_model(str(tmp_path / "model")).get_base_model()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers
+    for layer in layers:
+        assert tuple(layer.weight.quant_state.shape) == (layer.out_features, layer.in_features)
+        assert layer.weight.numel() * layer.weight.element_size() * 2 == layer.out_features * layer.in_features
+    assert torch.isfinite(logits(model)).all()
 
 
 def test_tensors_stored_under_other_names_are_found_before_loading(tmp_path):
