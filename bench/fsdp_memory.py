@@ -2,6 +2,8 @@
 
     python -m bench.fsdp_memory [--shapes llama-3.1-8b llama-3.1-70b] [--gpus 1 2 4 8] [--tokens 512]
 
+Prints the need per GPU for each number of GPUs, then the fewest GPUs of common sizes each model needs.
+
 Per rank, as qlora_lit loads and trains (base.yaml + lowmem.yaml + fsdp.yaml): its shard of the packed 4-bit weights
 and of the bf16 embeddings, head and norms; the 4-bit weights' quantization scales, which every rank keeps whole
 (bitsandbytes holds them beside the layer, not as a parameter FSDP could shard); the largest gathered units (a decoder
@@ -58,6 +60,25 @@ def per_rank_bytes(shape: str, gpus: int, tokens: int, lora_r: int) -> dict[str,
     return {name: value / GIB for name, value in parts.items()}
 
 
+CONTEXT_GIB = 0.5  # CUDA context, per GPU
+MEASURED_EXCESS = 1.1  # the 8B capped run peaked at 3.60 GiB per rank against 3.24 computed (bench/fsdp_capped.py)
+CARDS = {  # what the cards report, in GiB
+    "24 GB (RTX 3090/4090)": 23.99,
+    "40 GB (A100 40GB)": 39.59,
+    "48 GB (RTX A6000)": 47.99,
+    "80 GB (H100 80GB)": 79.65,
+}
+
+
+def gpus_needed(shape: str, card_gib: float, tokens: int, lora_r: int, choices=(1, 2, 4, 8)) -> int | None:
+    """The fewest GPUs of `card_gib` on which the computed need per GPU, with the measured excess and the CUDA
+    context, fits."""
+    for gpus in choices:
+        if sum(per_rank_bytes(shape, gpus, tokens, lora_r).values()) * MEASURED_EXCESS + CONTEXT_GIB <= card_gib:
+            return gpus
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["llama-3.1-8b", "llama-3.1-70b"])
@@ -73,6 +94,12 @@ def main() -> None:
             top = sorted(parts.items(), key=lambda item: -item[1])[:3]
             described = ", ".join(f"{name} {value:.1f}" for name, value in top)
             print(f"| {shape} | {gpus} | {sum(parts.values()):.1f} | {described} |")
+    print()
+    print("| model | " + " | ".join(CARDS) + " |")
+    print("| --- |" + " ---: |" * len(CARDS))
+    for shape in a.shapes:
+        needed = [gpus_needed(shape, card, a.tokens, a.lora_r) for card in CARDS.values()]
+        print(f"| {shape} | " + " | ".join(str(n) if n else "more than 8" for n in needed) + " |")
 
 
 if __name__ == "__main__":
