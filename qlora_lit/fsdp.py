@@ -290,10 +290,10 @@ def check_predict_strategy(strategy: Any) -> None:
 
 
 def clip_sharded_grad_norm(root: torch.nn.Module, max_norm: float | None, algorithm: str | None) -> bool:
-    """Clip the gradients' norm across every rank's shards when `root` is FSDP-wrapped and clipping is by norm;
-    returns whether it did (else Lightning's own clipping applies). Lightning's FSDP precision refuses to clip by
-    norm: the norm spans every rank's shard, and only the root FSDP module computes it (its clip_grad_norm_
-    all-reduces the shards' squares)."""
+    """Clip the gradients' norm when `root` is FSDP-wrapped and clipping is by norm; returns whether it did (else
+    Lightning's own clipping applies). Lightning's FSDP precision refuses to clip by norm; the root FSDP module's
+    clip_grad_norm_ takes the norm of what FSDP shards across the ranks (the frozen base: no gradients) and of what
+    it leaves whole on every rank (the adapters, averaged by then)."""
     if not max_norm or algorithm == "value" or not isinstance(root, FullyShardedDataParallel):
         return False
     root.clip_grad_norm_(max_norm)

@@ -190,7 +190,7 @@ def test_fsdp_fit_saves_whole_adapters_and_resumes_like_the_uninterrupted_run(fs
         assert [event.step for event in logged] == [0, 2, 4]
         assert logged[0].tensor_proto.string_val[0].decode() == f"**{as_prose(prompt)}**\n\n{as_prose(answer.strip())}"
 
-    # Resumed from step 2 (weights, 8-bit optimizer shards, scheduler, data position, each rank's random stream):
+    # Resumed from step 2 (weights, 8-bit optimizer state, scheduler, data position, each rank's random stream):
     # it ends exactly where the uninterrupted run ended.
     ckpt = next((run / "checkpoints").glob("step000002-*.ckpt"))
     resumed = fsdp_fit(tmp_path / "resumed", "--trainer.max_steps", "4", *CLIPPED, "--ckpt_path", str(ckpt))
