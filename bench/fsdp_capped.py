@@ -59,6 +59,8 @@ def fit(a: argparse.Namespace, data: Path, run: str, max_steps: int, *extra: str
         "samples.prompts": "[]",  # generation through gloo gathers would take minutes a token at 70B
         "monitor.peak_tflops": common.H200_BF16_PEAK_TFLOPS,
     }
+    if a.cpu_offload:
+        overrides["trainer.strategy.init_args.cpu_offload"] = "true"
     command += [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
     command += list(extra)
     env = {**os.environ, "FSDP_RANK_CAP_GIB": str(a.cap_gib), "FSDP_SHARED_RANKS": str(a.ranks)}
@@ -122,6 +124,7 @@ def main() -> None:
     p.add_argument("--resume_steps", type=int, default=1)
     p.add_argument("--lora_r", type=int, default=4)
     p.add_argument("--loss_chunk_tokens", type=int, default=256)
+    p.add_argument("--cpu_offload", action="store_true", help="each rank's shard of the base in CPU memory")
     p.add_argument("--work_dir", default="/tmp/fsdp_capped")
     p.add_argument("--out", required=True)
     a = p.parse_args()
@@ -134,7 +137,7 @@ def main() -> None:
     base_gib, load_seconds = load_report(log)
     row = {
         "system": "qlora_lit",
-        "variant": "fsdp-capped",
+        "variant": "fsdp-capped-offload" if a.cpu_offload else "fsdp-capped",
         "model": a.shape,
         "ranks": a.ranks,
         "cap_gib": a.cap_gib,
@@ -153,6 +156,7 @@ def main() -> None:
         "versions": common.versions(),
         "settings": {
             "configs": "base.yaml + lowmem.yaml + fsdp.yaml",
+            "cpu_offload": a.cpu_offload,
             "max_length": 512,
             "pack_length": 512,
             "batch_size_per_rank": 1,

@@ -2,7 +2,8 @@
 
     python -m bench.fsdp_memory [--shapes llama-3.1-8b llama-3.1-70b] [--gpus 1 2 4 8] [--tokens 512]
 
-Prints the need per GPU for each number of GPUs, then the fewest GPUs of common sizes each model needs.
+Prints the need per GPU for each number of GPUs, then the fewest GPUs of common sizes each model needs, also with
+FSDP's `cpu_offload` (each rank's shard of the base in CPU memory; one GPU means no FSDP, so no offload).
 
 Per rank, as qlora_lit loads and trains (base.yaml + lowmem.yaml + fsdp.yaml): its shard of the packed 4-bit weights
 and of the bf16 embeddings, head and norms; the 4-bit weights' quantization scales, which every rank keeps whole
@@ -30,7 +31,7 @@ LOSS_CHUNK = 256  # bench/fsdp_capped.py's loss_chunk_tokens (lowmem.yaml's: 102
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # base.yaml's
 
 
-def per_rank_bytes(shape: str, gpus: int, tokens: int, lora_r: int) -> dict[str, float]:
+def per_rank_bytes(shape: str, gpus: int, tokens: int, lora_r: int, cpu_offload: bool = False) -> dict[str, float]:
     config = shapes.make_config(shape)
     settings = {"quant_type": "nf4", "double_quant": True, "storage": torch.bfloat16}
     base = empty_model(config, torch.bfloat16, "sdpa", settings)
@@ -48,7 +49,7 @@ def per_rank_bytes(shape: str, gpus: int, tokens: int, lora_r: int) -> dict[str,
     layer_packed = packed / layers
     head = config.vocab_size * hidden * 2
     parts = {
-        "sharded base": (packed + plain) / gpus,
+        "sharded base": 0 if cpu_offload and gpus > 1 else (packed + plain) / gpus,  # offloaded: in CPU memory
         "scales (every rank)": scales,
         "gathered units": max(2 * layer_packed, head + layer_packed) if gpus > 1 else 0,
         "LoRA + grads + 8-bit Adam": lora * (4 + 4 + 2),  # whole on every rank
@@ -70,11 +71,14 @@ CARDS = {  # what the cards report, in GiB
 }
 
 
-def gpus_needed(shape: str, card_gib: float, tokens: int, lora_r: int, choices=(1, 2, 4, 8)) -> int | None:
+def gpus_needed(
+    shape: str, card_gib: float, tokens: int, lora_r: int, cpu_offload: bool = False, choices=(1, 2, 4, 8)
+) -> int | None:
     """The fewest GPUs of `card_gib` on which the computed need per GPU, with the measured excess and the CUDA
     context, fits."""
     for gpus in choices:
-        if sum(per_rank_bytes(shape, gpus, tokens, lora_r).values()) * MEASURED_EXCESS + CONTEXT_GIB <= card_gib:
+        need = sum(per_rank_bytes(shape, gpus, tokens, lora_r, cpu_offload).values())
+        if need * MEASURED_EXCESS + CONTEXT_GIB <= card_gib:
             return gpus
     return None
 
@@ -98,8 +102,11 @@ def main() -> None:
     print("| model | " + " | ".join(CARDS) + " |")
     print("| --- |" + " ---: |" * len(CARDS))
     for shape in a.shapes:
-        needed = [gpus_needed(shape, card, a.tokens, a.lora_r) for card in CARDS.values()]
-        print(f"| {shape} | " + " | ".join(str(n) if n else "more than 8" for n in needed) + " |")
+        rows = {name: [gpus_needed(shape, card, a.tokens, a.lora_r, offload) for card in CARDS.values()]
+                for name, offload in ((shape, False), (f"{shape}, cpu_offload", True))}  # fmt: skip
+        for name, needed in rows.items():
+            if name == shape or needed != rows[shape]:  # the offload row where it changes something
+                print(f"| {name} | " + " | ".join(str(n) if n else "more than 8" for n in needed) + " |")
 
 
 if __name__ == "__main__":

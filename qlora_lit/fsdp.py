@@ -9,8 +9,8 @@ cannot mix frozen and trained tensors without gradient buffers the size of the b
 gathered twice and reduce-scattered every micro-batch (bench/fsdp_units.py measures the cost).
 
 `QLoRAFSDPStrategy` is Lightning's FSDPStrategy with that all-reduce, and checkpoints that suit a frozen base: the
-adapters and the optimizer state as without FSDP (never the base), so a run resumes on any number of GPUs, with or
-without FSDP.
+adapters and the optimizer state as without FSDP (never the base), so a run can resume on another number of GPUs,
+or without FSDP.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ class CPUFSDPStrategy(QLoRAFSDPStrategy):
             model,
             mixed_precision=self.mixed_precision_config,
             sharding_strategy=self.sharding_strategy,
+            cpu_offload=self.cpu_offload,
             device_id=torch.device("cpu"),
             **self.kwargs,
         )
