@@ -73,8 +73,28 @@ def fit(a: argparse.Namespace, data: Path, run: str, max_steps: int, *extra: str
     seconds = time.perf_counter() - start
     text = log_path.read_text()
     if code:
+        failed = {"system": "qlora_lit", "variant": variant(a), "model": a.shape, "ranks": a.ranks}
+        failed |= {
+            "cap_gib": a.cap_gib,
+            "failed_in": run,
+            "exit_code": code,
+            "error": last_error(text),
+            "load_seconds": load_report(text)[1],
+        }
+        with open(a.out, "a", encoding="utf-8") as out:  # a run that does not fit is a result too
+            out.write(json.dumps({**failed, "date": datetime.date.today().isoformat()}) + "\n")
         raise SystemExit(f"{run} failed ({code}):\n{text[-3000:]}")
     return Path(a.work_dir) / "capped" / "run", text, seconds
+
+
+def variant(a: argparse.Namespace) -> str:
+    return "fsdp-capped-offload" if a.cpu_offload else "fsdp-capped"
+
+
+def last_error(log: str) -> str | None:
+    """The log's last line naming an error (for an out-of-memory: what was asked for and what the process held)."""
+    lines = [line for line in log.splitlines() if "Error" in line]
+    return lines[-1][-600:] if lines else None
 
 
 def peaks(log: str) -> list[float]:
@@ -137,7 +157,7 @@ def main() -> None:
     base_gib, load_seconds = load_report(log)
     row = {
         "system": "qlora_lit",
-        "variant": "fsdp-capped-offload" if a.cpu_offload else "fsdp-capped",
+        "variant": variant(a),
         "model": a.shape,
         "ranks": a.ranks,
         "cap_gib": a.cap_gib,
