@@ -209,6 +209,8 @@ class QLoRAModule(L.LightningModule):
         if device.type != "cuda" or tokens is None or checkpointing:
             return False
         weights, extra = torch.cuda.memory_allocated(device), dequantized.extra_bytes(model)
+        if not dequantized.four_bit_layers(model):
+            return False  # an 8-bit or unquantized base: nothing to keep
         total = torch.cuda.get_device_properties(device).total_memory
         chosen = fits_dequantized(model.config, tokens, self.loss_chunk_tokens, weights + extra, total)
         rank_zero_info(

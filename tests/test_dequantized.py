@@ -123,3 +123,8 @@ def test_auto_asks_the_gpu_and_the_data(monkeypatch):
     assert module.dequantize_for(module.model, cuda, checkpointing=True) is False  # memory is short: checkpointing
     monkeypatch.setattr(module, "micro_batch_tokens", lambda: None)
     assert module.dequantize_for(module.model, cuda, checkpointing=False) is False  # nothing to judge by
+    monkeypatch.setattr(module, "micro_batch_tokens", lambda: 4096)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=16 * 2**30))
+    assert module.dequantize_for(module.model, cuda, checkpointing=False) is True
+    dequantized.replace_four_bit_layers(module.model)  # no 4-bit layer left (as with an 8-bit or unquantized base)
+    assert module.dequantize_for(module.model, cuda, checkpointing=False) is False
