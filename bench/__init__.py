@@ -14,7 +14,9 @@ recorded commands; bench/run_baselines.sh runs the comparison variants one proce
     rank_balance          how long DDP ranks wait for the slowest each step, from the data alone (no GPU)
     prequantized          a random pre-quantized 4-bit folder of a real shape (70B without the bf16 model)
     fsdp_capped           the CLI's FSDP fit on two ranks sharing one GPU, each capped below the whole base
-    fsdp_memory           FSDP-QLoRA's memory per GPU, computed from a shape
+    fsdp_memory           FSDP-QLoRA's memory per GPU, computed from a shape, and the fewest GPUs per card size
+    fsdp_units            FSDP's own cost per step with a unit per LoRA matrix or replicated adapters (CPU, gloo)
+    dequantized_gpu       one NF4 layer against its kept dequantized weight on a GPU (keep_dequantized's products)
     zoo_gpu               configs/base.yaml on every architecture of tests/zoo.py
     report                the runners' JSON lines as one results file and markdown tables
     common                what the runners share, and tests/ helpers loaded by path (not run directly)
