@@ -12,11 +12,12 @@ difference relative to the output's largest value.
 from __future__ import annotations
 
 import argparse
-import json
 
 import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
+
+from bench import common
 
 
 def main() -> None:
@@ -46,10 +47,7 @@ def main() -> None:
             "input_grad_equal": torch.equal(grad, grad_ref),
             "versions": {"torch": torch.__version__, "bitsandbytes": bnb.__version__},
         }
-        print(json.dumps(row), flush=True)
-        if a.out:
-            with open(a.out, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+        common.emit(row, a.out)
 
 
 if __name__ == "__main__":

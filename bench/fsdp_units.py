@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from bench import common
 from qlora_lit.fsdp import average_replicated_grads, qlora_wrap_policy, trained_parameters
 from qlora_lit.model import LoraArgs, QuantizationArgs, attach_lora, load_base_model
 
@@ -117,10 +118,7 @@ def main() -> None:
             mp.spawn(worker, (str(folder), way, a.steps, 29_500 + index, str(rows)), nprocs=2)
         for line in rows.read_text().splitlines():
             row = {**json.loads(line), "layers": a.layers, "torch": torch.__version__, "device": "cpu (gloo, 2 ranks)"}
-            print(json.dumps(row), flush=True)
-            if a.out:
-                with open(a.out, "a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+            common.emit(row, a.out)
 
 
 if __name__ == "__main__":
