@@ -45,6 +45,7 @@ from qlora_lit.sharded_load import (
     missing_tensors,
     prequantized_settings,
 )
+from qlora_lit.split_head import SplitHead, split_output_head
 
 SHARDS_KEY = "fsdp_rank_states"  # optimizer state saved per rank by qlora_lit before adapters were replicated
 
@@ -77,6 +78,8 @@ def embedding_units(model: torch.nn.Module) -> frozenset[int]:
     parameters gathered from forward to backward)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     embeddings, head = causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()
+    if isinstance(head, SplitHead):  # a unit per piece
+        return frozenset({id(embeddings), *map(id, head.pieces)})
     if embeddings is None or head is None or head.weight is embeddings.weight:
         return frozenset()
     return frozenset({id(embeddings), id(head)})
@@ -186,6 +189,7 @@ class QLoRAFSDPStrategy(FSDPStrategy):
 
     def load_while_wrapping(self, model: PeftModel) -> None:
         """Make FSDP fill `model` (the empty base of `empty_base`, with LoRA attached) unit by unit as it wraps it."""
+        split_output_head(model)  # no rank gathers the whole head
         self.loader = ShardedLoader(model, self.checkpoint, self.root_device, torch.initial_seed())
         self.loader.make_adapters()
         self.kwargs["param_init_fn"] = self.loader

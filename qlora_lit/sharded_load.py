@@ -18,6 +18,7 @@ Pre-quantized folders (`*-bnb-4bit`: packed weights and their quantization state
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -64,10 +65,17 @@ class SafetensorsCheckpoint:
         return key in self.files
 
     def read(self, key: str) -> torch.Tensor:
+        return self._handle(key).get_tensor(key)
+
+    def read_rows(self, key: str, start: int, end: int) -> torch.Tensor:
+        """Rows `start:end` of a tensor, reading only those bytes."""
+        return self._handle(key).get_slice(key)[start:end]
+
+    def _handle(self, key: str):
         path = self.files[key]
         if path not in self._handles:
             self._handles[path] = safe_open(path, "pt")
-        return self._handles[path].get_tensor(key)
+        return self._handles[path]
 
     def close(self) -> None:
         self._handles.clear()
@@ -170,6 +178,9 @@ PARAMS4BIT_SETTINGS = ("quant_type", "blocksize", "compress_statistics", "quant_
 QUANT_STATE_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # as bitsandbytes saves a 4-bit weight
 
 
+PIECE = re.compile(r"\.pieces\.\d+\.")  # a SplitHead piece's part of a parameter name
+
+
 def is_lora(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
@@ -230,8 +241,11 @@ class ShardedLoader:
     def parameter(self, module: torch.nn.Module, name: str, meta: torch.nn.Parameter) -> torch.nn.Parameter:
         if is_lora(name):
             return torch.nn.Parameter(self.lora_init(name, meta), requires_grad=meta.requires_grad)
-        key = self.stored_key(name, meta)
-        if isinstance(meta, bnb.nn.Params4bit):
+        rows = getattr(module, "rows", None)  # a piece of a SplitHead: its rows of the checkpoint's head
+        key = self.stored_key(PIECE.sub(".", name) if rows else name, meta)
+        if rows:
+            param = torch.nn.Parameter(self.checkpoint.read_rows(key, *rows).to(self.device, meta.dtype), False)
+        elif isinstance(meta, bnb.nn.Params4bit):
             param = self.quantized(module, key, meta)
         else:
             param = torch.nn.Parameter(self.checkpoint.read(key).to(self.device, meta.dtype), requires_grad=False)

@@ -33,6 +33,7 @@ from qlora_lit.sharded_load import (
     missing_tensors,
     prequantized_settings,
 )
+from qlora_lit.split_head import split_output_head
 
 QUANTIZATION = QuantizationArgs(compute_dtype="bfloat16", quant_storage="bfloat16")  # fsdp.yaml's
 LORA = LoraArgs(r=4, dropout=0.0)
@@ -82,6 +83,13 @@ def deep_model(tmp_path_factory) -> Path:
     """Eight decoder layers that outweigh the (untied) embeddings: one unit is a small part of the whole."""
     sizes = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 8}
     return build_zoo_model("llama-untied", tmp_path_factory.mktemp("deep"), vocab_size=256, **sizes)
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_model(tmp_path_factory) -> Path:
+    """As `deep_model`, with an output head (1024 x 128 in bf16) larger than a 4-bit decoder layer: FSDP splits it."""
+    sizes = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 8}
+    return build_zoo_model("llama-untied", tmp_path_factory.mktemp("wide"), vocab_size=1024, **sizes)
 
 
 @pytest.mark.parametrize("source", ["bf16", "prequantized"])
@@ -186,7 +194,8 @@ def wrap_and_report(rank: int, world_size: int, port: int, path: str, results: d
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     model, checkpoint = empty_peft_model(path)
-    whole = base_bytes(model)
+    whole, embeddings = base_bytes(model), base_bytes(model.get_base_model().get_input_embeddings())
+    split = split_output_head(model)  # as the strategy: the head in pieces of a layer's size, where it is larger
     loader = ShardedLoader(model, checkpoint, torch.device("cpu"), seed=7)
     loader.make_adapters()  # as the strategy: the adapters whole, left out of FSDP; the base loaded unit by unit
     wrapped = FullyShardedDataParallel(
@@ -204,25 +213,38 @@ def wrap_and_report(rank: int, world_size: int, port: int, path: str, results: d
         "peak": loader.peak_unsharded_bytes,
         "local": sum(flat.numel() * flat.element_size() for flat in frozen),
         "logits": logits(wrapped),
+        "head_pieces": len(split.pieces) if split else 1,
+        "piece_units": sum(
+            hasattr(unit.module, "rows")
+            for unit in wrapped.modules()
+            if unit is not wrapped and hasattr(unit, "module") and isinstance(unit, FullyShardedDataParallel)
+        ),
+        "embeddings": embeddings,
     }
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_under_fsdp_no_rank_holds_the_whole_base_and_the_model_is_the_same(deep_model):
+@pytest.mark.parametrize("folder", ["deep_model", "wide_vocab_model"])
+def test_under_fsdp_no_rank_holds_the_whole_base_and_the_model_is_the_same(folder, request):
     """Two ranks (gloo) load an 8-layer model through FSDP: each reads every tensor once, holds at most one unit
     unsharded at a time (never the whole base), keeps half of it, and computes the logits of the model loaded whole.
-    The untied embeddings and head are units of their own, as QLoRAFSDPStrategy makes them."""
+    The untied embeddings and head are units of their own, as QLoRAFSDPStrategy makes them; a head larger than a
+    decoder layer is split into pieces of a layer's size (the wide vocabulary), which compute the same logits."""
+    path = request.getfixturevalue(folder)
     results = mp.Manager().dict()
-    mp.spawn(wrap_and_report, args=(2, free_port(), str(deep_model), results), nprocs=2)
+    mp.spawn(wrap_and_report, args=(2, free_port(), str(path), results), nprocs=2)
     torch.manual_seed(7)
-    reference = logits(whole_peft_model(str(deep_model)))
+    reference = logits(whole_peft_model(str(path)))
     for rank in (0, 1):
         report = results[rank]
         assert report["loaded"] == report["whole"]  # every base tensor read, each once
-        assert report["peak"] < 0.15 * report["whole"], report  # the largest unit: one of the 8 layers
+        largest = max(report["embeddings"], 0.15 * report["whole"])  # one of the 8 layers, or the embeddings
+        assert report["peak"] <= largest, report
         assert report["local"] <= 0.5 * report["whole"] + 64, report  # its half of the base (FSDP pads shards)
         torch.testing.assert_close(report["logits"], reference, rtol=0, atol=0)
+        assert (report["head_pieces"] > 1) == (folder == "wide_vocab_model"), report  # split only where larger
+        assert report["piece_units"] == (report["head_pieces"] if folder == "wide_vocab_model" else 0), report
 
 
 def test_lora_initialisation_ignores_the_default_device():
