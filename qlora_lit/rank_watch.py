@@ -34,6 +34,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 HEARTBEAT_S = 1.0
+IDENTIFY_WAIT_S = 10.0  # how long a rank waits at start for rank 0's identity
 ACK_WAIT_S = 3.0  # how long rank 0 keeps the store up for the others to read a verdict
 PEER_LOST_EXIT = 75  # EX_TEMPFAIL: another rank died or hung; the run can go on from its last checkpoint
 PEER_FAILED_EXIT = 1  # another rank raised an error, which would most likely recur
@@ -109,6 +110,12 @@ class Watcher(threading.Thread):
         self.known: dict[int, list[str]] = {}  # rank -> [host, pid, machine], once it has posted them
         self.known[rank] = [socket.gethostname(), str(os.getpid()), _pid_space()]
         self.store.set(f"who/{rank}", " ".join(self.known[rank]))
+        if rank != 0:  # rank 0 posts itself as it starts too: known now, a hang of rank 0 (its store frozen with it)
+            try:  # can still be named with its pid, even if it comes before the first round of the watch
+                self.store.wait(["who/0"], timedelta(seconds=IDENTIFY_WAIT_S))
+                self.identify(0)
+            except Exception:  # noqa: BLE001 - not posted in time: the rounds keep asking
+                pass
 
     def start(self) -> None:
         super().start()

@@ -95,3 +95,20 @@ def test_a_rank_killed_under_lightnings_own_launcher_is_named_before_anything_is
     output = (tmp_path / "log.txt").read_text()
     assert code == 75 and time.monotonic() - began < 10, output[-4000:]
     assert re.search(rf"rank 1 \(pid {rank_1} on \S+\) ended without a word .*Rank 0 stops too; {WHOLE}", output)
+
+
+def test_a_rank_knows_rank_0s_pid_from_its_start():
+    """A frozen rank 0 freezes the store it hosts: whatever the other ranks have not asked it by then, they cannot ask.
+    Rank 0's identity is read as the watch starts, so the message names its pid even when it hangs before the
+    watch's first round (a CI run once printed "rank 0 has not answered" without it)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from qlora_lit.rank_watch import Watcher
+
+    store = dist.HashStore()
+    store.set_timeout(timedelta(seconds=5))
+    first = Watcher(store, rank=0, world_size=2, silence_s=5)
+    second = Watcher(store, rank=1, world_size=2, silence_s=5)  # not started: no round has run
+    assert second.describe(0) == f" (pid {os.getpid()} on {first.known[0][0]})"
