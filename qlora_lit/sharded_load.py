@@ -241,7 +241,7 @@ class ShardedLoader:
     def parameter(self, module: torch.nn.Module, name: str, meta: torch.nn.Parameter) -> torch.nn.Parameter:
         if is_lora(name):
             return torch.nn.Parameter(self.lora_init(name, meta), requires_grad=meta.requires_grad)
-        rows = getattr(module, "rows", None)  # a piece of a SplitHead: its rows of the checkpoint's head
+        rows = getattr(module, "head_rows", None)  # a piece of a SplitHead: its rows of the checkpoint's head
         key = self.stored_key(PIECE.sub(".", name) if rows else name, meta)
         if rows:
             param = torch.nn.Parameter(self.checkpoint.read_rows(key, *rows).to(self.device, meta.dtype), False)

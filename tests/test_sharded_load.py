@@ -215,7 +215,7 @@ def wrap_and_report(rank: int, world_size: int, port: int, path: str, results: d
         "logits": logits(wrapped),
         "head_pieces": len(split.pieces) if split else 1,
         "piece_units": sum(
-            hasattr(unit.module, "rows")
+            hasattr(unit.module, "head_rows")
             for unit in wrapped.modules()
             if unit is not wrapped and hasattr(unit, "module") and isinstance(unit, FullyShardedDataParallel)
         ),
@@ -245,6 +245,14 @@ def test_under_fsdp_no_rank_holds_the_whole_base_and_the_model_is_the_same(folde
         torch.testing.assert_close(report["logits"], reference, rtol=0, atol=0)
         assert (report["head_pieces"] > 1) == (folder == "wide_vocab_model"), report  # split only where larger
         assert report["piece_units"] == (report["head_pieces"] if folder == "wide_vocab_model" else 0), report
+
+
+def test_a_loaded_head_is_left_whole(wide_vocab_model):
+    """The pieces of a split head are filled by the unit-by-unit loader; a head already loaded (a base FSDP loads
+    whole: 8-bit, renamed tensors) stays as it is."""
+    model = whole_peft_model(str(wide_vocab_model))
+    head = model.get_base_model().get_output_embeddings()
+    assert split_output_head(model) is None and model.get_base_model().get_output_embeddings() is head
 
 
 def test_lora_initialisation_ignores_the_default_device():
