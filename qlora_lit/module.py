@@ -206,11 +206,9 @@ class QLoRAModule(L.LightningModule):
         if self.keep_dequantized != "auto":
             return bool(self.keep_dequantized)
         tokens = self.micro_batch_tokens()
-        if device.type != "cuda" or tokens is None or checkpointing:
-            return False
+        if device.type != "cuda" or tokens is None or checkpointing or not dequantized.four_bit_layers(model):
+            return False  # on a CPU, short of memory, nothing to judge by, or no 4-bit layer (8-bit, unquantized)
         weights, extra = torch.cuda.memory_allocated(device), dequantized.extra_bytes(model)
-        if not dequantized.four_bit_layers(model):
-            return False  # an 8-bit or unquantized base: nothing to keep
         total = torch.cuda.get_device_properties(device).total_memory
         chosen = fits_dequantized(model.config, tokens, self.loss_chunk_tokens, weights + extra, total)
         rank_zero_info(
