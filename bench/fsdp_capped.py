@@ -102,6 +102,11 @@ def peaks(log: str) -> list[float]:
     return [float(found[rank]) for rank in sorted(found)]
 
 
+def pinned_peaks(log: str) -> list[float]:
+    found = dict(re.findall(r"rank (\d) .*peak_pinned_gib ([\d.]+)", log))
+    return [float(found[rank]) for rank in sorted(found)]
+
+
 def load_report(log: str) -> tuple[float | None, float | None]:
     """The base's size per rank and the load time, from the loader's line."""
     match = re.search(r"read and quantized ([\d.]+) (GiB|MiB).*\(([\d.]+) s\)", log)
@@ -164,6 +169,7 @@ def main() -> None:
         "base_4bit_gib_per_rank_read": base_gib,
         "peak_mem_gib_per_rank": peaks(log),
         "peak_mem_gib_per_rank_resumed": peaks(resumed_log),
+        "peak_pinned_cpu_gib_per_rank": pinned_peaks(log),
         "load_seconds": load_seconds,
         "tokens_per_s": measured["tokens_per_s"],
         "steps": a.steps + a.resume_steps,

@@ -46,7 +46,14 @@ class SharedGPUFSDPStrategy(QLoRAFSDPStrategy):
     def teardown(self) -> None:
         peak = torch.cuda.max_memory_allocated(self.root_device) / 2**30
         reserved = torch.cuda.max_memory_reserved(self.root_device) / 2**30
-        print(f"rank {self.global_rank} peak_allocated_gib {peak:.3f} peak_reserved_gib {reserved:.3f}", flush=True)
+        host = torch.cuda.host_memory_stats()  # CPU memory pinned by torch (cpu_offload: the shards, their buffers)
+        pinned = max((v for k, v in host.items() if k.startswith("allocated_bytes") and k.endswith("peak")), default=0)
+        pinned /= 2**30
+        print(
+            f"rank {self.global_rank} peak_allocated_gib {peak:.3f} peak_reserved_gib {reserved:.3f} "
+            f"peak_pinned_gib {pinned:.3f}",
+            flush=True,
+        )
         super().teardown()
 
 

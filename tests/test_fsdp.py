@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import TINY_MODEL, checkpoint_at, fit_in_subprocess
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.plugins.precision import FSDPPrecision
@@ -18,14 +19,26 @@ from peft import PeftModel
 from runs import peft_key
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_sharded_load import free_port
+from torch.distributed.fsdp import CPUOffload, FullyShardedDataParallel
+from torch.distributed.fsdp._runtime_utils import _lazy_init
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from zoo import build_zoo_model
 
 from qlora_lit.data.datamodule import load_tokenizer
 from qlora_lit.errors import ConfigError
-from qlora_lit.fsdp import SHARDS_KEY, QLoRAFSDPStrategy, embedding_units, qlora_wrap_policy, trained_parameters
+from qlora_lit.fsdp import (
+    SHARDS_KEY,
+    QLoRAFSDPStrategy,
+    embedding_units,
+    qlora_wrap_policy,
+    trained_parameters,
+    without_frozen_cpu_grads,
+)
 from qlora_lit.model import LoraArgs, QuantizationArgs, load_base_model
 from qlora_lit.module import QLoRAModule
 from qlora_lit.samples import DEFAULT_PROMPTS, greedy_answers
+from qlora_lit.sharded_load import fsdp_handles
 from qlora_lit.text_log import as_prose
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +141,33 @@ def test_bf16_mixed_under_fsdp_computes_in_bf16_and_leaves_buffers_as_they_are()
     config = strategy.mixed_precision_config
     assert config.param_dtype == torch.bfloat16 and config.buffer_dtype is None
     assert FSDPPrecision("bf16-mixed").mixed_precision_config.buffer_dtype == torch.bfloat16  # what it replaces
+
+
+@pytest.mark.parametrize("dropped", [True, False])
+def test_cpu_offload_pins_no_gradient_buffer_for_frozen_units(dropped, monkeypatch):
+    """torch's FSDP gives every offloaded unit a pinned CPU gradient buffer the size of its shard at the first
+    forward, frozen or not: as much pinned memory again as the base. Frozen units get an empty one instead. (A CPU
+    process cannot pin memory: pinning is a copy here, the rest is torch's own initialisation.)"""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self.clone())
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model[0].requires_grad_(False)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        wrapped = FullyShardedDataParallel(
+            model,
+            auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
+            cpu_offload=CPUOffload(offload_params=True),
+            device_id=torch.device("cpu"),
+        )
+        if dropped:
+            without_frozen_cpu_grads(wrapped)
+        _lazy_init(wrapped, wrapped)  # what the first forward does first
+        buffers = {h.flat_param.requires_grad: h.flat_param._cpu_grad.numel() for h in fsdp_handles(wrapped)}
+    finally:
+        dist.destroy_process_group()
+    assert buffers == {False: 0 if dropped else 72, True: 72}  # 8 x 8 weights + 8 biases
 
 
 def test_a_checkpoint_of_an_earlier_sharded_form_is_named_wherever_it_is_resumed():
