@@ -64,6 +64,7 @@ def fit(a: argparse.Namespace, data: Path, run: str, max_steps: int, *extra: str
     command += [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
     command += list(extra)
     env = {**os.environ, "FSDP_RANK_CAP_GIB": str(a.cap_gib), "FSDP_SHARED_RANKS": str(a.ranks)}
+    env["FSDP_SHARED_GATHER"] = a.gather
     env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     log_path = Path(a.work_dir) / f"{run}.log"
@@ -150,6 +151,12 @@ def main() -> None:
     p.add_argument("--lora_r", type=int, default=4)
     p.add_argument("--loss_chunk_tokens", type=int, default=256)
     p.add_argument("--cpu_offload", action="store_true", help="each rank's shard of the base in CPU memory")
+    p.add_argument(
+        "--gather",
+        choices=["gloo", "shared"],
+        default="gloo",
+        help="how the ranks gather the base's shards: gloo, or memory they share on the GPU (tests/shared_gather.py)",
+    )
     p.add_argument("--work_dir", default="/tmp/fsdp_capped")
     p.add_argument("--out", required=True)
     a = p.parse_args()
@@ -189,7 +196,9 @@ def main() -> None:
             "lora_r": a.lora_r,
             "loss_chunk_tokens": a.loss_chunk_tokens,
             "samples": "off",
-            "collectives": "gloo (two ranks share one GPU)",
+            "collectives": "gloo (the ranks share one GPU)"
+            if a.gather == "gloo"
+            else "the base's all-gathers through shared GPU memory (tests/shared_gather.py), the rest gloo",
             "tokens_per_s_from": "the resumed run's TensorBoard windows after the first",
         },
     }

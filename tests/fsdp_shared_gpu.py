@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 from runs import ROOT, checkpoint_at, fit_in_subprocess, peft_key
+from shared_gather import SharedMemoryGather
 
 from qlora_lit.fsdp import QLoRAFSDPStrategy
 
 CAP_VARIABLE = "FSDP_RANK_CAP_GIB"
+GATHER_VARIABLE = "FSDP_SHARED_GATHER"  # "shared": tests/shared_gather.py; else gloo's
 
 
 class SharedGPUFSDPStrategy(QLoRAFSDPStrategy):
@@ -36,24 +38,38 @@ class SharedGPUFSDPStrategy(QLoRAFSDPStrategy):
         kwargs["parallel_devices"] = [torch.device("cuda", 0)] * int(os.environ.get("FSDP_SHARED_RANKS", "2"))
         super().__init__(*args, **kwargs)
 
+    gather: SharedMemoryGather | None = None
+
     def setup_environment(self) -> None:
         super().setup_environment()
+        self.cap_to(0)
+        if os.environ.get(GATHER_VARIABLE) == "shared":  # the base's all-gathers through shared GPU memory, not gloo
+            self.gather = SharedMemoryGather(self.root_device, on_grow=self.cap_to)
+            self.gather.install()
+
+    def cap_to(self, extra_bytes: int) -> None:
+        """Cap this process's allocator at FSDP_RANK_CAP_GIB plus the shared gather's buffer (which NCCL would not
+        take from torch's allocator)."""
         cap = os.environ.get(CAP_VARIABLE)
         if cap:
             total = torch.cuda.get_device_properties(self.root_device).total_memory
-            torch.cuda.set_per_process_memory_fraction(float(cap) * 2**30 / total, self.root_device)
+            fraction = (float(cap) * 2**30 + extra_bytes) / total
+            torch.cuda.set_per_process_memory_fraction(fraction, self.root_device)
 
     def teardown(self) -> None:
-        peak = torch.cuda.max_memory_allocated(self.root_device) / 2**30
-        reserved = torch.cuda.max_memory_reserved(self.root_device) / 2**30
+        extra = self.gather.extra_bytes if self.gather is not None else 0  # counted beside the cap, not in it
+        peak = (torch.cuda.max_memory_allocated(self.root_device) - extra) / 2**30
+        reserved = (torch.cuda.max_memory_reserved(self.root_device) - extra) / 2**30
         host = torch.cuda.host_memory_stats()  # CPU memory pinned by torch (cpu_offload: the shards, their buffers)
         pinned = max((v for k, v in host.items() if k.startswith("allocated_bytes") and k.endswith("peak")), default=0)
         pinned /= 2**30
         print(
             f"rank {self.global_rank} peak_allocated_gib {peak:.3f} peak_reserved_gib {reserved:.3f} "
-            f"peak_pinned_gib {pinned:.3f}",
+            f"peak_pinned_gib {pinned:.3f} gather_buffer_gib {extra / 2**30:.3f}",
             flush=True,
         )
+        if self.gather is not None:
+            self.gather.uninstall()
         super().teardown()
 
 
