@@ -1,7 +1,8 @@
 """Run configs/fsdp.yaml on a machine with one GPU: two ranks share it and talk over gloo (NCCL refuses two ranks on
 one GPU). The CUDA paths (bitsandbytes' CUDA kernels, CUDA autocast in bf16, FSDP's flat parameters on the GPU,
 gathered checkpoints, the adapter export, samples with synced generation) run as on several GPUs; the collectives
-go through host memory instead of NVLink. Not a speed measurement.
+go through host memory instead of NVLink (FSDP_SHARED_GATHER=shared: the base's all-gathers through GPU memory the
+ranks share, tests/shared_gather.py). Not a speed measurement.
 
     python tests/fsdp_shared_gpu.py check OUT_DIR [--model.model_name_or_path PATH ...]
 
