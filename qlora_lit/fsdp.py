@@ -269,8 +269,9 @@ class QLoRAFSDPStrategy(FSDPStrategy):
 def without_frozen_cpu_grads(root: torch.nn.Module) -> None:
     """With `cpu_offload`, torch's FSDP keeps a pinned CPU gradient buffer the size of every unit's shard, trained or
     not (`FlatParamHandle.init_flat_param_attributes`, at the first forward): as much pinned memory again as the
-    offloaded base. The base's units are frozen and never get a gradient, so theirs is replaced by an empty one as
-    it is made (the freed block is reused for the next unit's): the node then pins the base once, not twice."""
+    offloaded base. The base's units are frozen and never get a gradient, so theirs is replaced as it is made by
+    zeros of its size that take one element (the freed block is reused for the next unit's; torch checks the
+    buffer's size when it resets the gradients, and never writes a frozen unit's): the node pins the base once."""
     for handle in fsdp_handles(root):
         if not handle.flat_param.requires_grad:
             init = handle.init_flat_param_attributes
@@ -280,8 +281,8 @@ def without_frozen_cpu_grads(root: torch.nn.Module) -> None:
 def _init_without_cpu_grad(init: Callable[[], None]) -> None:
     init()
     flat_param = init.__self__.flat_param
-    if getattr(flat_param, "_cpu_grad", None) is not None:
-        flat_param._cpu_grad = flat_param._cpu_grad.new_empty(0)
+    if getattr(flat_param, "_cpu_grad", None) is not None:  # of the shard's size, as torch checks, in one element
+        flat_param._cpu_grad = flat_param._cpu_grad.new_zeros(1).expand(flat_param._cpu_grad.shape)
 
 
 SHARDED_STATE_MESSAGE = (

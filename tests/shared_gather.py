@@ -58,9 +58,9 @@ class SharedMemoryGather:
             self.gather(output_tensor, input_tensor)
             if self.unchecked:  # the first gathers also through gloo: the same bytes, or a clear stop
                 self.unchecked -= 1
-                reference = torch.empty_like(output_tensor)
-                original(reference, input_tensor, group=group)
-                if not torch.equal(reference.view(torch.uint8), output_tensor.view(torch.uint8)):
+                reference = torch.empty_like(output_tensor, device="cpu")  # on the CPU: no GPU memory for it
+                original(reference, input_tensor.cpu(), group=group)
+                if not torch.equal(reference.view(torch.uint8), output_tensor.cpu().view(torch.uint8)):
                     raise RuntimeError("shared-memory all-gather differs from gloo's")
             return None
 
@@ -85,13 +85,13 @@ class SharedMemoryGather:
         """A larger buffer on every rank (all ranks reach this in the same call: they gather the same sizes)."""
         self.peers = []
         self.buffer = None
+        if self.on_grow is not None:  # first: a rank capped at its size would not have room for the buffer
+            self.on_grow(nbytes)
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         shared = [None] * dist.get_world_size()
         dist.all_gather_object(shared, bytes(ForkingPickler.dumps(self.buffer)))
         rank = dist.get_rank()
         self.peers = [self.buffer if r == rank else pickle.loads(handle) for r, handle in enumerate(shared)]
-        if self.on_grow is not None:
-            self.on_grow(nbytes)
 
     @staticmethod
     def _as(buffer: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

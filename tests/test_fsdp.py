@@ -146,8 +146,9 @@ def test_bf16_mixed_under_fsdp_computes_in_bf16_and_leaves_buffers_as_they_are()
 @pytest.mark.parametrize("dropped", [True, False])
 def test_cpu_offload_pins_no_gradient_buffer_for_frozen_units(dropped, monkeypatch):
     """torch's FSDP gives every offloaded unit a pinned CPU gradient buffer the size of its shard at the first
-    forward, frozen or not: as much pinned memory again as the base. Frozen units get an empty one instead. (A CPU
-    process cannot pin memory: pinning is a copy here, the rest is torch's own initialisation.)"""
+    forward, frozen or not: as much pinned memory again as the base. Frozen units get one of the same size that
+    holds one element, which torch's gradient reset after each forward accepts (it checks the size; an empty
+    buffer failed there on a GPU). A CPU process cannot pin memory: pinning is a copy here, the rest is torch's."""
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self.clone())
@@ -160,14 +161,19 @@ def test_cpu_offload_pins_no_gradient_buffer_for_frozen_units(dropped, monkeypat
             auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
             cpu_offload=CPUOffload(offload_params=True),
             device_id=torch.device("cpu"),
+            use_orig_params=True,  # as Lightning wraps
         )
         if dropped:
             without_frozen_cpu_grads(wrapped)
         _lazy_init(wrapped, wrapped)  # what the first forward does first
-        buffers = {h.flat_param.requires_grad: h.flat_param._cpu_grad.numel() for h in fsdp_handles(wrapped)}
+        buffers = {}
+        for handle in fsdp_handles(wrapped):
+            buffers[handle.flat_param.requires_grad] = handle.flat_param._cpu_grad.untyped_storage().nbytes()
+            handle._use_sharded_grad_views()  # what resharding after a forward does (it checks the buffer's size)
+            assert all(p.grad is None for p in handle.flat_param._params if not p.requires_grad)
     finally:
         dist.destroy_process_group()
-    assert buffers == {False: 0 if dropped else 72, True: 72}  # 8 x 8 weights + 8 biases
+    assert buffers == {False: 4 if dropped else 72 * 4, True: 72 * 4}  # 8 x 8 weights + 8 biases, fp32
 
 
 def test_a_checkpoint_of_an_earlier_sharded_form_is_named_wherever_it_is_resumed():
