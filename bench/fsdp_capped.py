@@ -8,9 +8,10 @@ each rank's allocator capped at --cap_gib (`torch.cuda.set_per_process_memory_fr
 that size), KoAlpaca-like rows of max_length 512 packed into 512-token rows (scaling.py's data). It trains --steps
 optimizer steps and checkpoints, resumes that checkpoint for --resume_steps more, and the exported adapter is then
 loaded onto the (empty) base in plain PEFT and compared with the last checkpoint. One JSON row goes to --out.
-Not a speed measurement of FSDP itself: the collectives go through host memory (gloo), not NVLink. bench/fsdp_memory.py
-computes what each rank needs; with two ranks the 8B shape needs more than 4 GiB (the output head alone, gathered
-whole for the logits, is 1 GiB in bf16), so its capped run takes four.
+Not a speed measurement of FSDP itself: the collectives go through host memory (gloo, about 0.35 GiB/s a rank: minutes
+a step at 70B), or with --gather shared the base's all-gathers go through GPU memory the ranks share
+(tests/shared_gather.py), not NVLink. bench/fsdp_memory.py computes what each rank needs; with two ranks the 8B shape
+needs more than 4 GiB (it ran out at the first backward on 2026-12-07, docs/FSDP.md), so its capped run takes four.
 """
 
 from __future__ import annotations
