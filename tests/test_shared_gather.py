@@ -29,7 +29,17 @@ def gather_and_report(rank: int, port: int, results: dict) -> None:
                 getattr(dist, name)(output, shard)
                 gathered.append(output.tolist())  # not tensors: they would travel by shared memory
     gather.uninstall()
+    wrong = SharedMemoryGather(torch.device("cpu"), check=1)  # a gather that gets one byte wrong is caught
+    wrong.gather = lambda output, shard: output.copy_(torch.cat([shard, shard]))  # its own shard twice
+    wrong.install()
+    try:
+        dist.all_gather_into_tensor(torch.empty(4), torch.ones(2) * rank)
+        caught = None
+    except RuntimeError as error:
+        caught = str(error)
+    wrong.uninstall()
     results[rank] = {
+        "caught": caught,
         "gathered": gathered,
         "grown": grown,
         "restored": all(getattr(dist, name) is original for name, original in gather.originals.items()),
@@ -52,3 +62,4 @@ def test_ranks_gather_each_others_shards_through_shared_memory():
             assert got == want.tolist()
         assert report["grown"] == [12, 36]  # the buffer grows with the first larger shard only
         assert report["restored"]
+        assert report["caught"] == "shared-memory all-gather differs from gloo's"
