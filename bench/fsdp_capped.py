@@ -82,6 +82,8 @@ def fit(a: argparse.Namespace, data: Path, run: str, max_steps: int, *extra: str
             "exit_code": code,
             "error": last_error(text),
             "load_seconds": load_report(text)[1],
+            "peak_mem_gib_per_rank": peaks(text),  # up to the failure
+            "peak_pinned_cpu_gib_per_rank": pinned_peaks(text),
         }
         with open(a.out, "a", encoding="utf-8") as out:  # a run that does not fit is a result too
             out.write(json.dumps({**failed, "date": datetime.date.today().isoformat()}) + "\n")
@@ -94,9 +96,10 @@ def variant(a: argparse.Namespace) -> str:
 
 
 def last_error(log: str) -> str | None:
-    """The log's last line naming an error (for an out-of-memory: what was asked for and what the process held)."""
+    """The log's last line naming an error, from its start (for an out-of-memory: the error, what was asked for and
+    what the process held; torch's advice follows)."""
     lines = [line for line in log.splitlines() if "Error" in line]
-    return lines[-1][-600:] if lines else None
+    return lines[-1][:600] if lines else None
 
 
 def peaks(log: str) -> list[float]:
