@@ -270,8 +270,8 @@ def without_frozen_cpu_grads(root: torch.nn.Module) -> None:
     """With `cpu_offload`, torch's FSDP keeps a pinned CPU gradient buffer the size of every unit's shard, trained or
     not (`FlatParamHandle.init_flat_param_attributes`, at the first forward): as much pinned memory again as the
     offloaded base. The base's units are frozen and never get a gradient, so theirs is replaced as it is made by
-    zeros of its size that take one element (the freed block is reused for the next unit's; torch checks the
-    buffer's size when it resets the gradients, and never writes a frozen unit's): the node pins the base once."""
+    zeros of its size that take one element (torch checks the buffer's size when it resets the gradients, and never
+    writes a frozen unit's): the node pins the base once, give or take the pinned allocator's rounding and caching."""
     for handle in fsdp_handles(root):
         if not handle.flat_param.requires_grad:
             init = handle.init_flat_param_attributes
