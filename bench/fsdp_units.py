@@ -31,7 +31,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bench import common
-from qlora_lit.fsdp import average_replicated_grads, qlora_wrap_policy, trained_parameters
+from qlora_lit.fsdp import average_replicated_grads, fsdp_units, qlora_wrap_policy, trained_parameters
 from qlora_lit.model import LoraArgs, QuantizationArgs, attach_lora, load_base_model
 
 COLLECTIVES = ("all_gather", "all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "all_reduce")
@@ -73,7 +73,7 @@ def worker(rank: int, folder: str, way: str, steps: int, port: int, out: str) ->
         model = torch.nn.parallel.DistributedDataParallel(model)
     else:
         ignored = trained_parameters(model) if way == "lora-replicated" else None
-        policy = functools.partial(qlora_wrap_policy, lora_units=way == "lora-units")
+        policy = functools.partial(qlora_wrap_policy, own_units=fsdp_units(model), lora_units=way == "lora-units")
         model = FullyShardedDataParallel(
             model, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=True,
             mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16),

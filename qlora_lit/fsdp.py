@@ -33,12 +33,13 @@ from transformers import PreTrainedModel
 
 from qlora_lit.ddp import watched_launcher
 from qlora_lit.errors import ConfigError
-from qlora_lit.model import QuantizationArgs, to_dtype
+from qlora_lit.model import QuantizationArgs, decoder_layers, to_dtype
 from qlora_lit.preflight import model_config
 from qlora_lit.sharded_load import (
     SafetensorsCheckpoint,
     ShardedLoader,
     base_bytes,
+    causal_lm,
     checkpoint_folder,
     describe,
     empty_model,
@@ -62,28 +63,29 @@ def qlora_wrap_policy(
     own_units: frozenset[int] = frozenset(),
     lora_units: bool = False,
 ) -> bool:
-    """FSDP `auto_wrap_policy`: decoder layers and the modules in `own_units` (ids; QLoRAFSDPStrategy puts untied
-    embeddings and output head there). `lora_units`: also every leaf module whose parameters all train (the LoRA
-    matrices), for adapters sharded rather than replicated (bench/fsdp_units.py compares the two)."""
+    """FSDP `auto_wrap_policy`: the modules in `own_units` (ids: `fsdp_units`, which QLoRAFSDPStrategy puts there).
+    `lora_units`: also every leaf module whose parameters all train (the LoRA matrices), for adapters sharded rather
+    than replicated (bench/fsdp_units.py compares the two)."""
     if recurse:
         return True
-    if type(module).__name__.endswith("DecoderLayer") or id(module) in own_units:
+    if id(module) in own_units:
         return True
     own = _own_parameters(module)
     return lora_units and bool(own) and not list(module.children()) and all(param.requires_grad for param in own)
 
 
-def embedding_units(model: torch.nn.Module) -> frozenset[int]:
-    """The input embeddings and the output head, as units of their own unless they share their weight: at 70B each
-    is 2 GB in bf16, and in the root unit both would stay gathered for the whole step (FSDP keeps the root's
-    parameters gathered from forward to backward)."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    embeddings, head = causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()
+def fsdp_units(model: torch.nn.Module) -> frozenset[int]:
+    """The modules FSDP wraps as units (ids): every decoder layer, and the input embeddings and the output head (or
+    its pieces) unless they share their weight: at 70B each is 2 GB in bf16, and in the root unit both would stay
+    gathered for the whole step (FSDP keeps the root's parameters gathered from forward to backward)."""
+    layers = frozenset(map(id, decoder_layers(model)))
+    base = causal_lm(model)
+    embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
     if isinstance(head, SplitHead):  # a unit per piece
-        return frozenset({id(embeddings), *map(id, head.pieces)})
+        return layers | {id(embeddings), *map(id, head.pieces)}
     if embeddings is None or head is None or head.weight is embeddings.weight:
-        return frozenset()
-    return frozenset({id(embeddings), id(head)})
+        return layers
+    return layers | {id(embeddings), id(head)}
 
 
 def trained_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -200,7 +202,13 @@ class QLoRAFSDPStrategy(FSDPStrategy):
 
     def setup(self, trainer) -> None:
         if self.kwargs.get("auto_wrap_policy") is qlora_wrap_policy:
-            units = embedding_units(self.lightning_module.model)
+            model = self.lightning_module.model
+            if not decoder_layers(model):  # the whole base would be one unit, gathered whole: no point sharding it
+                raise ConfigError(
+                    f"FSDP: no decoder layers found in {type(causal_lm(model)).__name__} (transformers names them in "
+                    "_no_split_modules, which this model leaves empty): leave configs/fsdp.yaml out"
+                )
+            units = fsdp_units(model)
             self.kwargs["auto_wrap_policy"] = functools.partial(qlora_wrap_policy, own_units=units)
         self.kwargs["ignored_states"] = trained_parameters(self.lightning_module)
         super().setup(trainer)

@@ -309,6 +309,14 @@ def lora_a_init(name: str, like: torch.Tensor, seed: int) -> torch.Tensor:
     return value.to(like.device)
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers (under peft or not): the modules transformers keeps whole when it splits a model
+    across devices (`_no_split_modules`), whatever the architecture calls them (LlamaDecoderLayer, GPTNeoXLayer)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    classes = set(getattr(base, "_no_split_modules", None) or [])
+    return [module for module in base.modules() if type(module).__name__ in classes]
+
+
 def compile_decoder_layers(model: PeftModel) -> None:
     """torch.compile every decoder layer in place (regional compilation: the layers share one compiled graph, and
     parameter names stay as they are). Shapes are dynamic: batches differ in length.
@@ -327,10 +335,8 @@ def compile_decoder_layers(model: PeftModel) -> None:
                 "QLORA_LIT_CACHE or TORCHINDUCTOR_CACHE_DIR to a writable folder to keep it between jobs",
                 stacklevel=2,
             )
-    base = model.get_base_model()
-    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
-    layers = [module for module in base.modules() if type(module).__name__ in layer_classes]
+    layers = decoder_layers(model)
     if not layers:
-        raise ConfigError(f"model.compile: no decoder layers found in {type(base).__name__}")
+        raise ConfigError(f"model.compile: no decoder layers found in {type(model.get_base_model()).__name__}")
     for layer in layers:
         layer.compile(dynamic=True)

@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from qlora_lit.model import decoder_layers
 from qlora_lit.sharded_load import base_bytes, causal_lm
 
 
@@ -46,7 +47,7 @@ def split_output_head(model: nn.Module) -> SplitHead | None:
     head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
     if type(head) is not nn.Linear or not head.weight.is_meta or embeddings is None or head.weight is embeddings.weight:
         return None  # (a loaded head is kept: the pieces are filled by ShardedLoader, which loads empty models)
-    layer_bytes = max((base_bytes(m) for m in base.modules() if type(m).__name__.endswith("DecoderLayer")), default=0)
+    layer_bytes = max(map(base_bytes, decoder_layers(base)), default=0)
     head_bytes = head.weight.numel() * head.weight.element_size()
     if not layer_bytes or head_bytes <= layer_bytes:
         return None

@@ -23,14 +23,15 @@ from test_sharded_load import free_port
 from torch.distributed.fsdp import CPUOffload, FullyShardedDataParallel
 from torch.distributed.fsdp._runtime_utils import _lazy_init
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-from zoo import build_zoo_model
+from transformers import AutoConfig, AutoModelForCausalLM
+from zoo import COMMON, build_zoo_model
 
 from qlora_lit.data.datamodule import load_tokenizer
 from qlora_lit.errors import ConfigError
 from qlora_lit.fsdp import (
     SHARDS_KEY,
     QLoRAFSDPStrategy,
-    embedding_units,
+    fsdp_units,
     qlora_wrap_policy,
     trained_parameters,
     without_frozen_cpu_grads,
@@ -39,6 +40,7 @@ from qlora_lit.model import LoraArgs, QuantizationArgs, load_base_model
 from qlora_lit.module import QLoRAModule
 from qlora_lit.samples import DEFAULT_PROMPTS, greedy_answers
 from qlora_lit.sharded_load import fsdp_handles
+from qlora_lit.split_head import split_output_head
 from qlora_lit.text_log import as_prose
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +64,8 @@ def test_fsdp_units_hold_the_frozen_base_and_the_adapters_stay_whole_on_every_ra
     none (they are FSDP's ignored_states, replicated), so a unit holds frozen tensors only, and the ignored ones are
     exactly the trained ones."""
     model = tiny_module().model
-    units = [m for m in model.modules() if qlora_wrap_policy(m, recurse=False, nonwrapped_numel=0)]
+    own = fsdp_units(model)
+    units = [m for m in model.modules() if qlora_wrap_policy(m, recurse=False, nonwrapped_numel=0, own_units=own)]
     layers = model.get_base_model().model.layers
     assert all(layer in units for layer in layers)
     lora_matrices = [m for name, m in model.named_modules() if name.endswith((".lora_A.default", ".lora_B.default"))]
@@ -80,15 +83,35 @@ def test_fsdp_units_hold_the_frozen_base_and_the_adapters_stay_whole_on_every_ra
 def test_untied_embeddings_and_head_are_units_of_their_own_and_tied_ones_stay_together(tmp_path):
     """At 70B each is 2 GB: in the root unit both would stay gathered for the whole step. Tied, they are one tensor,
     which FSDP must keep in one unit."""
-    assert embedding_units(tiny_module().model) == frozenset()  # the tiny model ties them
+    tied = tiny_module().model
+    layers = {id(layer) for layer in tied.get_base_model().model.layers}
+    assert fsdp_units(tied) == layers  # the tiny model ties them
     untied = load_base_model(str(build_zoo_model("llama-untied", tmp_path)), QuantizationArgs(compute_dtype="float32"))
-    units = embedding_units(untied)
+    units = fsdp_units(untied) - {id(layer) for layer in untied.model.layers}
     assert units == {id(untied.get_input_embeddings()), id(untied.get_output_embeddings())}
     assert all(
         qlora_wrap_policy(m, recurse=False, nonwrapped_numel=0, own_units=units)
         for m in untied.modules()
         if id(m) in units
     )
+
+
+def test_layers_are_units_whatever_the_architecture_calls_them():
+    """Polyglot-Ko's GPT-NeoX names its layers GPTNeoXLayer: found by transformers' _no_split_modules, they are units,
+    and its untied head (embed_out) larger than a layer is split (a name rule, "...DecoderLayer", found neither: the
+    whole base was one unit). A model without _no_split_modules is refused under FSDP with the reason."""
+    config = AutoConfig.for_model("gpt_neox", **{**COMMON, "tie_word_embeddings": False})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = list(model.gpt_neox.layers)
+    assert {id(layer) for layer in layers} <= fsdp_units(model) and len(layers) == COMMON["num_hidden_layers"]
+    split = split_output_head(model)
+    assert split is not None and {id(piece) for piece in split.pieces} <= fsdp_units(model)
+    model._no_split_modules = None
+    strategy = QLoRAFSDPStrategy(parallel_devices=[torch.device("cuda", 0)] * 2, auto_wrap_policy=qlora_wrap_policy)
+    strategy._lightning_module = SimpleNamespace(model=model)
+    with pytest.raises(ConfigError, match="no decoder layers found in GPTNeoXForCausalLM"):
+        strategy.setup(trainer=None)
 
 
 @pytest.mark.parametrize(

@@ -188,7 +188,7 @@ def wrap_and_report(rank: int, world_size: int, port: int, path: str, results: d
     """One FSDP rank: the empty model, wrapped with fsdp.yaml's policy and the loader as param_init_fn."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    from qlora_lit.fsdp import embedding_units, qlora_wrap_policy, trained_parameters
+    from qlora_lit.fsdp import fsdp_units, qlora_wrap_policy, trained_parameters
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -200,7 +200,7 @@ def wrap_and_report(rank: int, world_size: int, port: int, path: str, results: d
     loader.make_adapters()  # as the strategy: the adapters whole, left out of FSDP; the base loaded unit by unit
     wrapped = FullyShardedDataParallel(
         model,
-        auto_wrap_policy=functools.partial(qlora_wrap_policy, own_units=embedding_units(model)),
+        auto_wrap_policy=functools.partial(qlora_wrap_policy, own_units=fsdp_units(model)),
         ignored_states=trained_parameters(model),
         param_init_fn=loader,
         device_id=torch.device("cpu"),
