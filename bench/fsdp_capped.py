@@ -84,6 +84,7 @@ def fit(a: argparse.Namespace, data: Path, run: str, max_steps: int, *extra: str
             "load_seconds": load_report(text)[1],
             "peak_mem_gib_per_rank": peaks(text),  # up to the failure
             "peak_pinned_cpu_gib_per_rank": pinned_peaks(text),
+            "after_load": after_load(text),
         }
         with open(a.out, "a", encoding="utf-8") as out:  # a run that does not fit is a result too
             out.write(json.dumps({**failed, "date": datetime.date.today().isoformat()}) + "\n")
@@ -105,6 +106,13 @@ def last_error(log: str) -> str | None:
 def peaks(log: str) -> list[float]:
     found = dict(re.findall(r"rank (\d) peak_allocated_gib ([\d.]+)", log))
     return [float(found[rank]) for rank in sorted(found)]
+
+
+def after_load(log: str) -> dict[str, list[float]]:
+    """What each rank held on the GPU once loaded and sharded, and its peak up to then (the load's)."""
+    found = re.findall(r"rank (\d) loaded: allocated_gib ([\d.]+) load_peak_gib ([\d.]+)", log)
+    ranks = [figures for _, figures in sorted({rank: (float(h), float(p)) for rank, h, p in found}.items())]
+    return {"held_gib_per_rank": [held for held, _ in ranks], "peak_gib_per_rank": [peak for _, peak in ranks]}
 
 
 def pinned_peaks(log: str) -> list[float]:
@@ -181,6 +189,7 @@ def main() -> None:
         "peak_mem_gib_per_rank": peaks(log),
         "peak_mem_gib_per_rank_resumed": peaks(resumed_log),
         "peak_pinned_cpu_gib_per_rank": pinned_peaks(log),
+        "after_load": after_load(log),
         "load_seconds": load_seconds,
         "tokens_per_s": measured["tokens_per_s"],
         "steps": a.steps + a.resume_steps,

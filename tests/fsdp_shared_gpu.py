@@ -57,6 +57,13 @@ class SharedGPUFSDPStrategy(QLoRAFSDPStrategy):
             fraction = (float(cap) * 2**30 + extra_bytes) / total
             torch.cuda.set_per_process_memory_fraction(fraction, self.root_device)
 
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        extra = self.gather.extra_bytes if self.gather is not None else 0
+        held = (torch.cuda.memory_allocated(self.root_device) - extra) / 2**30
+        peak = (torch.cuda.max_memory_allocated(self.root_device) - extra) / 2**30
+        print(f"rank {self.global_rank} loaded: allocated_gib {held:.3f} load_peak_gib {peak:.3f}", flush=True)
+
     def teardown(self) -> None:
         extra = self.gather.extra_bytes if self.gather is not None else 0  # counted beside the cap, not in it
         peak = (torch.cuda.max_memory_allocated(self.root_device) - extra) / 2**30
