@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.fsdp_capped import last_error, load_report, peaks, pinned_peaks
+from bench.fsdp_capped import after_load, last_error, load_report, peaks, pinned_peaks
 
 RAW = Path(__file__).resolve().parents[1] / "bench" / "results" / "raw"
 
@@ -24,3 +24,16 @@ def test_a_failed_fit_gives_its_error_and_the_pinned_memory():
     offload = (RAW / "2026-12-07-h100-8b-offload-empty-grad-buffer-failed.log").read_text()
     assert pinned_peaks(offload) == [4.688, 4.688]
     assert load_report(offload) == (5.31, 12.5)
+
+
+def test_the_70b_fit_gives_what_each_rank_held_once_loaded_and_at_its_peak():
+    log = (RAW / "2026-12-07-h100-70b-fsdp-capped-fit.log").read_text()
+    assert load_report(log) == (36.79, 71.6)
+    assert after_load(log) == {"held_gib_per_rank": [19.101, 19.101], "peak_gib_per_rank": [19.884, 19.884]}
+    assert peaks(log) == [22.585, 22.585] and last_error(log) is None
+
+
+def test_an_offloaded_fit_holds_almost_nothing_on_the_gpu_once_loaded():
+    log = (RAW / "2026-12-07-h100-8b-2rank-offload-fit.log").read_text()
+    assert after_load(log) == {"held_gib_per_rank": [0.143, 0.143], "peak_gib_per_rank": [2.485, 2.485]}
+    assert pinned_peaks(log) == [3.688, 3.688] and peaks(log) == [2.167, 2.159]
