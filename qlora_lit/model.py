@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
+from torch.fx.experimental import _config as shapes_config
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from qlora_lit import attention  # noqa: F401 - registers attn_implementation "varlen" with transformers
@@ -321,6 +322,11 @@ def compile_decoder_layers(model: PeftModel) -> None:
     """torch.compile every decoder layer in place (regional compilation: the layers share one compiled graph, and
     parameter names stay as they are). Shapes are dynamic: batches differ in length.
 
+    Without duck shaping: torch gives sizes of equal value one symbol, so a row as long as the hidden size (a 4096-token
+    pack at 8B, 2048 at 1B) tied the sequence length to the hidden size, which the norm's weight fixes: the first
+    graphs were compiled for that length only, and the first shorter row compiled them again (about 20-30 s at 8B,
+    bench/results/raw/2026-12-07-h100-8b-512-call-c-recompiles.log).
+
     The compiled code is cached under the qlora_lit cache (torch's default is /tmp, which cluster nodes empty
     between jobs), so a resumed or repeated run loads it instead of compiling again; TORCHINDUCTOR_CACHE_DIR wins.
     """
@@ -338,5 +344,6 @@ def compile_decoder_layers(model: PeftModel) -> None:
     layers = decoder_layers(model)
     if not layers:
         raise ConfigError(f"model.compile: no decoder layers found in {type(model.get_base_model()).__name__}")
+    shapes_config.use_duck_shape = False  # read when a graph is traced: every layer, every rank
     for layer in layers:
         layer.compile(dynamic=True)

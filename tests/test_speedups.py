@@ -46,6 +46,23 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_gradients():
     assert set(compiled.state_dict()) == set(tiny_module().state_dict())  # checkpoints keep their key names
 
 
+def test_a_row_as_long_as_the_hidden_size_compiles_for_every_length():
+    """Packed rows are often exactly pack_length long, and pack_length can equal the hidden size (4096 at 8B): the
+    layers compiled for such a row must take the shorter rows that follow without compiling again."""
+    from torch._dynamo.utils import counters
+
+    module = tiny_module()
+    compile_decoder_layers(module.model)
+    torch._dynamo.reset()
+    counters.clear()
+    hidden = module.model.config.hidden_size
+    graphs = []
+    for length in (hidden, hidden - 8, hidden - 30):
+        loss_and_gradients(module, torch.randint(3, 2000, (1, length), generator=torch.Generator().manual_seed(length)))
+        graphs.append(counters["frames"]["ok"])  # frames dynamo compiled
+    assert graphs[0] >= 1 and graphs == graphs[:1] * 3, graphs  # with duck shaping: [1, 2, 2]
+
+
 def test_compile_is_skipped_with_a_message_on_a_cpu(caplog):
     with caplog.at_level("INFO"):
         layers = tiny_module(compile=True).model.get_base_model().model.layers
