@@ -8,11 +8,10 @@ FSDP's `cpu_offload` (each rank's shard of the base in CPU memory; one GPU means
 Per rank, as qlora_lit loads and trains (base.yaml + lowmem.yaml + fsdp.yaml): its shard of the packed 4-bit weights
 and of the bf16 embeddings, head and norms; the 4-bit weights' quantization scales, which every rank keeps whole
 (bitsandbytes holds them beside the layer, not as a parameter FSDP could shard); the largest gathered units (a decoder
-layer and the next one prefetched, or a piece of the split output head); the LoRA weights, gradients and 8-bit Adam
-state (whole on every rank); and the step's transients at `--tokens` tokens per micro-batch: the checkpointed layer
-inputs, one layer's recomputed activations, a dequantized weight and its gradient, one chunk of logits. Add about
-0.5 GiB of CUDA context per GPU. The embeddings are gathered whole too, at the start of the forward pass, when the
-rest is not held; not counted.
+layer and the next one prefetched, or a piece of the split output head or embeddings, qlora_lit/split_vocab.py);
+the LoRA weights, gradients and 8-bit Adam state (whole on every rank); and the step's transients at `--tokens`
+tokens per micro-batch: the checkpointed layer inputs, one layer's recomputed activations, a dequantized weight and
+its gradient, one chunk of logits. Add about 0.5 GiB of CUDA context per GPU.
 A model, not a measurement: bench/fsdp_capped.py measures, and docs/FSDP.md sets the two side by side.
 """
 
@@ -50,7 +49,7 @@ def per_rank_bytes(shape: str, gpus: int, tokens: int, lora_r: int, cpu_offload:
     hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     layer_packed = packed / layers
     head = config.vocab_size * hidden * 2
-    if not config.tie_word_embeddings and head > layer_packed:  # split into pieces of a layer's size (split_head.py)
+    if not config.tie_word_embeddings and head > layer_packed:  # split into pieces of a layer's size (split_vocab.py)
         head /= math.ceil(head / layer_packed)
     parts = {
         "sharded base": 0 if cpu_offload and gpus > 1 else (packed + plain) / gpus,  # offloaded: in CPU memory

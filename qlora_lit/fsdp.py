@@ -1,12 +1,13 @@
 """FSDP wrapping for a 4-bit base with LoRA adapters (`configs/fsdp.yaml`).
 
-FSDP shards the frozen base; the adapters stay out of it. Each decoder layer (and the untied embeddings and output
-head) is a unit, which FSDP flattens into one buffer of one dtype: the 4-bit weights are stored in the compute dtype
-(`quantization.quant_storage`) and nothing frozen is upcast (`upcast_to_fp32: false`). The LoRA weights, a few MB to
-a few hundred MB, are FSDP's `ignored_states`: whole and in fp32 on every rank, their gradients averaged by one
-all-reduce per optimizer step, as DDP does. Sharding them instead makes every LoRA matrix a unit of its own (a unit
-cannot mix frozen and trained tensors without gradient buffers the size of the base): 448 more units at 8B, each
-gathered twice and reduce-scattered every micro-batch (bench/fsdp_units.py measures the cost).
+FSDP shards the frozen base; the adapters stay out of it. Each decoder layer (and the untied embeddings and output head,
+in pieces of a layer's size where larger: split_vocab.py) is a unit, which FSDP flattens into one buffer of one dtype:
+the 4-bit weights are stored in the compute dtype (`quantization.quant_storage`) and nothing frozen is upcast
+(`upcast_to_fp32: false`). The LoRA weights, a few MB to a few hundred MB, are FSDP's `ignored_states`: whole and in
+fp32 on every rank, their gradients averaged by one all-reduce per optimizer step, as DDP does. Sharding them instead
+makes every LoRA matrix a unit of its own (a unit cannot mix frozen and trained tensors without gradient buffers the
+size of the base): 448 more units at 8B, each gathered twice and reduce-scattered every micro-batch
+(bench/fsdp_units.py measures the cost).
 
 `QLoRAFSDPStrategy` is Lightning's FSDPStrategy with that all-reduce, and checkpoints that suit a frozen base: the
 adapters and the optimizer state as without FSDP (never the base), so a run can resume on another number of GPUs,
@@ -47,7 +48,7 @@ from qlora_lit.sharded_load import (
     missing_tensors,
     prequantized_settings,
 )
-from qlora_lit.split_head import SplitHead, split_output_head
+from qlora_lit.split_vocab import SplitEmbedding, SplitHead, split_input_embeddings, split_output_head
 
 SHARDS_KEY = "fsdp_rank_states"  # optimizer state saved per rank by qlora_lit before adapters were replicated
 
@@ -76,16 +77,17 @@ def qlora_wrap_policy(
 
 def fsdp_units(model: torch.nn.Module) -> frozenset[int]:
     """The modules FSDP wraps as units (ids): every decoder layer, and the input embeddings and the output head (or
-    its pieces) unless they share their weight: at 70B each is 2 GB in bf16, and in the root unit both would stay
+    their pieces) unless they share their weight: at 70B each is 2 GB in bf16, and in the root unit both would stay
     gathered for the whole step (FSDP keeps the root's parameters gathered from forward to backward)."""
     layers = frozenset(map(id, decoder_layers(model)))
     base = causal_lm(model)
     embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
-    if isinstance(head, SplitHead):  # a unit per piece
-        return layers | {id(embeddings), *map(id, head.pieces)}
-    if embeddings is None or head is None or head.weight is embeddings.weight:
+    if embeddings is None or head is None or getattr(head, "weight", None) is getattr(embeddings, "weight", 0):
         return layers
-    return layers | {id(embeddings), id(head)}
+    units = set(layers)
+    for part in (embeddings, head):
+        units |= set(map(id, part.pieces)) if isinstance(part, (SplitEmbedding, SplitHead)) else {id(part)}
+    return frozenset(units)
 
 
 def trained_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -192,7 +194,8 @@ class QLoRAFSDPStrategy(FSDPStrategy):
 
     def load_while_wrapping(self, model: PeftModel) -> None:
         """Make FSDP fill `model` (the empty base of `empty_base`, with LoRA attached) unit by unit as it wraps it."""
-        split_output_head(model)  # no rank gathers the whole head
+        split_output_head(model)  # no rank gathers the whole head, nor the whole embeddings
+        split_input_embeddings(model)
         self.loader = ShardedLoader(model, self.checkpoint, self.root_device, torch.initial_seed())
         self.loader.make_adapters()
         self.kwargs["param_init_fn"] = self.loader

@@ -68,7 +68,7 @@ class SafetensorsCheckpoint:
         return self._handle(key).get_tensor(key)
 
     def read_rows(self, key: str, start: int, end: int) -> torch.Tensor:
-        """Rows `start:end` of a tensor, reading only those bytes."""
+        """Rows `start:end` of a tensor, as safetensors slices it: a view into storage of the whole tensor's size."""
         return self._handle(key).get_slice(key)[start:end]
 
     def _handle(self, key: str):
@@ -178,7 +178,7 @@ PARAMS4BIT_SETTINGS = ("quant_type", "blocksize", "compress_statistics", "quant_
 QUANT_STATE_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # as bitsandbytes saves a 4-bit weight
 
 
-PIECE = re.compile(r"\.pieces\.\d+\.")  # a SplitHead piece's part of a parameter name
+PIECE = re.compile(r"\.pieces\.\d+\.")  # a split head's or embeddings' piece in a parameter name
 
 
 def is_lora(name: str) -> bool:
@@ -241,10 +241,13 @@ class ShardedLoader:
     def parameter(self, module: torch.nn.Module, name: str, meta: torch.nn.Parameter) -> torch.nn.Parameter:
         if is_lora(name):
             return torch.nn.Parameter(self.lora_init(name, meta), requires_grad=meta.requires_grad)
-        rows = getattr(module, "head_rows", None)  # a piece of a SplitHead: its rows of the checkpoint's head
+        rows = getattr(module, "vocab_rows", None)  # a piece of split_vocab.py: its rows of the checkpoint's tensor
         key = self.stored_key(PIECE.sub(".", name) if rows else name, meta)
         if rows:
-            param = torch.nn.Parameter(self.checkpoint.read_rows(key, *rows).to(self.device, meta.dtype), False)
+            # A copy: safetensors' slice is a view into storage of the whole tensor's size, which a piece kept on
+            # the CPU would otherwise hold on to.
+            value = self.checkpoint.read_rows(key, *rows).to(self.device, meta.dtype, copy=True)
+            param = torch.nn.Parameter(value, requires_grad=False)
         elif isinstance(meta, bnb.nn.Params4bit):
             param = self.quantized(module, key, meta)
         else:

@@ -40,7 +40,7 @@ from qlora_lit.model import LoraArgs, QuantizationArgs, load_base_model
 from qlora_lit.module import QLoRAModule
 from qlora_lit.samples import DEFAULT_PROMPTS, greedy_answers
 from qlora_lit.sharded_load import fsdp_handles
-from qlora_lit.split_head import split_output_head
+from qlora_lit.split_vocab import split_output_head
 from qlora_lit.text_log import as_prose
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,14 +33,14 @@ from qlora_lit.sharded_load import (
     missing_tensors,
     prequantized_settings,
 )
-from qlora_lit.split_head import split_output_head
+from qlora_lit.split_vocab import split_input_embeddings, split_output_head
 
 QUANTIZATION = QuantizationArgs(compute_dtype="bfloat16", quant_storage="bfloat16")  # fsdp.yaml's
 LORA = LoraArgs(r=4, dropout=0.0)
 TOKENS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def empty_peft_model(path: str, quantization: QuantizationArgs = QUANTIZATION):
+def empty_peft_model(path: str, quantization: QuantizationArgs = QUANTIZATION, gradient_checkpointing: bool = False):
     config = model_config(path)
     saved = prequantized_settings(config)
     settings = {
@@ -51,7 +51,7 @@ def empty_peft_model(path: str, quantization: QuantizationArgs = QUANTIZATION):
     base = empty_model(config, torch.bfloat16, "sdpa", settings)
     checkpoint = SafetensorsCheckpoint(checkpoint_folder(path))
     assert missing_tensors(base, checkpoint) == []
-    return attach_lora(base, LORA, gradient_checkpointing=False, upcast_to_fp32=False), checkpoint
+    return attach_lora(base, LORA, gradient_checkpointing, upcast_to_fp32=False), checkpoint
 
 
 def whole_peft_model(path: str):
@@ -62,6 +62,12 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """Packed 4-bit weights in bf16 containers (fsdp.yaml's; a pre-quantized folder keeps its uint8) hold NaN bit
     patterns: compare the bytes."""
     return tensor.contiguous().view(torch.uint8).reshape(-1)
+
+
+def vocabulary_tokens(model) -> torch.Tensor:
+    """Tokens from the whole vocabulary (every piece of split embeddings is looked up)."""
+    rows = model.get_base_model().config.vocab_size
+    return torch.randint(0, rows, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
 def logits(model, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
@@ -108,6 +114,43 @@ def test_a_base_loaded_unit_by_unit_is_the_one_from_pretrained_loads(source, pre
         assert torch.equal(as_bytes(value), as_bytes(expected[key])), key
     assert model.get_base_model().lm_head.weight is model.get_base_model().model.embed_tokens.weight  # still tied
     torch.testing.assert_close(logits(model), logits(whole), rtol=0, atol=0)
+
+
+def test_split_embeddings_train_as_the_whole_ones(wide_vocab_model):
+    """The embeddings in pieces (as under FSDP) give the whole model's loss and LoRA gradients bit for bit, for tokens
+    from every piece, with gradient checkpointing: the hook that makes the embeddings' output need a gradient moved
+    to the split embeddings with them. (The split head's logits are the same; its gradients differ by bf16 rounding,
+    the pieces' products being summed one by one: about 2% of a gradient's largest value here.)"""
+
+    def loss_and_grads(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: make the adapters count
+                param.data = torch.full_like(param, 0.01)
+        model.train()
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(7)
+    whole = attach_lora(load_base_model(str(wide_vocab_model), QUANTIZATION), LORA, True, upcast_to_fp32=False)
+    torch.manual_seed(7)
+    model, checkpoint = empty_peft_model(str(wide_vocab_model), gradient_checkpointing=True)
+    embeddings = split_input_embeddings(model)
+    assert embeddings is not None and len(embeddings.pieces) > 1
+    materialize(model, ShardedLoader(model, checkpoint, torch.device("cpu"), torch.initial_seed()))
+    tokens = vocabulary_tokens(model)
+    assert len({piece_of(embeddings, token) for token in tokens.flatten().tolist()}) == len(embeddings.pieces)
+    assert embeddings(tokens).requires_grad  # the checkpointing hook, kept
+    expected_loss, expected = loss_and_grads(whole)
+    loss, grads = loss_and_grads(model)
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
+    assert grads.keys() == expected.keys() and len(grads) == 2 * 7 * 8  # A and B of 7 projections in 8 layers
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+def piece_of(split, token: int) -> int:
+    return next(i for i, piece in enumerate(split.pieces) if piece.vocab_rows[0] <= token < piece.vocab_rows[1])
 
 
 def test_the_benchs_pre_quantized_folder_has_the_shapes_of_the_model_it_stands_for(tmp_path, monkeypatch):
@@ -196,6 +239,8 @@ def wrap_and_report(rank: int, world_size: int, port: int, path: str, results: d
     model, checkpoint = empty_peft_model(path)
     whole, embeddings = base_bytes(model), base_bytes(model.get_base_model().get_input_embeddings())
     split = split_output_head(model)  # as the strategy: the head in pieces of a layer's size, where it is larger
+    split_embeddings = split_input_embeddings(model)  # and the embeddings
+    tokens = vocabulary_tokens(model)
     loader = ShardedLoader(model, checkpoint, torch.device("cpu"), seed=7)
     loader.make_adapters()  # as the strategy: the adapters whole, left out of FSDP; the base loaded unit by unit
     wrapped = FullyShardedDataParallel(
@@ -212,16 +257,27 @@ def wrap_and_report(rank: int, world_size: int, port: int, path: str, results: d
         "loaded": loader.loaded_bytes,
         "peak": loader.peak_unsharded_bytes,
         "local": sum(flat.numel() * flat.element_size() for flat in frozen),
-        "logits": logits(wrapped),
+        "logits": logits(wrapped, tokens),
         "head_pieces": len(split.pieces) if split else 1,
+        "embedding_pieces": len(split_embeddings.pieces) if split_embeddings else 1,
         "piece_units": sum(
-            hasattr(unit.module, "head_rows")
+            hasattr(unit.module, "vocab_rows")
             for unit in wrapped.modules()
             if unit is not wrapped and hasattr(unit, "module") and isinstance(unit, FullyShardedDataParallel)
         ),
         "embeddings": embeddings,
+        "trained_with_grads": trained_with_grads(wrapped, tokens),
     }
     dist.destroy_process_group()
+
+
+def trained_with_grads(wrapped, tokens: torch.Tensor) -> int:
+    """A backward pass under FSDP (the split pieces' units included): how many adapter tensors got a finite gradient."""
+    from qlora_lit.fsdp import trained_parameters
+
+    wrapped.train()
+    wrapped(input_ids=tokens, labels=tokens).loss.backward()
+    return sum(p.grad is not None and bool(p.grad.isfinite().all()) for p in trained_parameters(wrapped))
 
 
 @pytest.mark.slow
@@ -235,16 +291,22 @@ def test_under_fsdp_no_rank_holds_the_whole_base_and_the_model_is_the_same(folde
     results = mp.Manager().dict()
     mp.spawn(wrap_and_report, args=(2, free_port(), str(path), results), nprocs=2)
     torch.manual_seed(7)
-    reference = logits(whole_peft_model(str(path)))
+    whole = whole_peft_model(str(path))
+    reference = logits(whole, vocabulary_tokens(whole))
     for rank in (0, 1):
         report = results[rank]
         assert report["loaded"] == report["whole"]  # every base tensor read, each once
         largest = max(report["embeddings"], 0.15 * report["whole"])  # one of the 8 layers, or the embeddings
+        if folder == "wide_vocab_model":  # embeddings larger than a layer: in pieces of a layer's size too
+            largest = 0.15 * report["whole"]
+            assert report["embedding_pieces"] > 1 and report["embeddings"] > largest, report
         assert report["peak"] <= largest, report
         assert report["local"] <= 0.5 * report["whole"] + 64, report  # its half of the base (FSDP pads shards)
         torch.testing.assert_close(report["logits"], reference, rtol=0, atol=0)
         assert (report["head_pieces"] > 1) == (folder == "wide_vocab_model"), report  # split only where larger
-        assert report["piece_units"] == (report["head_pieces"] if folder == "wide_vocab_model" else 0), report
+        assert report["trained_with_grads"] == 2 * 7 * 8  # LoRA A and B on 7 projections in 8 layers
+        pieces = report["head_pieces"] + report["embedding_pieces"]
+        assert report["piece_units"] == (pieces if folder == "wide_vocab_model" else 0), report
 
 
 def test_a_loaded_head_is_left_whole(wide_vocab_model):
