@@ -40,7 +40,7 @@ from qlora_lit.model import LoraArgs, QuantizationArgs, load_base_model
 from qlora_lit.module import QLoRAModule
 from qlora_lit.samples import DEFAULT_PROMPTS, greedy_answers
 from qlora_lit.sharded_load import fsdp_handles
-from qlora_lit.split_vocab import split_output_head
+from qlora_lit.split_vocab import split_input_embeddings, split_output_head
 from qlora_lit.text_log import as_prose
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,15 +98,17 @@ def test_untied_embeddings_and_head_are_units_of_their_own_and_tied_ones_stay_to
 
 def test_layers_are_units_whatever_the_architecture_calls_them():
     """Polyglot-Ko's GPT-NeoX names its layers GPTNeoXLayer: found by transformers' _no_split_modules, they are units,
-    and its untied head (embed_out) larger than a layer is split (a name rule, "...DecoderLayer", found neither: the
-    whole base was one unit). A model without _no_split_modules is refused under FSDP with the reason."""
+    and its untied head (embed_out) and embeddings (embed_in) larger than a layer are split (a name rule,
+    "...DecoderLayer", found neither: the whole base was one unit). A model without _no_split_modules is refused
+    under FSDP with the reason."""
     config = AutoConfig.for_model("gpt_neox", **{**COMMON, "tie_word_embeddings": False})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layers = list(model.gpt_neox.layers)
     assert {id(layer) for layer in layers} <= fsdp_units(model) and len(layers) == COMMON["num_hidden_layers"]
-    split = split_output_head(model)
+    split, embeddings = split_output_head(model), split_input_embeddings(model)
     assert split is not None and {id(piece) for piece in split.pieces} <= fsdp_units(model)
+    assert embeddings is model.gpt_neox.embed_in and {id(piece) for piece in embeddings.pieces} <= fsdp_units(model)
     model._no_split_modules = None
     strategy = QLoRAFSDPStrategy(parallel_devices=[torch.device("cuda", 0)] * 2, auto_wrap_policy=qlora_wrap_policy)
     strategy._lightning_module = SimpleNamespace(model=model)
