@@ -147,6 +147,12 @@ def test_split_embeddings_train_as_the_whole_ones(wide_vocab_model):
     assert grads.keys() == expected.keys() and len(grads) == 2 * 7 * 8  # A and B of 7 projections in 8 layers
     for name, grad in expected.items():
         torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
+    generated = []
+    for each in (whole, model):  # the samples' greedy generation
+        each.eval()
+        with torch.no_grad():
+            generated.append(each.generate(input_ids=tokens[:, :8], max_new_tokens=4, do_sample=False))
+    assert torch.equal(*generated)
 
 
 def piece_of(split, token: int) -> int:
