@@ -84,9 +84,10 @@ def split_output_head(model: nn.Module) -> SplitHead | None:
     larger than a layer."""
     base = causal_lm(model)
     head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
-    tied = embeddings is None or head.weight is getattr(embeddings, "weight", None)
-    if type(head) is not nn.Linear or not head.weight.is_meta or tied:
+    if type(head) is not nn.Linear or not head.weight.is_meta or embeddings is None:
         return None  # (a loaded head is kept: the pieces are filled by ShardedLoader, which loads empty models)
+    if head.weight is getattr(embeddings, "weight", None):  # tied
+        return None
     pieces = pieces_for(base, head.weight)
     if pieces == 1:
         return None
