@@ -111,6 +111,16 @@ class LightningStepTimer(L.Callback):
                 trainer.should_stop = True
 
 
+def compile_seconds(at_least: float = 0.5) -> dict[str, float]:
+    """Where torch.compile spent the run's time (dynamo's own timers, summed over graphs), the parts of half a second
+    or more: how much of the first steps is compiling."""
+    from torch._dynamo.utils import compile_times
+
+    names, seconds = compile_times(repr="csv", aggregate=True)
+    timed = {name: round(float(value), 1) for name, value in zip(names, seconds, strict=True)}
+    return {name: value for name, value in timed.items() if value >= at_least}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_run_args(p)
@@ -203,6 +213,7 @@ def main() -> None:
         "gc_decided": decided.get("gc"),
         "keep_dequantized_decided": decided.get("keep"),
         "max_seconds": a.max_seconds,
+        "compile_seconds": compile_seconds(),
     }
     line = common.result_line("qlora_lit", a.variant, a.shape, a.max_length, timer.timer.result(), a.device, settings)
     common.emit(line, a.out)
