@@ -65,7 +65,9 @@ def per_rank_bytes(shape: str, gpus: int, tokens: int, lora_r: int, cpu_offload:
 
 
 CONTEXT_GIB = 0.5  # CUDA context, per GPU
-MEASURED_EXCESS = 1.1  # the 8B capped run peaked at 3.60 GiB per rank against 3.24 computed (bench/fsdp_capped.py)
+# Capped runs (bench/fsdp_capped.py, docs/FSDP.md) against this model: 8B on four ranks 3.60 GiB per rank for 3.24
+# computed (the head whole then), 70B on two 22.59 for 22.1, 8B on two more than 3.95 for 3.7 (out of memory at 4).
+MEASURED_EXCESS = 1.1
 CARDS = {  # what the cards report, in GiB
     "24 GB (RTX 3090/4090)": 23.99,
     "40 GB (A100 40GB)": 39.59,
