@@ -185,6 +185,7 @@ def main() -> None:
         "model": a.shape,
         "ranks": a.ranks,
         "cap_gib": a.cap_gib,
+        "base_4bit_gib": base_gib,  # the whole 4-bit base, which each rank reads unit by unit
         "base_4bit_gib_per_rank_read": base_gib,
         "peak_mem_gib_per_rank": peaks(log),
         "peak_mem_gib_per_rank_resumed": peaks(resumed_log),
