@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PeftModel, get_peft_model
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE as FSDP_PREFIX
@@ -285,7 +285,13 @@ def without_frozen_cpu_grads(root: torch.nn.Module) -> None:
     writes a frozen unit's): the node pins the base once, give or take the pinned allocator's rounding and caching."""
     for handle in fsdp_handles(root):
         if not handle.flat_param.requires_grad:
-            init = handle.init_flat_param_attributes
+            init = getattr(handle, "init_flat_param_attributes", None)
+            if init is None:  # torch's private FlatParamHandle changed: run as torch does, and say what it costs
+                rank_zero_warn(
+                    "cpu_offload: this torch's FSDP has no FlatParamHandle.init_flat_param_attributes, so its frozen "
+                    "units keep their pinned CPU gradient buffers: about the 4-bit base again in pinned memory"
+                )
+                return
             handle.init_flat_param_attributes = functools.partial(_init_without_cpu_grad, init)
 
 

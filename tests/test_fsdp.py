@@ -201,6 +201,27 @@ def test_cpu_offload_pins_no_gradient_buffer_for_frozen_units(dropped, monkeypat
     assert buffers == {False: 4 if dropped else 72 * 4, True: 72 * 4}  # 8 x 8 weights + 8 biases, fp32
 
 
+def test_cpu_offload_on_a_torch_without_the_hook_warns_and_runs_as_torch_does(monkeypatch):
+    """`without_frozen_cpu_grads` relies on torch's private FlatParamHandle: where a torch lacks the method it wraps,
+    the run goes on with torch's own buffers and says what that costs, instead of failing in setup."""
+    from torch.distributed.fsdp._flat_param import FlatParamHandle
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model[0].requires_grad_(False)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        wrapped = FullyShardedDataParallel(
+            model, auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}), device_id=torch.device("cpu")
+        )
+        monkeypatch.delattr(FlatParamHandle, "init_flat_param_attributes")
+        with pytest.warns(UserWarning, match="frozen units keep their pinned CPU gradient buffers"):
+            without_frozen_cpu_grads(wrapped)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_checkpoint_of_an_earlier_sharded_form_is_named_wherever_it_is_resumed():
     module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype="float32"))
     module._trainer = SimpleNamespace(strategy=object(), state=SimpleNamespace(fn="fit"))
