@@ -34,13 +34,12 @@ from transformers import PreTrainedModel
 
 from qlora_lit.ddp import watched_launcher
 from qlora_lit.errors import ConfigError
-from qlora_lit.model import QuantizationArgs, decoder_layers, to_dtype
+from qlora_lit.model import QuantizationArgs, causal_lm, decoder_layers, to_dtype
 from qlora_lit.preflight import model_config
 from qlora_lit.sharded_load import (
     SafetensorsCheckpoint,
     ShardedLoader,
     base_bytes,
-    causal_lm,
     checkpoint_folder,
     describe,
     empty_model,
@@ -48,7 +47,7 @@ from qlora_lit.sharded_load import (
     missing_tensors,
     prequantized_settings,
 )
-from qlora_lit.split_vocab import SplitEmbedding, SplitHead, split_input_embeddings, split_output_head
+from qlora_lit.split_vocab import SplitEmbedding, SplitHead, split_input_embeddings, split_output_head, tied
 
 SHARDS_KEY = "fsdp_rank_states"  # optimizer state saved per rank by qlora_lit before adapters were replicated
 
@@ -82,7 +81,7 @@ def fsdp_units(model: torch.nn.Module) -> frozenset[int]:
     layers = frozenset(map(id, decoder_layers(model)))
     base = causal_lm(model)
     embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
-    if embeddings is None or head is None or getattr(head, "weight", None) is getattr(embeddings, "weight", 0):
+    if embeddings is None or head is None or tied(embeddings, head):
         return layers
     units = set(layers)
     for part in (embeddings, head):

@@ -310,10 +310,15 @@ def lora_a_init(name: str, like: torch.Tensor, seed: int) -> torch.Tensor:
     return value.to(like.device)
 
 
+def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model, under peft or not."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's decoder layers (under peft or not): the modules transformers keeps whole when it splits a model
     across devices (`_no_split_modules`), whatever the architecture calls them (LlamaDecoderLayer, GPTNeoXLayer)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = causal_lm(model)
     classes = set(getattr(base, "_no_split_modules", None) or [])
     return [module for module in base.modules() if type(module).__name__ in classes]
 
@@ -343,7 +348,7 @@ def compile_decoder_layers(model: PeftModel) -> None:
             )
     layers = decoder_layers(model)
     if not layers:
-        raise ConfigError(f"model.compile: no decoder layers found in {type(model.get_base_model()).__name__}")
+        raise ConfigError(f"model.compile: no decoder layers found in {type(causal_lm(model)).__name__}")
     shapes_config.use_duck_shape = False  # read when a graph is traced: every layer, every rank
     for layer in layers:
         layer.compile(dynamic=True)

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from qlora_lit.assets import resolve_asset
 from qlora_lit.downloads import unfinished_load
 from qlora_lit.errors import ConfigError, not_found_message
-from qlora_lit.model import is_lora_a, lora_a_init
+from qlora_lit.model import causal_lm, is_lora_a, lora_a_init
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -166,11 +166,6 @@ def missing_tensors(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint) -
     names = [name for name, _ in model.named_parameters(remove_duplicate=False) if not is_lora(name)]
     names += [name for name, _ in model.named_buffers() if name.rsplit(".", 1)[-1] not in NON_PERSISTENT_BUFFERS]
     return [key for key in map(checkpoint_key, names) if key not in checkpoint and key not in tied]
-
-
-def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
-    """The transformers model, under peft or not."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 NON_PERSISTENT_BUFFERS = ("inv_freq", "original_inv_freq")

@@ -16,8 +16,14 @@ import math
 import torch
 from torch import nn
 
-from qlora_lit.model import decoder_layers
-from qlora_lit.sharded_load import base_bytes, causal_lm
+from qlora_lit.model import causal_lm, decoder_layers
+from qlora_lit.sharded_load import base_bytes
+
+
+def tied(embeddings: nn.Module, head: nn.Module) -> bool:
+    """The output head and the input embeddings are one tensor (split ones, which have no `weight`, are not)."""
+    weight = getattr(head, "weight", None)
+    return weight is not None and weight is getattr(embeddings, "weight", None)
 
 
 def row_bounds(rows: int, pieces: int) -> list[tuple[int, int]]:
@@ -64,9 +70,9 @@ class SplitEmbedding(nn.Module):
         vectors = None
         for piece in self.pieces:
             start, end = piece.vocab_rows
-            inside = ((ids >= start) & (ids < end)).unsqueeze(-1)
-            found = piece(torch.where(inside.squeeze(-1), ids - start, 0))
-            vectors = torch.where(inside, found, 0 if vectors is None else vectors)
+            inside = (ids >= start) & (ids < end)
+            found = piece(torch.where(inside, ids - start, 0))
+            vectors = torch.where(inside.unsqueeze(-1), found, 0 if vectors is None else vectors)
         return vectors
 
 
@@ -84,10 +90,8 @@ def split_output_head(model: nn.Module) -> SplitHead | None:
     larger than a layer."""
     base = causal_lm(model)
     head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
-    if type(head) is not nn.Linear or not head.weight.is_meta or embeddings is None:
+    if type(head) is not nn.Linear or not head.weight.is_meta or embeddings is None or tied(embeddings, head):
         return None  # (a loaded head is kept: the pieces are filled by ShardedLoader, which loads empty models)
-    if head.weight is getattr(embeddings, "weight", None):  # tied
-        return None
     pieces = pieces_for(base, head.weight)
     if pieces == 1:
         return None
@@ -104,7 +108,7 @@ def split_input_embeddings(model: nn.Module) -> SplitEmbedding | None:
     base = causal_lm(model)
     embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
     plain = type(embeddings) is nn.Embedding and embeddings.max_norm is None and embeddings.weight.is_meta
-    if not plain or (head is not None and getattr(head, "weight", None) is embeddings.weight):
+    if not plain or tied(embeddings, head):
         return None
     pieces = pieces_for(base, embeddings.weight)
     if pieces == 1:

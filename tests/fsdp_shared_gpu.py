@@ -57,17 +57,20 @@ class SharedGPUFSDPStrategy(QLoRAFSDPStrategy):
             fraction = (float(cap) * 2**30 + extra_bytes) / total
             torch.cuda.set_per_process_memory_fraction(fraction, self.root_device)
 
+    def gib_without_gather(self, nbytes: int) -> float:
+        """GiB of the rank's GPU memory, the shared gather's buffer left out (counted beside the cap, not in it)."""
+        return (nbytes - (self.gather.extra_bytes if self.gather is not None else 0)) / 2**30
+
     def setup(self, trainer) -> None:
         super().setup(trainer)
-        extra = self.gather.extra_bytes if self.gather is not None else 0
-        held = (torch.cuda.memory_allocated(self.root_device) - extra) / 2**30
-        peak = (torch.cuda.max_memory_allocated(self.root_device) - extra) / 2**30
+        held = self.gib_without_gather(torch.cuda.memory_allocated(self.root_device))
+        peak = self.gib_without_gather(torch.cuda.max_memory_allocated(self.root_device))
         print(f"rank {self.global_rank} loaded: allocated_gib {held:.3f} load_peak_gib {peak:.3f}", flush=True)
 
     def teardown(self) -> None:
-        extra = self.gather.extra_bytes if self.gather is not None else 0  # counted beside the cap, not in it
-        peak = (torch.cuda.max_memory_allocated(self.root_device) - extra) / 2**30
-        reserved = (torch.cuda.max_memory_reserved(self.root_device) - extra) / 2**30
+        extra = self.gather.extra_bytes if self.gather is not None else 0
+        peak = self.gib_without_gather(torch.cuda.max_memory_allocated(self.root_device))
+        reserved = self.gib_without_gather(torch.cuda.max_memory_reserved(self.root_device))
         host = torch.cuda.host_memory_stats()  # CPU memory pinned by torch (cpu_offload: the shards, their buffers)
         pinned = max((v for k, v in host.items() if k.startswith("allocated_bytes") and k.endswith("peak")), default=0)
         pinned /= 2**30
