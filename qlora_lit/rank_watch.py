@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 HEARTBEAT_S = 1.0
 IDENTIFY_WAIT_S = 10.0  # how long a rank waits at start for rank 0's identity
 ACK_WAIT_S = 3.0  # how long rank 0 keeps the store up for the others to read a verdict
+EXIT_WAIT_S = 1.0  # a killed process's sockets close before it shows as ended: how long to look once its store fails
 PEER_LOST_EXIT = 75  # EX_TEMPFAIL: another rank died or hung; the run can go on from its last checkpoint
 PEER_FAILED_EXIT = 1  # another rank raised an error, which would most likely recur
 ENDED = "ended without a word (killed: kill -9, the out-of-memory killer, a crash in native code)"
@@ -153,7 +154,11 @@ class Watcher(threading.Thread):
                     self.post(lost)
                     return
             except Exception as err:  # noqa: BLE001 - any store error: its host is gone or does not answer
-                if not self.stopping.is_set():
+                if self.stopping.is_set():
+                    return
+                if self.rank != 0 and self.ends_within(0, EXIT_WAIT_S):  # killed since the check at the top
+                    self.stop_for(f"rank 0{self.describe(0)} {ENDED}", store_alive=False)
+                else:
                     reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
                     self.stop_for(f"rank 0{self.describe(0)} is gone: the store it hosts fails ({reason})", False)
                 return
@@ -173,6 +178,15 @@ class Watcher(threading.Thread):
         if silent_s > self.silence_s:
             return f"rank {self.neighbour}{who} has not answered for {silent_s:.0f} s {HANGS}"
         return None
+
+    def ends_within(self, rank: int, seconds: float) -> bool:
+        """Whether `rank`'s process (on this machine) shows as ended within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while not self.process_is_gone(rank):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def process_is_gone(self, rank: int) -> bool:
         """Whether `rank`'s process has ended, when it runs on this machine (same boot) in this pid namespace (a pid

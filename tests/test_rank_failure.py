@@ -112,3 +112,37 @@ def test_a_rank_knows_rank_0s_pid_from_its_start():
     first = Watcher(store, rank=0, world_size=2, silence_s=5)
     second = Watcher(store, rank=1, world_size=2, silence_s=5)  # not started: no round has run
     assert second.describe(0) == f" (pid {os.getpid()} on {first.known[0][0]})"
+
+
+def test_rank_0_killed_between_two_looks_is_named_as_killed(monkeypatch):
+    """Rank 0 killed after the watch's look at its process and before its next store call: the store fails first
+    (a killed process's sockets close before it shows as ended), and the verdict is still that it ended, not only
+    that its store fails (a CI run once printed the latter for kill -9 of rank 0)."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from qlora_lit import rank_watch
+
+    rank0 = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    store = dist.HashStore()
+    store.set_timeout(timedelta(seconds=1))
+    store.set("who/0", f"{socket.gethostname()} {rank0.pid} {rank_watch._pid_space()}")
+    watcher = rank_watch.Watcher(store, rank=1, world_size=2, silence_s=5)
+
+    class KilledStore:  # the next store call: rank 0 dies, its store with it
+        def add(self, key, value):
+            rank0.kill()
+            raise ConnectionResetError("Connection reset by peer")
+
+    verdicts = []
+    watcher.store = KilledStore()
+    monkeypatch.setattr(watcher, "stop_for", lambda verdict, store_alive=True: verdicts.append(verdict))
+    monkeypatch.setattr(rank_watch, "HEARTBEAT_S", 0.01)
+    try:
+        watcher.run()
+    finally:
+        rank0.kill()
+        rank0.wait()
+    assert verdicts == [f"rank 0 (pid {rank0.pid} on {socket.gethostname()}) {rank_watch.ENDED}"]
