@@ -121,6 +121,17 @@ def compile_seconds(at_least: float = 0.5) -> dict[str, float]:
     return {name: value for name, value in timed.items() if value >= at_least}
 
 
+def compile_cache() -> dict[str, int]:
+    """How often the compiled graphs came from torch's caches (FX graph and AOT autograd: hit, miss, bypass): whether
+    a repeated run paid compilation again."""
+    from torch._dynamo.utils import counters
+
+    wanted = {"inductor": "fxgraph_cache_", "aot_autograd": "autograd_cache_"}
+    return {
+        name: n for group, prefix in wanted.items() for name, n in counters[group].items() if name.startswith(prefix)
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_run_args(p)
@@ -214,6 +225,7 @@ def main() -> None:
         "keep_dequantized_decided": decided.get("keep"),
         "max_seconds": a.max_seconds,
         "compile_seconds": compile_seconds(),
+        "compile_cache": compile_cache(),
     }
     line = common.result_line("qlora_lit", a.variant, a.shape, a.max_length, timer.timer.result(), a.device, settings)
     common.emit(line, a.out)

@@ -323,14 +323,25 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in base.modules() if type(module).__name__ in classes]
 
 
+COMPILE_OPTIONS = {"shape_padding": False}  # Inductor settings of the compiled decoder layers
+
+
 def compile_decoder_layers(model: PeftModel) -> None:
     """torch.compile every decoder layer in place (regional compilation: the layers share one compiled graph, and
     parameter names stay as they are). Shapes are dynamic: batches differ in length.
 
-    Without duck shaping: torch gives sizes of equal value one symbol, so a row as long as the hidden size (a 4096-token
-    pack at 8B, 2048 at 1B) tied the sequence length to the hidden size, which the norm's weight fixes: the first
-    graphs were compiled for that length only, and the first shorter row compiled them again (about 20-30 s at 8B,
-    bench/results/raw/2026-12-07-h100-8b-512-call-c-recompiles.log).
+    A row as long as the hidden size (a 4096-token pack at 8B, 2048 at 1B) must not fix the graphs to that length (the
+    first shorter row would compile them again: 17-30 s at 8B, bench/results/raw/2026-12-07-h100-8b-512-*). Two things
+    did: duck shaping (torch gives sizes of equal value one symbol, and the norm's weight fixes the hidden size), off
+    here; and on GPUs, Inductor's matmul-padding pass, which in torch 2.11 compares the symbolic row length with the
+    weights' sizes (`K > M`, `K > N` for the LoRA matrices) and so guards on it being exactly 4096. It pads nothing
+    here (the base matrices' sizes are multiples of 8 and the LoRA products, rank 4, are not compute-bound, which its
+    own test finds), so it is off for these layers.
+
+    With gradient checkpointing, the layer's checkpointed forward is traced as one region, and the `kernels` package
+    (a dependency of newer transformers) sets and restores a context variable in the decoder layer's forward: dynamo
+    refused to trace that side effect inside a checkpointed region and ran the whole layer uncompiled. Restoring it
+    is the only effect, so dynamo may leave it out of the backward's recomputation (a process-wide dynamo setting).
 
     The compiled code is cached under the qlora_lit cache (torch's default is /tmp, which cluster nodes empty
     between jobs), so a resumed or repeated run loads it instead of compiling again; TORCHINDUCTOR_CACHE_DIR wins.
@@ -350,5 +361,7 @@ def compile_decoder_layers(model: PeftModel) -> None:
     if not layers:
         raise ConfigError(f"model.compile: no decoder layers found in {type(causal_lm(model)).__name__}")
     shapes_config.use_duck_shape = False  # read when a graph is traced: every layer, every rank
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, options=COMPILE_OPTIONS)

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import TINY_MODEL
+from torch._dynamo.utils import counters
+from torch._inductor import config
 
 from qlora_lit import attention
 from qlora_lit.memory import activation_bytes, needs_checkpointing
@@ -38,7 +40,10 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_gradients():
     compile_decoder_layers(compiled.model)  # what model.compile does on a GPU
     layers = compiled.model.get_base_model().model.layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
+    torch._dynamo.reset()
+    counters.clear()
     compiled_loss, compiled_grads = loss_and_gradients(compiled, ids)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # compiled, not run eagerly
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
     assert compiled_grads.keys() == eager_grads.keys() and eager_grads
     for name, grad in eager_grads.items():
@@ -49,8 +54,6 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_gradients():
 def test_a_row_as_long_as_the_hidden_size_compiles_for_every_length():
     """Packed rows are often exactly pack_length long, and pack_length can equal the hidden size (4096 at 8B): the
     layers compiled for such a row must take the shorter rows that follow without compiling again."""
-    from torch._dynamo.utils import counters
-
     module = tiny_module()
     compile_decoder_layers(module.model)
     torch._dynamo.reset()
@@ -61,6 +64,35 @@ def test_a_row_as_long_as_the_hidden_size_compiles_for_every_length():
         loss_and_gradients(module, torch.randint(3, 2000, (1, length), generator=torch.Generator().manual_seed(length)))
         graphs.append(counters["frames"]["ok"])  # frames dynamo compiled
     assert graphs[0] >= 1 and graphs == graphs[:1] * 3, graphs  # with duck shaping: [1, 2, 2]
+
+
+def test_checkpointed_decoder_layers_are_compiled_whole():
+    """With gradient checkpointing (lowmem.yaml, and `auto` on smaller GPUs) the layer's checkpointed forward is one
+    region for dynamo; a side effect inside it (the `kernels` package's context variable, with newer transformers)
+    made dynamo run the whole layer uncompiled, silently. The layers must compile in one graph without a break."""
+    module = tiny_module()
+    assert module.model.is_gradient_checkpointing
+    compile_decoder_layers(module.model)
+    torch._dynamo.reset()
+    counters.clear()
+    loss_and_gradients(module, torch.randint(3, 2000, (1, 24), generator=torch.Generator().manual_seed(4)))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_decoder_layers_are_compiled_without_matmul_padding():
+    """Inductor's matmul-padding pass (GPUs only) compares the symbolic row length with the weights' sizes in torch
+    2.11 and so fixed the 8B graphs to rows of exactly 4096 tokens (bench/results/raw/2026-12-07-h100-8b-512-call-d-
+    shapes.log): the layers are compiled with it off. The pass does not run on CPUs, so this reads the setting in
+    force while Inductor compiles them (fails with torch's default, on)."""
+    seen = []
+    module = tiny_module()
+    compile_decoder_layers(module.model)
+    torch._dynamo.reset()
+    ids = torch.randint(3, 2000, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch._inductor.config.patch(post_grad_custom_post_pass=lambda graph: seen.append(config.shape_padding)):
+        loss_and_gradients(module, ids)
+    assert seen and not any(seen), seen
 
 
 def test_compile_is_skipped_with_a_message_on_a_cpu(caplog):
