@@ -334,9 +334,9 @@ def compile_decoder_layers(model: PeftModel) -> None:
     first shorter row would compile them again: 17-30 s at 8B, bench/results/raw/2026-12-07-h100-8b-512-*). Two things
     did: duck shaping (torch gives sizes of equal value one symbol, and the norm's weight fixes the hidden size), off
     here; and on GPUs, Inductor's matmul-padding pass, which in torch 2.11 compares the symbolic row length with the
-    weights' sizes (`K > M`, `K > N` for the LoRA matrices) and so guards on it being exactly 4096. It pads nothing
-    here (the base matrices' sizes are multiples of 8 and the LoRA products, rank 4, are not compute-bound, which its
-    own test finds), so it is off for these layers.
+    weights' sizes (`K > M`, `K > N` for the LoRA matrices) and so guards on it being exactly 4096. It is off for these
+    layers: it should pad nothing here (the base matrices' sizes are multiples of 8; the rank-4 LoRA products are
+    memory-bound, which the pass checks before it pads), and the 8B steps ran as fast without it (docs/PERFORMANCE.md).
 
     With gradient checkpointing, the layer's checkpointed forward is traced as one region, and the `kernels` package
     (a dependency of newer transformers) sets and restores a context variable in the decoder layer's forward: dynamo
