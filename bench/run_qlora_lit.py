@@ -17,8 +17,9 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     packed-lowmem         packed with checkpointing and the chunked loss
     base                  configs/base.yaml's execution settings: rows of <= 2048 tokens, 1 row x 8 accumulation (about
                           60 examples per step), varlen attention, compiled decoder layers, full logits, no fp32
-                          upcast, gradient_checkpointing "auto" (decided by QLoRAModule; the decision is in the
-                          settings as gc_decided)
+                          upcast, gradient_checkpointing and keep_dequantized "auto" (decided by QLoRAModule; the
+                          decisions are in the settings as gc_decided and keep_dequantized_decided; rows before
+                          2026-12-07 d ran without kept weights)
     base-b2               base reaching the same examples per step with 2 rows per micro-batch x 4 (data.batch_size 2,
                           trainer.accumulate_grad_batches 4): 4096 tokens per micro-batch, like packed
     base-as-configured    base.yaml exactly: one 2048-token row (about 8 examples, the walkthrough's effective batch)
@@ -26,7 +27,6 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     base-cli, base-b2-cli base and base-b2 with the callbacks `python -m qlora_lit fit` adds (TrainingMonitor,
                           PreemptionCheckpoint, the rich progress bar): what they cost per micro-batch
     packed-keep           packed with the 4-bit weights kept dequantized (model.keep_dequantized: true)
-    base-b2-keep          base-b2 with model.keep_dequantized: auto (decided by QLoRAModule, said in its log)
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -68,13 +68,12 @@ VARIANTS["packed"] = PACKED
 VARIANTS["packed-b2"] = {**PACKED, "batch": 2, "accum": 2}
 VARIANTS["packed-nocompile"] = {**PACKED, "compile": False, "warmup": 2}
 VARIANTS["packed-lowmem"] = {**PACKED, "gc": True, "chunk": 1024}
-VARIANTS["base"] = {**PACKED, "pack": 2048, "accum": 8, "gc": "auto"}
+VARIANTS["base"] = {**PACKED, "pack": 2048, "accum": 8, "gc": "auto", "keep": "auto"}
 VARIANTS["base-b2"] = {**VARIANTS["base"], "batch": 2, "accum": 4}
 VARIANTS["base-as-configured"] = {**VARIANTS["base"], "accum": 1}
 VARIANTS["base-cli"] = {**VARIANTS["base"], "cli": True}
 VARIANTS["base-b2-cli"] = {**VARIANTS["base-b2"], "cli": True}
 VARIANTS["packed-keep"] = {**PACKED, "keep": True}
-VARIANTS["base-b2-keep"] = {**VARIANTS["base-b2"], "keep": "auto"}
 
 
 class RowCounter(common.CountingCollator):
