@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from types import SimpleNamespace
 
 import lightning as L
@@ -120,6 +121,22 @@ def compile_seconds(at_least: float = 0.5) -> dict[str, float]:
     return {name: value for name, value in timed.items() if value >= at_least}
 
 
+def warm_compile_pool(limit_s: float = 120.0) -> float | None:
+    """Start Inductor's compile workers and wait until they take work; the seconds it took, None where Inductor
+    compiles in this process only. An experiment (`--warm_compile_pool`): with the compile cache warm, loading the
+    cached code took 40 s of the first step (docs/PERFORMANCE.md, calls d), perhaps compiling its Triton kernels in
+    this process because the workers were not ready yet."""
+    from torch._inductor import async_compile
+
+    if async_compile.get_compile_threads() <= 1:
+        return None
+    start = time.perf_counter()
+    async_compile.AsyncCompile.warm_pool()
+    while not async_compile.AsyncCompile.use_process_pool() and time.perf_counter() - start < limit_s:
+        time.sleep(0.1)
+    return round(time.perf_counter() - start, 1)
+
+
 def compile_cache() -> dict[str, int]:
     """How often the compiled graphs came from torch's caches (FX graph and AOT autograd: hit, miss, bypass): whether
     a repeated run paid compilation again."""
@@ -137,6 +154,11 @@ def main() -> None:
     p.add_argument("--variant", default="fast", choices=sorted(VARIANTS))
     p.add_argument(
         "--profile_dir", default=None, help="profile the last warm-up optimizer step into this folder (step_trace.py)"
+    )
+    p.add_argument(
+        "--warm_compile_pool",
+        action="store_true",
+        help="start Inductor's compile workers before training (an experiment)",
     )
     a = p.parse_args()
     if a.profile_dir and os.path.exists(a.profile_dir) and not os.path.isdir(a.profile_dir):
@@ -210,6 +232,7 @@ def main() -> None:
         use_distributed_sampler=False,
         callbacks=callbacks,
     )
+    pool_seconds = warm_compile_pool() if a.warm_compile_pool else None
     trainer.fit(module, train_dataloaders=loader)
     settings = {
         **v,
@@ -225,6 +248,7 @@ def main() -> None:
         "max_seconds": a.max_seconds,
         "compile_seconds": compile_seconds(),
         "compile_cache": compile_cache(),
+        "compile_pool_warmed_seconds": pool_seconds,
     }
     line = common.result_line("qlora_lit", a.variant, a.shape, a.max_length, timer.timer.result(), a.device, settings)
     common.emit(line, a.out)
