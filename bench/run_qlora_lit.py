@@ -124,8 +124,8 @@ def compile_seconds(at_least: float = 0.5) -> dict[str, float]:
 def warm_compile_pool(limit_s: float = 120.0) -> float | None:
     """Start Inductor's compile workers and wait until they take work; the seconds it took, None where Inductor
     compiles in this process only. An experiment (`--warm_compile_pool`): with the compile cache warm, loading the
-    cached code took 40 s of the first step (docs/PERFORMANCE.md, calls d), perhaps compiling its Triton kernels in
-    this process because the workers were not ready yet."""
+    cached code took 40 s of the first step (docs/PERFORMANCE.md, calls d); workers ready beforehand did not shorten
+    it (1B shape, one H100), so they were not the cause."""
     from torch._inductor import async_compile
 
     if async_compile.get_compile_threads() <= 1:
