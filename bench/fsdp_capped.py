@@ -103,21 +103,27 @@ def last_error(log: str) -> str | None:
     return lines[-1][:600] if lines else None
 
 
+def per_rank(log: str, pattern: str) -> list[float]:
+    """A figure each rank printed, in rank order whatever order the ranks printed in: `pattern` matches the rank and
+    the figure (the last line of a rank wins)."""
+    found = {int(rank): float(value) for rank, value in re.findall(pattern, log)}
+    return [found[rank] for rank in sorted(found)]
+
+
 def peaks(log: str) -> list[float]:
-    found = dict(re.findall(r"rank (\d) peak_allocated_gib ([\d.]+)", log))
-    return [float(found[rank]) for rank in sorted(found)]
+    return per_rank(log, r"rank (\d+) peak_allocated_gib ([\d.]+)")
+
+
+def pinned_peaks(log: str) -> list[float]:
+    return per_rank(log, r"rank (\d+) .*?peak_pinned_gib ([\d.]+)")
 
 
 def after_load(log: str) -> dict[str, list[float]]:
     """What each rank held on the GPU once loaded and sharded, and its peak up to then (the load's)."""
-    found = re.findall(r"rank (\d) loaded: allocated_gib ([\d.]+) load_peak_gib ([\d.]+)", log)
-    ranks = [figures for _, figures in sorted({rank: (float(h), float(p)) for rank, h, p in found}.items())]
-    return {"held_gib_per_rank": [held for held, _ in ranks], "peak_gib_per_rank": [peak for _, peak in ranks]}
-
-
-def pinned_peaks(log: str) -> list[float]:
-    found = dict(re.findall(r"rank (\d) .*peak_pinned_gib ([\d.]+)", log))
-    return [float(found[rank]) for rank in sorted(found)]
+    return {
+        "held_gib_per_rank": per_rank(log, r"rank (\d+) loaded: allocated_gib ([\d.]+)"),
+        "peak_gib_per_rank": per_rank(log, r"rank (\d+) loaded: .*?load_peak_gib ([\d.]+)"),
+    }
 
 
 def load_report(log: str) -> tuple[float | None, float | None]:

@@ -37,3 +37,12 @@ def test_an_offloaded_fit_holds_almost_nothing_on_the_gpu_once_loaded():
     log = (RAW / "2026-12-07-h100-8b-2rank-offload-fit.log").read_text()
     assert after_load(log) == {"held_gib_per_rank": [0.143, 0.143], "peak_gib_per_rank": [2.485, 2.485]}
     assert pinned_peaks(log) == [3.688, 3.688] and peaks(log) == [2.167, 2.159]
+
+
+def test_two_ranks_printing_on_one_line_each_get_their_own_figures():
+    """The resumed offload run of 2026-12-07 d: both ranks' peak lines ran together on one line."""
+    log = (RAW / "2026-12-07-h100-8b-2rank-offload-10steps-resumed.log").read_text()
+    assert peaks(log) == [0.265, 0.265] and pinned_peaks(log) == [3.313, 3.313]
+    assert after_load(log) == {"held_gib_per_rank": [0.143, 0.143], "peak_gib_per_rank": [0.397, 0.397]}
+    oom = (RAW / "2026-12-07-h100-8b-2rank-4gib-split-embeddings-oom.log").read_text()
+    assert "106.00 MiB" in last_error(oom) and after_load(oom)["held_gib_per_rank"] == [2.746, 2.746]
