@@ -80,6 +80,21 @@ def test_checkpointed_decoder_layers_are_compiled_whole():
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+def test_decoder_layers_are_traced_once():
+    """Dynamic compilation made the layers' Python floats (dropout rate, LoRA scale, norm epsilon) symbolic, and
+    dynamo then restarted its analysis of every layer graph to specialise them: the tracing done twice, a part of the
+    first step's compile time. They are constants, so the layers are compiled with floats specialised: one attempt."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    module = tiny_module(gradient_checkpointing=False)
+    compile_decoder_layers(module.model)
+    torch._dynamo.reset()
+    compilation_time_metrics.clear()
+    loss_and_gradients(module, torch.randint(3, 2000, (1, 24), generator=torch.Generator().manual_seed(5)))
+    attempts = sorted(name for name in compilation_time_metrics if name.startswith("compile_attempt_"))
+    assert attempts == ["compile_attempt_0"], attempts
+
+
 def test_decoder_layers_are_compiled_without_matmul_padding():
     """Inductor's matmul-padding pass (GPUs only) compares the symbolic row length with the weights' sizes in torch
     2.11 and so fixed the 8B graphs to rows of exactly 4096 tokens (bench/results/raw/2026-12-07-h100-8b-512-call-d-
