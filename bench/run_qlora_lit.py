@@ -27,6 +27,8 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     base-cli, base-b2-cli base and base-b2 with the callbacks `python -m qlora_lit fit` adds (TrainingMonitor,
                           PreemptionCheckpoint, the rich progress bar): what they cost per micro-batch
     packed-keep           packed with the 4-bit weights kept dequantized (model.keep_dequantized: true)
+    *-graphs              the same with CUDA graphs over the compiled layers, every micro-batch of fixed shapes
+                          (bench/cuda_graphs.py; an experiment)
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -45,6 +47,7 @@ from torch.utils.data import DataLoader
 
 from bench import common
 from bench import data as bench_data
+from bench.cuda_graphs import CudaGraphLayers, StaticShapes
 from bench.step_trace import StepProfiler
 from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count
 from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows
@@ -75,6 +78,8 @@ VARIANTS["base-as-configured"] = {**VARIANTS["base"], "accum": 1}
 VARIANTS["base-cli"] = {**VARIANTS["base"], "cli": True}
 VARIANTS["base-b2-cli"] = {**VARIANTS["base-b2"], "cli": True}
 VARIANTS["packed-keep"] = {**PACKED, "keep": True}
+VARIANTS["packed-keep-graphs"] = {**VARIANTS["packed-keep"], "graphs": True}
+VARIANTS["base-as-configured-graphs"] = {**VARIANTS["base-as-configured"], "graphs": True}
 
 
 class RowCounter(common.CountingCollator):
@@ -171,7 +176,7 @@ def main() -> None:
     if "pack" in v:
         dataset = PackedDataset(examples, pack_rows([len(e["input_ids"]) for e in examples], v["pack"]))
         lengths, label_counts = dataset.lengths(), dataset.label_counts()
-        counter = RowCounter(PackingCollator(pad_id=128001))
+        counter = RowCounter(PackingCollator(pad_id=128001, pad_to_multiple_of=v["pack"] if v.get("graphs") else 8))
     else:
         dataset = examples
         lengths, label_counts = [len(e["input_ids"]) for e in examples], [label_count(e) for e in examples]
@@ -179,7 +184,8 @@ def main() -> None:
     sampler = EpochBatchSampler(
         lengths, v["batch"], seed=0, group_by_length=v["group"], label_counts=label_counts, accumulate=v["accum"]
     )
-    loader = DataLoader(StepTaggedDataset(dataset), batch_sampler=sampler, collate_fn=counter)
+    collate = StaticShapes(counter, v["pack"], v["pack"] // bench_data.MIN_LEN + 2) if v.get("graphs") else counter
+    loader = DataLoader(StepTaggedDataset(dataset), batch_sampler=sampler, collate_fn=collate)
     on_gpu = a.device == "cuda"
     module = QLoRAModule(
         model_dir,
@@ -190,7 +196,7 @@ def main() -> None:
         upcast_to_fp32=v["upcast"],
         loss_chunk_tokens=v.get("chunk", 4096),
         attn_implementation=v.get("attn", "sdpa"),
-        compile=v.get("compile", False),
+        compile=v.get("compile", False) and not v.get("graphs"),  # CudaGraphLayers compiles them
         keep_dequantized=v.get("keep", False),
     )
     if "auto" in (v["gc"], v.get("keep")):
@@ -214,6 +220,8 @@ def main() -> None:
     warmup = v.get("warmup", a.warmup_steps)
     timer = LightningStepTimer(counter, warmup, v["accum"], a.max_seconds)
     callbacks = [timer]
+    if v.get("graphs"):
+        callbacks.append(CudaGraphLayers())
     if v.get("cli"):
         callbacks += [TrainingMonitor(), PreemptionCheckpoint(), RichProgressBar()]
     if a.profile_dir:  # first: its trace export then counts in the profiled warm-up step, not in the next one
