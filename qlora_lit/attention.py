@@ -25,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "varlen"
+KERNEL_DEVICES = ("cuda",)  # where torch's varlen kernel runs; elsewhere the per-example reference computes it
 
 
 def sequence_starts(position_ids: torch.Tensor) -> dict[str, torch.Tensor | int]:
@@ -119,7 +120,7 @@ def varlen_attention(
     q = query.transpose(1, 2).reshape(batch * row, heads, dim)
     k = key.transpose(1, 2).reshape(batch * row, -1, dim)
     v = value.transpose(1, 2).reshape(batch * row, -1, dim)
-    if query.is_cuda:
+    if query.device.type in KERNEL_DEVICES:
         out = _kernel_varlen(q, k, v, cu, kwargs["max_length_q"], scaling, sliding_window)
     else:
         out = _reference_varlen(q, k, v, cu, scaling, sliding_window)

@@ -1,0 +1,90 @@
+"""The compiled decoder layers as a GPU traces them: there the attention is torch's varlen kernel op, which dynamo
+and Inductor see through its fake implementation (shapes, strides), where the CPU tests otherwise run the
+per-example reference that dynamo never traces into the graph. A CPU stand-in computes the op here (the reference,
+its outputs laid out as the kernel's), so the GPU's graph is compiled and run for architectures whose layers differ
+the most; the compiled layers with gradient checkpointing give the eager loss and gradients, in one graph.
+
+The stand-in stays registered for the process; only `attention.KERNEL_DEVICES` (patched per test) routes to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.nn.attention import varlen as varlen_module
+from zoo import build_zoo_model
+
+from qlora_lit import attention
+from qlora_lit.data.packing import PackingCollator
+from qlora_lit.model import LoraArgs, QuantizationArgs, compile_decoder_layers
+from qlora_lit.module import QLoRAModule
+
+
+def window_of(window_size) -> int | None:
+    return window_size[0] + 1 if window_size and window_size[0] >= 0 else None
+
+
+def forward_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, scale=None, window_size=None, *unused):
+    out = attention._reference_varlen(q, k, v, cu_q, scale, window_of(window_size))
+    return out, torch.zeros(q.shape[1], q.shape[0]), torch.zeros(2, dtype=torch.uint64)
+
+
+def backward_stand_in(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, is_causal, rng, scale=None, window_size=None):
+    _, vjp = torch.func.vjp(
+        lambda *qkv: attention._reference_varlen(*qkv, cu_q, scale, window_of(window_size)), q, k, v
+    )
+    return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), vjp(grad), strict=True))  # as it allocates
+
+
+@pytest.fixture
+def kernel_path(monkeypatch):
+    for op, stand_in in (
+        (varlen_module._varlen_attn, forward_stand_in),
+        (varlen_module._varlen_attn_backward, backward_stand_in),
+    ):
+        if "cpu" not in op._backend_fns:
+            op.register_kernel("cpu")(stand_in)
+    monkeypatch.setattr(attention, "KERNEL_DEVICES", ("cuda", "cpu"))
+
+
+def packed_batch() -> dict[str, torch.Tensor]:
+    lengths = [40, 30, 20]  # longer than the zoo's sliding window of 32
+    ids = torch.randint(3, 2000, (sum(lengths),), generator=torch.Generator().manual_seed(2)).tolist()
+    positions = [p for length in lengths for p in range(length)]
+    return PackingCollator(pad_id=1)([{"input_ids": ids, "labels": ids, "position_ids": positions}])
+
+
+def loss_and_gradients(module: QLoRAModule, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss = module(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"]).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "gemma3_text", "qwen3"])
+def test_compiled_layers_on_the_kernel_path_give_the_eager_results(kernel_path, tmp_path, name):
+    """gpt_neox: one fused qkv projection with biases (its q/k/v are strided views); gemma3_text: sliding and global
+    layers, q/k norms; qwen3: q/k norms. Checkpointing is on (the module's default)."""
+    path = str(build_zoo_model(name, tmp_path / name))
+
+    def module() -> QLoRAModule:
+        torch.manual_seed(0)
+        built = QLoRAModule(path, QuantizationArgs(compute_dtype="float32"), LoraArgs(r=4, dropout=0.0))
+        built.attn_implementation = attention.NAME
+        built.configure_model()
+        for lora_b in (p for n, p in built.named_parameters() if "lora_B" in n):
+            torch.nn.init.normal_(lora_b, std=0.05, generator=torch.Generator().manual_seed(1))
+        return built
+
+    batch = packed_batch()
+    eager_loss, eager_grads = loss_and_gradients(module(), batch)
+    compiled = module()
+    assert compiled.model.is_gradient_checkpointing
+    compile_decoder_layers(compiled.model)
+    torch._dynamo.reset()
+    counters.clear()
+    loss, grads = loss_and_gradients(compiled, batch)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == eager_grads.keys() and grads
+    for key, grad in eager_grads.items():
+        assert (grads[key] - grad).abs().max() <= 5e-3 * grad.abs().max(), key
