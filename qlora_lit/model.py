@@ -15,8 +15,10 @@ from typing import Literal
 
 import bitsandbytes as bnb
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import ParamWrapper
 from safetensors import SafetensorError
 from torch.fx.experimental import _config as shapes_config
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
@@ -370,3 +372,8 @@ def compile_decoder_layers(model: PeftModel) -> None:
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in layers:
         layer.compile(dynamic=True, options=COMPILE_OPTIONS)
+    if any(isinstance(module, ParamWrapper) for layer in layers for module in layer.modules()):
+        rank_zero_info(
+            "model.compile: peft adapts the fused experts by registering a parametrization in every forward pass, "
+            "which torch.compile cannot trace: the decoder layers holding them run uncompiled (eager speed)"
+        )

@@ -88,3 +88,24 @@ def test_compiled_layers_on_the_kernel_path_give_the_eager_results(kernel_path, 
     assert grads.keys() == eager_grads.keys() and grads
     for key, grad in eager_grads.items():
         assert (grads[key] - grad).abs().max() <= 5e-3 * grad.abs().max(), key
+
+
+def test_compiling_layers_with_adapted_fused_experts_says_they_run_uncompiled(tmp_path, caplog):
+    """Qwen3-MoE's experts adapted through peft's target_parameters: peft registers a parametrization in each forward
+    pass, which dynamo cannot trace (found with the stand-in above), so the run says so instead of letting a user
+    expect compiled speed."""
+    module = QLoRAModule(
+        str(build_zoo_model("qwen3_moe", tmp_path / "moe")),
+        QuantizationArgs(compute_dtype="float32"),
+        LoraArgs(r=4, dropout=0.0),
+    )
+    module.configure_model()
+    with caplog.at_level("INFO"):
+        compile_decoder_layers(module.model)
+    assert "peft adapts the fused experts" in caplog.text and "run uncompiled" in caplog.text
+    dense = QLoRAModule(str(build_zoo_model("qwen3", tmp_path / "dense")), QuantizationArgs(compute_dtype="float32"))
+    dense.configure_model()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        compile_decoder_layers(dense.model)
+    assert "fused experts" not in caplog.text
