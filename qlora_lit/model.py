@@ -338,7 +338,8 @@ def compile_decoder_layers(model: PeftModel) -> None:
     here; and on GPUs, Inductor's matmul-padding pass, which in torch 2.11 compares the symbolic row length with the
     weights' sizes (`K > M`, `K > N` for the LoRA matrices) and so guards on it being exactly 4096. It is off for these
     layers: it should pad nothing here (the base matrices' sizes are multiples of 8; the rank-4 LoRA products are
-    memory-bound, which the pass checks before it pads), and the 8B steps ran as fast without it (docs/PERFORMANCE.md).
+    memory-bound, which the pass checks before it pads); 8B runs without it were no slower than earlier runs with it
+    on other H100s (no same-call comparison: docs/PERFORMANCE.md).
 
     With gradient checkpointing, the layer's checkpointed forward is traced as one region, and the `kernels` package
     (a dependency of newer transformers) sets and restores a context variable in the decoder layer's forward: dynamo

@@ -5,25 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_speedups import tiny_module
+from test_speedups import batch_loss_and_gradients, packed_row, tiny_module
 
 from bench.cuda_graphs import StaticShapes
 from qlora_lit.data.packing import PackingCollator
-
-
-def packed_row(lengths: list[int], seed: int) -> dict[str, list[int]]:
-    ids = torch.randint(3, 2000, (sum(lengths),), generator=torch.Generator().manual_seed(seed)).tolist()
-    positions = [p for length in lengths for p in range(length)]
-    labels = [-100 if p < 2 else token for p, token in zip(positions, ids, strict=True)]  # each prompt's first tokens
-    return {"input_ids": ids, "labels": labels, "position_ids": positions}
-
-
-def loss_of(module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    module.zero_grad()
-    inputs = {k: v for k, v in batch.items() if k != "input_ids"}
-    loss = module(batch["input_ids"], **inputs).loss
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
 def test_fixed_shapes_give_the_loss_and_gradients_of_the_packed_batch():
@@ -33,8 +18,8 @@ def test_fixed_shapes_give_the_loss_and_gradients_of_the_packed_batch():
     fixed = StaticShapes(PackingCollator(pad_id=0, pad_to_multiple_of=48), width=48, offsets=8)(rows)
     assert fixed["input_ids"].shape == (1, 48) and fixed["max_length_q"] == 48
     assert fixed["cu_seq_lens_q"].tolist() == [0, 9, 22, 28, 48, 48, 48, 48]  # the padding, then empty examples
-    loss, grads = loss_of(module, packed)
-    fixed_loss, fixed_grads = loss_of(module, fixed)
+    loss, grads = batch_loss_and_gradients(module, packed)
+    fixed_loss, fixed_grads = batch_loss_and_gradients(module, fixed)
     torch.testing.assert_close(fixed_loss, loss, rtol=1e-6, atol=1e-6)
     assert fixed_grads.keys() == grads.keys() and grads
     for name, grad in grads.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_speedups import batch_loss_and_gradients, packed_row
 from torch._dynamo.utils import counters
 from torch.nn.attention import varlen as varlen_module
 from zoo import build_zoo_model
@@ -47,19 +48,6 @@ def kernel_path(monkeypatch):
     monkeypatch.setattr(attention, "KERNEL_DEVICES", ("cuda", "cpu"))
 
 
-def packed_batch() -> dict[str, torch.Tensor]:
-    lengths = [40, 30, 20]  # longer than the zoo's sliding window of 32
-    ids = torch.randint(3, 2000, (sum(lengths),), generator=torch.Generator().manual_seed(2)).tolist()
-    positions = [p for length in lengths for p in range(length)]
-    return PackingCollator(pad_id=1)([{"input_ids": ids, "labels": ids, "position_ids": positions}])
-
-
-def loss_and_gradients(module: QLoRAModule, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    loss = module(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"]).loss
-    loss.backward()
-    return loss.detach(), {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("name", ["gpt_neox", "gemma3_text", "qwen3"])
 def test_compiled_layers_on_the_kernel_path_give_the_eager_results(kernel_path, tmp_path, name):
     """gpt_neox: one fused qkv projection with biases (its q/k/v are strided views); gemma3_text: sliding and global
@@ -75,14 +63,14 @@ def test_compiled_layers_on_the_kernel_path_give_the_eager_results(kernel_path, 
             torch.nn.init.normal_(lora_b, std=0.05, generator=torch.Generator().manual_seed(1))
         return built
 
-    batch = packed_batch()
-    eager_loss, eager_grads = loss_and_gradients(module(), batch)
+    batch = PackingCollator(pad_id=1)([packed_row([40, 30, 20], seed=2)])  # longer than the zoo's window of 32
+    eager_loss, eager_grads = batch_loss_and_gradients(module(), batch)
     compiled = module()
     assert compiled.model.is_gradient_checkpointing
     compile_decoder_layers(compiled.model)
     torch._dynamo.reset()
     counters.clear()
-    loss, grads = loss_and_gradients(compiled, batch)
+    loss, grads = batch_loss_and_gradients(compiled, batch)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
     assert grads.keys() == eager_grads.keys() and grads

@@ -33,6 +33,22 @@ def loss_and_gradients(module: QLoRAModule, ids: torch.Tensor) -> tuple[torch.Te
     return loss.detach(), {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
 
 
+def packed_row(lengths: list[int], seed: int) -> dict[str, list[int]]:
+    """A packed row of examples of these lengths (positions restart at each); each first 2 tokens unlabelled."""
+    ids = torch.randint(3, 2000, (sum(lengths),), generator=torch.Generator().manual_seed(seed)).tolist()
+    positions = [p for length in lengths for p in range(length)]
+    labels = [-100 if p < 2 else token for p, token in zip(positions, ids, strict=True)]
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def batch_loss_and_gradients(module: QLoRAModule, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of a collated batch (every key a forward argument) and the gradients it gives, from zero."""
+    module.zero_grad()
+    loss = module(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
 def test_compiled_decoder_layers_give_the_eager_loss_and_gradients():
     ids = torch.randint(3, 2000, (2, 24), generator=torch.Generator().manual_seed(1))
     eager_loss, eager_grads = loss_and_gradients(tiny_module(), ids)
