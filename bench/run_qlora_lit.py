@@ -24,6 +24,7 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
                           trainer.accumulate_grad_batches 4): 4096 tokens per micro-batch, like packed
     base-as-configured    base.yaml exactly: one 2048-token row (about 8 examples, the walkthrough's effective batch)
                           per optimizer step, so the optimizer steps after every micro-batch
+    lowmem-as-configured  base.yaml with lowmem.yaml over it, exactly (checkpointing, logits in chunks of 1024 tokens)
     base-cli, base-b2-cli base and base-b2 with the callbacks `python -m qlora_lit fit` adds (TrainingMonitor,
                           PreemptionCheckpoint, the rich progress bar): what they cost per micro-batch
     packed-keep           packed with the 4-bit weights kept dequantized (model.keep_dequantized: true)
@@ -78,6 +79,7 @@ VARIANTS["packed-lowmem"] = {**PACKED, "gc": True, "chunk": 1024}
 VARIANTS["base"] = {**PACKED, "pack": 2048, "accum": 8, "gc": "auto", "keep": "auto"}
 VARIANTS["base-b2"] = {**VARIANTS["base"], "batch": 2, "accum": 4}
 VARIANTS["base-as-configured"] = {**VARIANTS["base"], "accum": 1}
+VARIANTS["lowmem-as-configured"] = {**VARIANTS["base-as-configured"], "gc": True, "chunk": 1024}
 VARIANTS["base-cli"] = {**VARIANTS["base"], "cli": True}
 VARIANTS["base-b2-cli"] = {**VARIANTS["base-b2"], "cli": True}
 VARIANTS["packed-keep"] = {**PACKED, "keep": True}
