@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import bitsandbytes as bnb
+import bitsandbytes.functional as F
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_scheduler
@@ -43,14 +44,22 @@ class OptimizerArgs:
             raise ConfigError(f"optimizer.betas must be in [0, 1), got {self.betas}")
 
 
-class _StepWithoutWaiting:
-    """bitsandbytes' 8-bit AdamW step, waiting for the GPU only where its paged memory needs it.
+BLOCK = 256
+"""bitsandbytes' 8-bit optimizers quantize their state in blocks of this many elements (`init_state`'s absmax)."""
 
-    bitsandbytes' `step` calls `torch.cuda.synchronize()` after every tensor's update. LoRA has hundreds of small
-    tensors (448 for r=4 on an 8B Llama): on an H200 the paged step took 25.3 ms with the waits and 21.8 ms without
-    (bench/optimizer_step.py; docs/PERFORMANCE.md). The updates need no waiting: they run in order on one stream.
-    Only state in paged (unified) memory, which bitsandbytes prefetches asynchronously and allocates for tensors of
-    100k elements or more, keeps its wait. Same kernels, same order, bit-identical results.
+
+class _GroupedStep:
+    """bitsandbytes' 8-bit AdamW step with one update kernel for many tensors, and no host wait after each.
+
+    bitsandbytes updates one tensor at a time, with a kernel launch, host work and `torch.cuda.synchronize()` each.
+    LoRA has hundreds of small tensors (448 for r=4 on an 8B Llama; an 8B step took 21.8 ms without the waits on an
+    H200, bench/optimizer_step.py). Its update is element-wise, and 8-bit state is quantized in blocks of 256
+    elements: on tensors whose sizes are multiples of 256, updating their concatenation is updating each, bit for bit.
+    So the state of such tensors is one flat buffer per kind, each tensor's state a view into it (`state_dict` gives
+    copies, as bitsandbytes' own), and a step concatenates their gradients and weights, updates them with one kernel
+    and copies the weights back. Tensors of 32-bit state (under bitsandbytes' 4096 elements) form a group of their
+    own; paged state, sizes off the blocks and per-parameter overrides keep bitsandbytes' update one by one. Only paged
+    state, which bitsandbytes prefetches asynchronously, keeps a wait.
     """
 
     @torch.no_grad()
@@ -65,19 +74,99 @@ class _StepWithoutWaiting:
             self.initialized = True
         waits = False
         for gindex, group in enumerate(self.param_groups):
+            together: dict[tuple, list[int]] = {}
             for pindex, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
-                if not self.state[param]:
+                state = self.state[param]
+                if not state:
                     self.init_state(group, param, gindex, pindex)
+                if self._groupable(gindex, pindex, param, state):
+                    key = (param.device, param.dtype, param.grad.dtype, state["state1"].dtype, state["step"])
+                    together.setdefault(key, []).append(pindex)
+                    continue
                 self.prefetch_state(param)
                 self.update_step(group, param, gindex, pindex)
-                if getattr(self.state[param]["state1"], "is_paged", False):
+                if getattr(state["state1"], "is_paged", False):
                     waits = True
                     _synchronize(param)
+            for indices in together.values():
+                if len(indices) == 1:
+                    self.update_step(group, group["params"][indices[0]], gindex, indices[0])
+                else:
+                    self._update_together(group, gindex, indices)
         if waits:
             _synchronize(param)
         return loss
+
+    def _groupable(self, gindex: int, pindex: int, param: torch.Tensor, state: dict) -> bool:
+        state1 = state["state1"]
+        return not (
+            getattr(state1, "is_paged", False)
+            or (state1.dtype == torch.uint8 and param.numel() % BLOCK)
+            or (gindex, pindex) in self.mng.index2config
+            or id(param) in self.mng.pid2config
+            or "unorm_vec" in state
+        )
+
+    def _update_together(self, group: dict, gindex: int, indices: list[int]) -> None:
+        params = [group["params"][i] for i in indices]
+        states = [self.state[p] for p in params]
+        flat = self._flat_state(params, states)
+        grad = torch.cat([p.grad.reshape(-1) for p in params])
+        weights = torch.cat([p.reshape(-1) for p in params])
+        for state in states:
+            state["step"] += 1
+        config = self.get_config(gindex, indices[0], group)
+        betas = config["betas"]
+        beta3 = betas[2] if len(betas) >= 3 else 0.0
+        if "absmax1" in flat:
+            F.optimizer_update_8bit_blockwise(
+                self.optimizer_name, grad, weights, flat["state1"], flat["state2"], betas[0], betas[1], beta3,
+                config.get("alpha", 0.0), config["eps"], states[0]["step"], config["lr"], states[0]["qmap1"],
+                states[0]["qmap2"], flat["absmax1"], flat["absmax2"], config["weight_decay"], gnorm_scale=1.0,
+                skip_zeros=config["skip_zeros"],
+            )  # fmt: skip
+        else:
+            F.optimizer_update_32bit(
+                self.optimizer_name, grad, weights, flat["state1"], betas[0], config["eps"], states[0]["step"],
+                config["lr"], flat["state2"], betas[1], beta3, config.get("alpha", 0.0), config["weight_decay"], 1.0,
+                None, max_unorm=0.0, skip_zeros=config["skip_zeros"],
+            )  # fmt: skip
+        pieces = weights.split([p.numel() for p in params])
+        torch._foreach_copy_(params, [piece.view_as(p) for piece, p in zip(pieces, params, strict=True)])
+
+    def _flat_state(self, params: list[torch.Tensor], states: list[dict]) -> dict[str, torch.Tensor]:
+        """The group's state buffers, made once (and again after a resume replaced the per-tensor state)."""
+        flats = self.__dict__.setdefault("_flats", {})
+        key = tuple(id(p) for p in params)
+        flat = flats.get(key)
+        if flat is not None and all(s["state1"] is v for s, v in zip(states, flat["views"], strict=True)):
+            return flat
+        names = ["state1", "state2", "absmax1", "absmax2"] if "absmax1" in states[0] else ["state1", "state2"]
+        flat = {name: torch.cat([s[name].reshape(-1) for s in states]) for name in names}
+        for name in names:
+            for state, view in zip(states, flat[name].split([s[name].numel() for s in states]), strict=True):
+                state[name] = view.view_as(state[name])
+        flat["views"] = [s["state1"] for s in states]
+        flats[key] = flat
+        return flat
+
+    def state_dict(self):
+        """bitsandbytes' state dict, with each tensor's state its own copy: saved one by one (sharded checkpoints),
+        a view would carry the whole flat buffer."""
+        state_dict = super().state_dict()
+        for entry in state_dict["state"].values():
+            _copy_views(entry)
+        return state_dict
+
+
+def _copy_views(entry: dict) -> None:
+    for key, value in entry.items():
+        if isinstance(value, dict):
+            _copy_views(value)
+        elif isinstance(value, torch.Tensor) and value._base is not None:
+            entry[key] = value.clone()
 
 
 def _synchronize(param: torch.Tensor) -> None:
@@ -85,12 +174,12 @@ def _synchronize(param: torch.Tensor) -> None:
         torch.cuda.synchronize(param.device)
 
 
-class PagedAdamW8bit(_StepWithoutWaiting, bnb.optim.PagedAdamW8bit):
-    """bitsandbytes' paged 8-bit AdamW without a host wait per tensor."""
+class PagedAdamW8bit(_GroupedStep, bnb.optim.PagedAdamW8bit):
+    """bitsandbytes' paged 8-bit AdamW, its small tensors updated together (`_GroupedStep`)."""
 
 
-class AdamW8bit(_StepWithoutWaiting, bnb.optim.AdamW8bit):
-    """bitsandbytes' 8-bit AdamW without a host wait per tensor."""
+class AdamW8bit(_GroupedStep, bnb.optim.AdamW8bit):
+    """bitsandbytes' 8-bit AdamW, its tensors updated together (`_GroupedStep`)."""
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], args: OptimizerArgs) -> torch.optim.Optimizer:
