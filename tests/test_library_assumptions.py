@@ -14,7 +14,7 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 
 from qlora_lit.flops import peak_tflops
-from qlora_lit.optim import AdamW8bit, PagedAdamW8bit, _StepWithoutWaiting
+from qlora_lit.optim import BLOCK, AdamW8bit, PagedAdamW8bit, _GroupedStep
 
 
 def control_flow_and_calls(function) -> list[str]:
@@ -46,9 +46,9 @@ def control_flow_and_calls(function) -> list[str]:
 
 
 def test_bitsandbytes_8bit_step_is_the_loop_qlora_lit_copies():
-    """qlora_lit.optim re-implements bitsandbytes' Optimizer8bit.step without its host wait after every tensor
-    (tests/test_optim.py checks the updates are bit-identical). If this fails, bitsandbytes' step changed: copy its
-    new loop into _StepWithoutWaiting (or drop the copy if bitsandbytes stopped waiting per tensor)."""
+    """qlora_lit.optim re-implements bitsandbytes' Optimizer8bit.step: tensors updated together, without its host wait
+    after every tensor (tests/test_optim.py checks the updates are bit-identical). If this fails, bitsandbytes' step
+    changed: bring its new loop into _GroupedStep (or drop the copy if bitsandbytes now does both)."""
     theirs = inspect.unwrap(bnb.optim.optimizer.Optimizer8bit.step)
     # torch wraps a class's `step` (profiling hooks) once an optimizer of it is made: compare what is wrapped
     assert (
@@ -61,14 +61,16 @@ def test_bitsandbytes_8bit_step_is_the_loop_qlora_lit_copies():
         *[*loop, "len", "self.init_state", "end if", "self.prefetch_state", "self.update_step", "sync_gpu"],
         *["end for", "end for", "if", "sync_gpu", "end if"],
     ]
-    assert control_flow_and_calls(_StepWithoutWaiting.step) == [
-        *setup,
-        *[*loop, "self.init_state", "end if", "self.prefetch_state", "self.update_step"],
-        *["if", "getattr", "_synchronize", "end if"],  # only paged state waits
-        *["end for", "end for", "if", "_synchronize", "end if"],
-    ]
-    ours = inspect.unwrap(_StepWithoutWaiting.step)
+    ours = inspect.unwrap(_GroupedStep.step)
     assert inspect.unwrap(PagedAdamW8bit.step) is ours and inspect.unwrap(AdamW8bit.step) is ours
+
+
+def test_bitsandbytes_8bit_state_is_quantized_in_blocks_of_256():
+    """_GroupedStep updates tensors of whole blocks together: the block is bitsandbytes' (one absmax per 256)."""
+    param = torch.nn.Parameter(torch.zeros(20 * BLOCK + 1))  # over the 4096 elements of 8-bit state
+    optimizer = bnb.optim.AdamW8bit([param])
+    optimizer.init_state(optimizer.param_groups[0], param, 0, 0)
+    assert BLOCK == 256 and optimizer.state[param]["absmax1"].numel() == 21
 
 
 @pytest.mark.parametrize(
