@@ -32,6 +32,8 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
                           (bench/cuda_graphs.py; an experiment)
     *-noguards            the same with dynamo's guard checks skipped from the third optimizer step on, but those
                           that choose between compiled graphs (bench/guards.py; an experiment)
+    *-onegraph            the same with layer 0's input needing a gradient, so that every layer shares one compiled
+                          graph pair (bench/one_graph.py; an experiment on the first step's compile time)
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -52,6 +54,7 @@ from bench import common
 from bench import data as bench_data
 from bench.cuda_graphs import CudaGraphLayers, StaticShapes
 from bench.guards import SkipGuardsAfter
+from bench.one_graph import OneLayerGraph
 from bench.step_trace import StepProfiler
 from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count
 from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows
@@ -87,6 +90,7 @@ VARIANTS["packed-keep-graphs"] = {**VARIANTS["packed-keep"], "graphs": True}
 VARIANTS["base-as-configured-graphs"] = {**VARIANTS["base-as-configured"], "graphs": True}
 VARIANTS["packed-keep-noguards"] = {**VARIANTS["packed-keep"], "noguards": True}
 VARIANTS["base-as-configured-noguards"] = {**VARIANTS["base-as-configured"], "noguards": True}
+VARIANTS["packed-keep-onegraph"] = {**VARIANTS["packed-keep"], "onegraph": True}
 
 
 class RowCounter(common.CountingCollator):
@@ -231,6 +235,8 @@ def main() -> None:
         callbacks.append(CudaGraphLayers())
     if v.get("noguards"):
         callbacks.append(SkipGuardsAfter())
+    if v.get("onegraph"):
+        callbacks.append(OneLayerGraph())
     if v.get("cli"):
         callbacks += [TrainingMonitor(), PreemptionCheckpoint(), RichProgressBar()]
     if a.profile_dir:  # first: its trace export then counts in the profiled warm-up step, not in the next one
