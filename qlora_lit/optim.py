@@ -90,11 +90,11 @@ class _GroupedStep:
                 if getattr(state["state1"], "is_paged", False):
                     waits = True
                     _synchronize(param)
-            for indices in together.values():
+            for key, indices in together.items():
                 if len(indices) == 1:
                     self.update_step(group, group["params"][indices[0]], gindex, indices[0])
                 else:
-                    self._update_together(group, gindex, indices)
+                    self._update_together(group, (gindex, *key[:-1]), indices)
         if waits:
             _synchronize(param)
         return loss
@@ -109,15 +109,17 @@ class _GroupedStep:
             or "unorm_vec" in state
         )
 
-    def _update_together(self, group: dict, gindex: int, indices: list[int]) -> None:
+    def _update_together(self, group: dict, bucket: tuple, indices: list[int]) -> None:
+        """One update of the tensors `indices` of `group`, whose state is of one kind, device and step (`bucket`: the
+        group's index, then the kind)."""
         params = [group["params"][i] for i in indices]
         states = [self.state[p] for p in params]
-        flat = self._flat_state(params, states)
+        flat = self._flat_state(bucket, params, states)
         grad = torch.cat([p.grad.reshape(-1) for p in params])
         weights = torch.cat([p.reshape(-1) for p in params])
         for state in states:
             state["step"] += 1
-        config = self.get_config(gindex, indices[0], group)
+        config = self.get_config(bucket[0], indices[0], group)
         betas = config["betas"]
         beta3 = betas[2] if len(betas) >= 3 else 0.0
         if "absmax1" in flat:
@@ -136,12 +138,13 @@ class _GroupedStep:
         pieces = weights.split([p.numel() for p in params])
         torch._foreach_copy_(params, [piece.view_as(p) for piece, p in zip(pieces, params, strict=True)])
 
-    def _flat_state(self, params: list[torch.Tensor], states: list[dict]) -> dict[str, torch.Tensor]:
-        """The group's state buffers, made once (and again after a resume replaced the per-tensor state)."""
+    def _flat_state(self, bucket: tuple, params: list[torch.Tensor], states: list[dict]) -> dict[str, torch.Tensor]:
+        """The bucket's state buffers, made once, and again when its tensors change (a tensor without a gradient in a
+        step) or a resume replaced the per-tensor state. One per bucket: a replaced buffer is freed with its views."""
         flats = self.__dict__.setdefault("_flats", {})
-        key = tuple(id(p) for p in params)
-        flat = flats.get(key)
-        if flat is not None and all(s["state1"] is v for s, v in zip(states, flat["views"], strict=True)):
+        flat = flats.get(bucket)
+        views = flat["views"] if flat is not None else []
+        if len(views) == len(states) and all(s["state1"] is v for s, v in zip(states, views, strict=True)):
             return flat
         names = ["state1", "state2", "absmax1", "absmax2"] if "absmax1" in states[0] else ["state1", "state2"]
         flat = {name: torch.cat([s[name].reshape(-1) for s in states]) for name in names}
@@ -149,7 +152,7 @@ class _GroupedStep:
             for state, view in zip(states, flat[name].split([s[name].numel() for s in states]), strict=True):
                 state[name] = view.view_as(state[name])
         flat["views"] = [s["state1"] for s in states]
-        flats[key] = flat
+        flats[bucket] = flat
         return flat
 
     def state_dict(self):

@@ -114,3 +114,24 @@ def test_a_warmup_as_long_as_the_run_is_said():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.warns(UserWarning, match="warmup_steps=10 is not shorter than the run's 10 optimizer steps"):
         build_scheduler(optimizer, OptimizerArgs(warmup_steps=10), 10)
+
+
+def test_a_tensor_without_a_gradient_in_some_steps_keeps_bitsandbytes_updates_and_one_buffer_per_kind():
+    """Its step count falls behind the others', so it leaves their group in those steps and the groups change."""
+
+    def run_intermittent(optimizer_class):
+        params = lora_like_params(0)
+        optimizer = optimizer_class(params, lr=1e-2, weight_decay=0.01)
+        gen = torch.Generator().manual_seed(2)
+        for step in range(6):
+            for index, param in enumerate(params[:-1]):
+                skipped = index in (0, 3) and step % 3 == 1  # a 32-bit one and an 8-bit one of whole blocks
+                param.grad = None if skipped else torch.randn(param.shape, generator=gen)
+            optimizer.step()
+        return params, optimizer
+
+    params, optimizer = run_intermittent(AdamW8bit)
+    expected, _ = run_intermittent(bnb.optim.AdamW8bit)
+    for got, want in zip(params, expected, strict=True):
+        assert torch.equal(got, want)
+    assert len(optimizer._flats) <= 2  # the 8-bit and the 32-bit buffers of group 0, however often they changed
