@@ -24,7 +24,9 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
                           trainer.accumulate_grad_batches 4): 4096 tokens per micro-batch, like packed
     base-as-configured    base.yaml exactly: one 2048-token row (about 8 examples, the walkthrough's effective batch)
                           per optimizer step, so the optimizer steps after every micro-batch
-    lowmem-as-configured  base.yaml with lowmem.yaml over it, exactly (checkpointing, logits in chunks of 1024 tokens)
+    base-lowmem           base with lowmem.yaml over it (checkpointing, logits in chunks of 1024 tokens): lowmem.yaml at
+                          the benchmark's examples per step
+    lowmem-as-configured  base.yaml with lowmem.yaml over it, exactly (one 2048-token row per optimizer step)
     base-cli, base-b2-cli base and base-b2 with the callbacks `python -m qlora_lit fit` adds (TrainingMonitor,
                           PreemptionCheckpoint, the rich progress bar): what they cost per micro-batch
     packed-keep           packed with the 4-bit weights kept dequantized (model.keep_dequantized: true)
@@ -82,7 +84,8 @@ VARIANTS["packed-lowmem"] = {**PACKED, "gc": True, "chunk": 1024}
 VARIANTS["base"] = {**PACKED, "pack": 2048, "accum": 8, "gc": "auto", "keep": "auto"}
 VARIANTS["base-b2"] = {**VARIANTS["base"], "batch": 2, "accum": 4}
 VARIANTS["base-as-configured"] = {**VARIANTS["base"], "accum": 1}
-VARIANTS["lowmem-as-configured"] = {**VARIANTS["base-as-configured"], "gc": True, "chunk": 1024}
+VARIANTS["base-lowmem"] = {**VARIANTS["base"], "gc": True, "chunk": 1024}
+VARIANTS["lowmem-as-configured"] = {**VARIANTS["base-lowmem"], "accum": 1}
 VARIANTS["base-cli"] = {**VARIANTS["base"], "cli": True}
 VARIANTS["base-b2-cli"] = {**VARIANTS["base-b2"], "cli": True}
 VARIANTS["packed-keep"] = {**PACKED, "keep": True}

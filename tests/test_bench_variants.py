@@ -28,10 +28,11 @@ def test_base_as_configured_is_base_yaml():
         }, name
 
 
-def test_lowmem_as_configured_is_lowmem_yaml_over_base_yaml():
+def test_the_lowmem_variants_are_lowmem_yaml_over_base_yaml():
     lowmem = yaml.safe_load((REPO / "configs" / "lowmem.yaml").read_text())
     assert set(lowmem) == {"model"}, "lowmem.yaml sets more than model keys: the variant below misses them"
     renamed = {"gradient_checkpointing": "gc", "loss_chunk_tokens": "chunk"}
     assert set(lowmem["model"]) <= set(renamed), f"lowmem.yaml keys the bench does not map: {set(lowmem['model'])}"
-    expected = {**VARIANTS["base-as-configured"], **{renamed[k]: v for k, v in lowmem["model"].items()}}
-    assert VARIANTS["lowmem-as-configured"] == expected
+    settings = {renamed[k]: v for k, v in lowmem["model"].items()}
+    assert VARIANTS["lowmem-as-configured"] == {**VARIANTS["base-as-configured"], **settings}
+    assert VARIANTS["base-lowmem"] == {**VARIANTS["base"], **settings}  # more examples per step, as `base`
