@@ -156,14 +156,25 @@ def warm_compile_pool(limit_s: float = 120.0) -> float | None:
     return round(time.perf_counter() - start, 1)
 
 
+CACHE_COUNTERS = {
+    "inductor": ("fxgraph_cache_", "async_compile_", "triton_bundler_", "generated_module_"),
+    "aot_autograd": ("autograd_cache_",),
+}
+"""torch's counters of where compiled code came from: graphs (FX graph and AOT autograd caches: hit, miss, bypass),
+Triton kernels (`async_compile_cache_miss`: kernels handed to the compiler in this process; `triton_bundler_*`: kernels
+restored from a cached graph's bundle, as files for Triton's cache or as ready launchers) and generated modules."""
+
+
 def compile_cache() -> dict[str, int]:
-    """How often the compiled graphs came from torch's caches (FX graph and AOT autograd: hit, miss, bypass): whether
-    a repeated run paid compilation again."""
+    """`CACHE_COUNTERS` of this run: whether a repeated run paid compilation again, and where (a warm run spent 40 s
+    loading cached code at 8B, calls d: the Triton counters say whether its kernels were compiled again)."""
     from torch._dynamo.utils import counters
 
-    wanted = {"inductor": "fxgraph_cache_", "aot_autograd": "autograd_cache_"}
     return {
-        name: n for group, prefix in wanted.items() for name, n in counters[group].items() if name.startswith(prefix)
+        name: n
+        for group, prefixes in CACHE_COUNTERS.items()
+        for name, n in counters[group].items()
+        if name.startswith(prefixes)
     }
 
 
