@@ -178,7 +178,7 @@ def _synchronize(param: torch.Tensor) -> None:
 
 
 class PagedAdamW8bit(_GroupedStep, bnb.optim.PagedAdamW8bit):
-    """bitsandbytes' paged 8-bit AdamW, its small tensors updated together (`_GroupedStep`)."""
+    """bitsandbytes' paged 8-bit AdamW, tensors of unpaged state updated together (`_GroupedStep`)."""
 
 
 class AdamW8bit(_GroupedStep, bnb.optim.AdamW8bit):
