@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import bitsandbytes as bnb
-import bitsandbytes.functional as F
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_scheduler
@@ -111,48 +110,37 @@ class _GroupedStep:
 
     def _update_together(self, group: dict, bucket: tuple, indices: list[int]) -> None:
         """One update of the tensors `indices` of `group`, whose state is of one kind, device and step (`bucket`: the
-        group's index, then the kind)."""
+        group's index, then the kind): bitsandbytes' own `update_step` on their concatenation and the flat state."""
         params = [group["params"][i] for i in indices]
         states = [self.state[p] for p in params]
-        flat = self._flat_state(bucket, params, states)
-        grad = torch.cat([p.grad.reshape(-1) for p in params])
+        flat = self._flat_state(bucket, states)
         weights = torch.cat([p.reshape(-1) for p in params])
+        weights.grad = torch.cat([p.grad.reshape(-1) for p in params])
+        flat["step"] = states[0]["step"]
+        self.state[weights] = flat  # for the one call: update_step reads the state of the tensor it updates
+        try:
+            self.update_step(group, weights, bucket[0], indices[0])
+        finally:
+            del self.state[weights]
         for state in states:
             state["step"] += 1
-        config = self.get_config(bucket[0], indices[0], group)
-        betas = config["betas"]
-        beta3 = betas[2] if len(betas) >= 3 else 0.0
-        if "absmax1" in flat:
-            F.optimizer_update_8bit_blockwise(
-                self.optimizer_name, grad, weights, flat["state1"], flat["state2"], betas[0], betas[1], beta3,
-                config.get("alpha", 0.0), config["eps"], states[0]["step"], config["lr"], states[0]["qmap1"],
-                states[0]["qmap2"], flat["absmax1"], flat["absmax2"], config["weight_decay"], gnorm_scale=1.0,
-                skip_zeros=config["skip_zeros"],
-            )  # fmt: skip
-        else:
-            F.optimizer_update_32bit(
-                self.optimizer_name, grad, weights, flat["state1"], betas[0], config["eps"], states[0]["step"],
-                config["lr"], flat["state2"], betas[1], beta3, config.get("alpha", 0.0), config["weight_decay"], 1.0,
-                None, max_unorm=0.0, skip_zeros=config["skip_zeros"],
-            )  # fmt: skip
         pieces = weights.split([p.numel() for p in params])
         torch._foreach_copy_(params, [piece.view_as(p) for piece, p in zip(pieces, params, strict=True)])
 
-    def _flat_state(self, bucket: tuple, params: list[torch.Tensor], states: list[dict]) -> dict[str, torch.Tensor]:
-        """The bucket's state buffers, made once, and again when its tensors change (a tensor without a gradient in a
-        step) or a resume replaced the per-tensor state. One per bucket: a replaced buffer is freed with its views."""
+    def _flat_state(self, bucket: tuple, states: list[dict]) -> dict:
+        """The bucket's state, one flat buffer per tensor of state, made once, and again when its tensors change (a
+        tensor without a gradient in a step) or a resume replaced the per-tensor state. One per bucket: a replaced
+        buffer is freed with its views."""
         flats = self.__dict__.setdefault("_flats", {})
-        flat = flats.get(bucket)
-        views = flat["views"] if flat is not None else []
+        views, flat = flats.get(bucket, ([], None))
         if len(views) == len(states) and all(s["state1"] is v for s, v in zip(states, views, strict=True)):
             return flat
-        names = ["state1", "state2", "absmax1", "absmax2"] if "absmax1" in states[0] else ["state1", "state2"]
-        flat = {name: torch.cat([s[name].reshape(-1) for s in states]) for name in names}
-        for name in names:
+        flat = {key: value for key, value in states[0].items() if key.startswith("qmap")}  # shared, not per tensor
+        for name in ["state1", "state2", "absmax1", "absmax2"] if "absmax1" in states[0] else ["state1", "state2"]:
+            flat[name] = torch.cat([s[name].reshape(-1) for s in states])
             for state, view in zip(states, flat[name].split([s[name].numel() for s in states]), strict=True):
                 state[name] = view.view_as(state[name])
-        flat["views"] = [s["state1"] for s in states]
-        flats[bucket] = flat
+        flats[bucket] = ([s["state1"] for s in states], flat)
         return flat
 
     def state_dict(self):
