@@ -7,9 +7,17 @@ A graph is recorded for fixed shapes, so every micro-batch here has the same one
 count with empty examples at the end, and the pack length passed as the longest example (an upper bound, which
 FlashAttention's varlen kernel takes). The losses and gradients are those of the unpadded batch
 (tests/test_bench_cuda_graphs.py, on CPUs, where no graph is recorded).
+
+A graph's outputs live in memory the next replay writes again. A gradient that autograd takes over as a parameter's
+`.grad` (it does, for the first gradient of a parameter whose `.grad` is None) would be such memory, and the next
+micro-batch's backward would overwrite it before adding to it: accumulated gradients come out wrong without an error
+(pytorch/pytorch#96693). So the parameters' gradients are allocated once, zeroed rather than freed between steps, and
+every backward adds into them.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import lightning as L
 import torch
@@ -42,7 +50,19 @@ class StaticShapes:
         }
 
 
-class CudaGraphLayers(L.Callback):
+class KeptGradients(L.Callback):
+    """Gradients allocated before the first backward and zeroed, not freed, by the optimizer: every backward adds into
+    the same tensors, which autograd never takes over from a graph's outputs."""
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        for param in module.parameters():
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
+        for optimizer in trainer.optimizers:
+            optimizer.zero_grad = partial(type(optimizer).zero_grad, optimizer, set_to_none=False)
+
+
+class CudaGraphLayers(KeptGradients):
     """Compiles the decoder layers for fixed shapes with Inductor's CUDA graphs, once the model is built."""
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:

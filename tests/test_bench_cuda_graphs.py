@@ -1,14 +1,20 @@
 """bench/cuda_graphs.py's fixed shapes (rows padded to the pack length, start offsets padded with empty examples,
-the pack length as the longest example) give the loss and gradients of the batch as packed without them."""
+the pack length as the longest example) give the loss and gradients of the batch as packed without them, and its
+gradients stay in tensors of their own across micro-batches and steps (a CUDA graph's outputs are overwritten)."""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
+from conftest import SAMPLE_DATA, TINY_MODEL, cpu_trainer
 from test_speedups import batch_loss_and_gradients, packed_row, tiny_module
 
-from bench.cuda_graphs import StaticShapes
+from bench.cuda_graphs import KeptGradients, StaticShapes
+from qlora_lit.data import KoAlpacaDataModule
 from qlora_lit.data.packing import PackingCollator
+from qlora_lit.model import LoraArgs, QuantizationArgs
+from qlora_lit.module import QLoRAModule
 
 
 def test_fixed_shapes_give_the_loss_and_gradients_of_the_packed_batch():
@@ -32,3 +38,32 @@ def test_fixed_shapes_refuse_rows_they_cannot_hold():
         StaticShapes(PackingCollator(pad_id=0), width=48, offsets=8)(rows)
     with pytest.raises(ValueError, match="4 examples in a micro-batch, more than the 3 planned"):
         StaticShapes(PackingCollator(pad_id=0, pad_to_multiple_of=48), width=48, offsets=4)(rows)
+
+
+class GradientAddresses(L.Callback):
+    """The address of every trainable parameter's gradient at each optimizer step."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, int]] = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        self.seen.append({n: p.grad.data_ptr() for n, p in module.named_parameters() if p.requires_grad})
+
+
+def fit_adapter(root, callbacks: list) -> dict[str, torch.Tensor]:
+    L.seed_everything(0)
+    module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype="float32"), lora=LoraArgs(r=4))
+    data = KoAlpacaDataModule(SAMPLE_DATA, TINY_MODEL, max_length=64, batch_size=2, val_size=2)
+    trainer = cpu_trainer(root, 3, callbacks, accumulate_grad_batches=2, limit_val_batches=0)
+    trainer.fit(module, data)
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_kept_gradients_are_added_into_in_place_and_train_as_before(tmp_path):
+    addresses = GradientAddresses()
+    kept = fit_adapter(tmp_path / "kept", [KeptGradients(), addresses])
+    plain = fit_adapter(tmp_path / "plain", [])
+    assert len(addresses.seen) == 3 and all(seen == addresses.seen[0] for seen in addresses.seen)
+    assert kept.keys() == plain.keys() and any(bool(w.any()) for n, w in kept.items() if "lora_B" in n)
+    for name, weight in plain.items():
+        torch.testing.assert_close(kept[name], weight, rtol=0, atol=0, msg=name)
