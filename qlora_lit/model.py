@@ -348,7 +348,10 @@ def compile_decoder_layers(model: PeftModel) -> None:
 
     Python floats (dropout rate, LoRA scale, norm epsilon) are specialised: dynamic compilation made them symbolic,
     then restarted its analysis of each graph to specialise them after all (the tracing twice: on the H100, 12-27 s
-    of the first step's compile time were first attempts; measured gain on CPUs only).
+    of the first step's compile time were first attempts; measured gain on CPUs only). Symbolic, they also entered
+    the graphs as 0-dim float64 tensors on the host, for which Inductor compiles C++ kernels even on a GPU, after
+    probing the host CPU's instruction sets (a build and a new Python process per set, in every process that loads
+    the graphs, from the cache or not).
 
     The compiled code is cached under the qlora_lit cache (torch's default is /tmp, which cluster nodes empty
     between jobs), so a resumed or repeated run loads it instead of compiling again; TORCHINDUCTOR_CACHE_DIR wins.

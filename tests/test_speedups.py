@@ -96,19 +96,31 @@ def test_checkpointed_decoder_layers_are_compiled_whole():
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
-def test_decoder_layers_are_traced_once():
+def test_decoder_layers_are_traced_once_with_no_host_scalars():
     """Dynamic compilation made the layers' Python floats (dropout rate, LoRA scale, norm epsilon) symbolic, and
     dynamo then restarted its analysis of every layer graph to specialise them: the tracing done twice, a part of the
-    first step's compile time. They are constants, so the layers are compiled with floats specialised: one attempt."""
+    first step's compile time. They are constants, so the layers are compiled with floats specialised: one attempt.
+
+    A symbolic float also enters the graph as a 0-dim float64 tensor on the host, whatever the model's device: on a
+    GPU Inductor compiles C++ kernels for those, and before the first one it probes the host's vector instruction
+    sets, building and loading a test program per set in a new Python process, in every process that loads the
+    graphs, cached code or not (torch/_inductor/cpu_vec_isa.py). The graphs reach Inductor without such inputs."""
     from torch._dynamo.utils import compilation_time_metrics
 
+    inputs = []
     module = tiny_module(gradient_checkpointing=False)
     compile_decoder_layers(module.model)
     torch._dynamo.reset()
     compilation_time_metrics.clear()
-    loss_and_gradients(module, torch.randint(3, 2000, (1, 24), generator=torch.Generator().manual_seed(5)))
+    ids = torch.randint(3, 2000, (1, 24), generator=torch.Generator().manual_seed(5))
+    with torch._inductor.config.patch(
+        post_grad_custom_post_pass=lambda graph: inputs.extend(graph.find_nodes(op="placeholder"))
+    ):
+        loss_and_gradients(module, ids)
     attempts = sorted(name for name in compilation_time_metrics if name.startswith("compile_attempt_"))
     assert attempts == ["compile_attempt_0"], attempts
+    values = [node.meta["val"] for node in inputs if isinstance(node.meta.get("val"), torch.Tensor)]
+    assert values and not [v for v in values if v.dim() == 0 and v.dtype == torch.float64], inputs
 
 
 def test_decoder_layers_are_compiled_without_matmul_padding():
