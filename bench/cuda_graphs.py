@@ -62,13 +62,18 @@ class KeptGradients(L.Callback):
             optimizer.zero_grad = partial(type(optimizer).zero_grad, optimizer, set_to_none=False)
 
 
+def graph_decoder_layers(model) -> None:
+    """Compile the decoder layers for fixed shapes with Inductor's CUDA graphs."""
+    compile_decoder_layers(model)  # qlora_lit's settings and cache folder; then again, static and graphed
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=False, options={**COMPILE_OPTIONS, "triton.cudagraphs": True})
+
+
 class CudaGraphLayers(KeptGradients):
     """Compiles the decoder layers for fixed shapes with Inductor's CUDA graphs, once the model is built."""
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        compile_decoder_layers(module.model)  # qlora_lit's settings and cache folder; then again, static and graphed
-        for layer in decoder_layers(module.model):
-            layer.compile(dynamic=False, options={**COMPILE_OPTIONS, "triton.cudagraphs": True})
+        graph_decoder_layers(module.model)
 
     def on_train_batch_start(self, *args) -> None:
         torch.compiler.cudagraph_mark_step_begin()  # the graphs' outputs of the last micro-batch may be reused

@@ -10,10 +10,10 @@ import torch
 from conftest import SAMPLE_DATA, TINY_MODEL, cpu_trainer
 from test_speedups import batch_loss_and_gradients, packed_row, tiny_module
 
-from bench.cuda_graphs import KeptGradients, StaticShapes
+from bench.cuda_graphs import KeptGradients, StaticShapes, graph_decoder_layers
 from qlora_lit.data import KoAlpacaDataModule
 from qlora_lit.data.packing import PackingCollator
-from qlora_lit.model import LoraArgs, QuantizationArgs
+from qlora_lit.model import LoraArgs, QuantizationArgs, compile_decoder_layers
 from qlora_lit.module import QLoRAModule
 
 
@@ -67,3 +67,37 @@ def test_kept_gradients_are_added_into_in_place_and_train_as_before(tmp_path):
     assert kept.keys() == plain.keys() and any(bool(w.any()) for n, w in kept.items() if "lora_B" in n)
     for name, weight in plain.items():
         torch.testing.assert_close(kept[name], weight, rtol=0, atol=0, msg=name)
+
+
+def accumulated_gradients(module: QLoRAModule, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """Gradients of several micro-batches added up in the parameters' own `.grad` tensors, as in training."""
+    for param in module.parameters():
+        if param.grad is not None:
+            param.grad.zero_()
+    for batch in batches:
+        torch.compiler.cudagraph_mark_step_begin()
+        on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        module(**on_gpu).loss.backward()
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphed_layers_accumulate_the_gradients_of_the_compiled_layers():
+    """On a GPU: the layers under CUDA graphs, over three accumulated micro-batches and three rounds (Inductor's
+    warm-up run, the recording, then replays), give the gradients of the layers compiled without graphs."""
+    shapes = StaticShapes(PackingCollator(pad_id=0, pad_to_multiple_of=48), width=48, offsets=8)
+    batches = [shapes([packed_row(lengths, seed=seed)]) for seed, lengths in enumerate(([9, 13, 6], [30, 2], [5] * 8))]
+    reference, graphed = (tiny_module(attn_implementation="varlen").cuda() for _ in range(2))
+    compile_decoder_layers(reference.model)
+    graph_decoder_layers(graphed.model)
+    for param in graphed.parameters():
+        if param.requires_grad:
+            param.grad = torch.zeros_like(param)  # KeptGradients' allocation
+    expected = accumulated_gradients(reference, batches)
+    assert expected
+    for _ in range(3):
+        got = accumulated_gradients(graphed, batches)
+        assert got.keys() == expected.keys()
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-3, atol=1e-5, msg=name)
