@@ -32,10 +32,6 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     packed-keep           packed with the 4-bit weights kept dequantized (model.keep_dequantized: true)
     *-graphs              the same with CUDA graphs over the compiled layers, every micro-batch of fixed shapes
                           (bench/cuda_graphs.py; an experiment)
-    *-noguards            the same with dynamo's guard checks skipped from the third optimizer step on, but those
-                          that choose between compiled graphs (bench/guards.py; an experiment)
-    *-onegraph            the same with layer 0's input needing a gradient, so that every layer shares one compiled
-                          graph pair (bench/one_graph.py; an experiment on the first step's compile time)
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -55,8 +51,6 @@ from torch.utils.data import DataLoader
 from bench import common
 from bench import data as bench_data
 from bench.cuda_graphs import CudaGraphLayers, StaticShapes
-from bench.guards import SkipGuardsAfter
-from bench.one_graph import OneLayerGraph
 from bench.step_trace import StepProfiler
 from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count
 from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows
@@ -91,9 +85,6 @@ VARIANTS["base-b2-cli"] = {**VARIANTS["base-b2"], "cli": True}
 VARIANTS["packed-keep"] = {**PACKED, "keep": True}
 VARIANTS["packed-keep-graphs"] = {**VARIANTS["packed-keep"], "graphs": True}
 VARIANTS["base-as-configured-graphs"] = {**VARIANTS["base-as-configured"], "graphs": True}
-VARIANTS["packed-keep-noguards"] = {**VARIANTS["packed-keep"], "noguards": True}
-VARIANTS["base-as-configured-noguards"] = {**VARIANTS["base-as-configured"], "noguards": True}
-VARIANTS["packed-keep-onegraph"] = {**VARIANTS["packed-keep"], "onegraph": True}
 
 
 class RowCounter(common.CountingCollator):
@@ -247,10 +238,6 @@ def main() -> None:
     callbacks = [timer]
     if v.get("graphs"):
         callbacks.append(CudaGraphLayers())
-    if v.get("noguards"):
-        callbacks.append(SkipGuardsAfter())
-    if v.get("onegraph"):
-        callbacks.append(OneLayerGraph())
     if v.get("cli"):
         callbacks += [TrainingMonitor(), PreemptionCheckpoint(), RichProgressBar()]
     if a.profile_dir:  # first: its trace export then counts in the profiled warm-up step, not in the next one
