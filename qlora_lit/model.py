@@ -5,6 +5,7 @@ No Lightning here: `build_qlora_model` is plain transformers + bitsandbytes + pe
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -278,10 +279,11 @@ def attach_lora(
     check_target_modules(model, lora)
     is_quantized = getattr(model, "is_quantized", False)
     if is_quantized and upcast_to_fp32:
+        accepted = inspect.signature(prepare_model_for_kbit_training).parameters
+        kwargs = "activation_checkpointing_kwargs"  # peft 0.22's name; 0.21 knows only the old one (deprecated in 0.22)
+        kwargs = kwargs if kwargs in accepted else "gradient_checkpointing_kwargs"
         model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            model, use_gradient_checkpointing=gradient_checkpointing, **{kwargs: {"use_reentrant": False}}
         )
     else:
         for param in model.parameters():

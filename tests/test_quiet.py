@@ -7,6 +7,8 @@ import logging
 from conftest import fit_in_subprocess
 from lightning.pytorch.utilities import rank_zero_info
 
+import qlora_lit  # noqa: F401 - importing the package installs the filters (alone, this file imported it nowhere)
+
 NOISE = ("litlogger", "num_workers", "on_before_batch_transfer", "LeafSpec", "gemm_4bit_forward", "deprecated")
 
 
