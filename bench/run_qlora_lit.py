@@ -32,6 +32,8 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     packed-keep           packed with the 4-bit weights kept dequantized (model.keep_dequantized: true)
     *-graphs              the same with CUDA graphs over the compiled layers, every micro-batch of fixed shapes
                           (bench/cuda_graphs.py; an experiment)
+    *-lorared             the same with LoRA's A products as reductions that Inductor fuses with the dropout
+                          (bench/lora_reduction.py; an experiment)
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -51,6 +53,7 @@ from torch.utils.data import DataLoader
 from bench import common
 from bench import data as bench_data
 from bench.cuda_graphs import CudaGraphLayers, StaticShapes
+from bench.lora_reduction import LoraAReduction
 from bench.step_trace import StepProfiler
 from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count
 from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows
@@ -85,6 +88,7 @@ VARIANTS["base-b2-cli"] = {**VARIANTS["base-b2"], "cli": True}
 VARIANTS["packed-keep"] = {**PACKED, "keep": True}
 VARIANTS["packed-keep-graphs"] = {**VARIANTS["packed-keep"], "graphs": True}
 VARIANTS["base-as-configured-graphs"] = {**VARIANTS["base-as-configured"], "graphs": True}
+VARIANTS["packed-keep-lorared"] = {**VARIANTS["packed-keep"], "lorared": True}
 
 
 class RowCounter(common.CountingCollator):
@@ -238,6 +242,8 @@ def main() -> None:
     callbacks = [timer]
     if v.get("graphs"):
         callbacks.append(CudaGraphLayers())
+    if v.get("lorared"):
+        callbacks.append(LoraAReduction())
     if v.get("cli"):
         callbacks += [TrainingMonitor(), PreemptionCheckpoint(), RichProgressBar()]
     if a.profile_dir:  # first: its trace export then counts in the profiled warm-up step, not in the next one
