@@ -34,6 +34,9 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
                           (bench/cuda_graphs.py; an experiment)
     *-lorared             the same with LoRA's A products as reductions that Inductor fuses with the dropout
                           (bench/lora_reduction.py; an experiment)
+    packed-keep-cdt       packed-keep with Inductor's coordinate-descent tuning of its Triton kernels (an experiment)
+    packed-keep-autotune  packed-keep with Inductor choosing each product's kernel by timing (max_autotune_gemm;
+                          an experiment)
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -55,6 +58,7 @@ from bench import data as bench_data
 from bench.cuda_graphs import CudaGraphLayers, StaticShapes
 from bench.lora_reduction import LoraAReduction
 from bench.step_trace import StepProfiler
+from qlora_lit import model as qlora_model
 from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count
 from qlora_lit.data.packing import PackedDataset, PackingCollator, pack_rows
 from qlora_lit.data.sampler import EpochBatchSampler
@@ -89,6 +93,9 @@ VARIANTS["packed-keep"] = {**PACKED, "keep": True}
 VARIANTS["packed-keep-graphs"] = {**VARIANTS["packed-keep"], "graphs": True}
 VARIANTS["base-as-configured-graphs"] = {**VARIANTS["base-as-configured"], "graphs": True}
 VARIANTS["packed-keep-lorared"] = {**VARIANTS["packed-keep"], "lorared": True}
+VARIANTS["base-as-configured-lorared"] = {**VARIANTS["base-as-configured"], "lorared": True}
+VARIANTS["packed-keep-cdt"] = {**VARIANTS["packed-keep"], "inductor": {"coordinate_descent_tuning": True}}
+VARIANTS["packed-keep-autotune"] = {**VARIANTS["packed-keep"], "inductor": {"max_autotune_gemm": True}}
 
 
 class RowCounter(common.CountingCollator):
@@ -207,6 +214,7 @@ def main() -> None:
     collate = StaticShapes(counter, v["pack"], v["pack"] // bench_data.MIN_LEN + 2) if v.get("graphs") else counter
     loader = DataLoader(StepTaggedDataset(dataset), batch_sampler=sampler, collate_fn=collate)
     on_gpu = a.device == "cuda"
+    qlora_model.COMPILE_OPTIONS.update(v.get("inductor", {}))  # read when the layers are compiled
     module = QLoRAModule(
         model_dir,
         quantization=QuantizationArgs(compute_dtype="bfloat16" if on_gpu else "float32"),
