@@ -32,8 +32,6 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     packed-keep           packed with the 4-bit weights kept dequantized (model.keep_dequantized: true)
     *-graphs              the same with CUDA graphs over the compiled layers, every micro-batch of fixed shapes
                           (bench/cuda_graphs.py; an experiment)
-    *-lorared             the same with LoRA's A products as reductions that Inductor fuses with the dropout
-                          (bench/lora_reduction.py; an experiment)
     packed-keep-cdt       packed-keep with Inductor's coordinate-descent tuning of its Triton kernels (an experiment)
     packed-keep-autotune  packed-keep with Inductor choosing each product's kernel by timing (max_autotune_gemm;
                           an experiment)
@@ -56,7 +54,6 @@ from torch.utils.data import DataLoader
 from bench import common
 from bench import data as bench_data
 from bench.cuda_graphs import CudaGraphLayers, StaticShapes
-from bench.lora_reduction import LoraAReduction
 from bench.step_trace import StepProfiler
 from qlora_lit import model as qlora_model
 from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count
@@ -92,8 +89,6 @@ VARIANTS["base-b2-cli"] = {**VARIANTS["base-b2"], "cli": True}
 VARIANTS["packed-keep"] = {**PACKED, "keep": True}
 VARIANTS["packed-keep-graphs"] = {**VARIANTS["packed-keep"], "graphs": True}
 VARIANTS["base-as-configured-graphs"] = {**VARIANTS["base-as-configured"], "graphs": True}
-VARIANTS["packed-keep-lorared"] = {**VARIANTS["packed-keep"], "lorared": True}
-VARIANTS["base-as-configured-lorared"] = {**VARIANTS["base-as-configured"], "lorared": True}
 VARIANTS["packed-keep-cdt"] = {**VARIANTS["packed-keep"], "inductor": {"coordinate_descent_tuning": True}}
 VARIANTS["packed-keep-autotune"] = {**VARIANTS["packed-keep"], "inductor": {"max_autotune_gemm": True}}
 
@@ -250,8 +245,6 @@ def main() -> None:
     callbacks = [timer]
     if v.get("graphs"):
         callbacks.append(CudaGraphLayers())
-    if v.get("lorared"):
-        callbacks.append(LoraAReduction())
     if v.get("cli"):
         callbacks += [TrainingMonitor(), PreemptionCheckpoint(), RichProgressBar()]
     if a.profile_dir:  # first: its trace export then counts in the profiled warm-up step, not in the next one
