@@ -49,49 +49,6 @@ def test_sigterm_saves_last_checkpoint_and_the_run_resumes_from_it(tmp_path):
     assert "`weights_only` was not set" not in resumed.stderr  # resumed with torch.load(weights_only=True)
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_from_last_ckpt_gives_the_uninterrupted_adapter(tmp_path):
-    from safetensors.torch import load_file
-
-    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
-    env["PYTHONPATH"] = str(ROOT)
-    every_4 = [
-        "--checkpoint.monitor",
-        "null",
-        "--checkpoint.save_top_k",
-        "-1",
-        "--checkpoint.every_n_train_steps",
-        "4",
-        "--checkpoint.filename",
-        "step{step:06d}",
-    ]
-    args = [sys.executable, "-m", "qlora_lit", "fit", "--config", str(ROOT / "configs" / "demo.yaml"), *every_4]
-    args += ["--trainer.max_steps", "16", "--trainer.enable_progress_bar", "false", "--samples.prompts", "[]"]
-
-    whole = subprocess.run([*args], cwd=tmp_path / ".", env=env, capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-
-    killed_dir = tmp_path / "killed"
-    killed_dir.mkdir()
-    process = subprocess.Popen(args, cwd=killed_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = killed_dir / "runs" / "demo" / "version_0" / "checkpoints"
-    deadline = time.time() + 300
-    while not list(checkpoints.glob("step000008*.ckpt")) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)  # no handler runs: whatever was on disk is what there is
-    process.wait()
-    last = checkpoints / "last.ckpt"
-    resumed = subprocess.run([*args, "--ckpt_path", str(last)], cwd=killed_dir, env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Restoring states from the checkpoint" in resumed.stderr + resumed.stdout
-
-    expected = load_file(tmp_path / "runs" / "demo" / "version_0" / "adapter" / "adapter_model.safetensors")
-    got = load_file(killed_dir / "runs" / "demo" / "version_1" / "adapter" / "adapter_model.safetensors")
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name
-
-
 def killed_mid_write(name: str, nth: int, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """A demo fit SIGKILLed halfway through writing the `nth` file called `name` (tests/faults.py)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
