@@ -86,8 +86,10 @@ class QLoRAModule(L.LightningModule):
         compile: torch.compile each decoder layer, fusing the element-wise work (norms, rotary embeddings,
             activation, LoRA dropout and scaling) between the matrix products. The first steps pay the compilation
             (about 2 minutes for an 8B model on an H200). GPUs only: ignored, with a message, on a CPU.
-        nonfinite_loss: on a NaN or infinite training loss, `stop` with a message naming the step (checkpoints
-            already written stay as they are) or `skip` the batch on every rank and go on.
+        nonfinite_loss: on a NaN or infinite training loss, `stop` with a message naming the step, before its
+            update (checkpoints already written stay as they are), or `skip` the batch on every rank and go on. `stop`
+            reads the losses from the device once per optimizer step; `skip` must decide before each backward, so it
+            waits for each micro-batch's forward pass.
         keep_dequantized: keep the frozen 4-bit weights dequantized in the compute dtype instead of dequantizing
             them twice per micro-batch (qlora_lit/dequantized.py): the same products, faster, for the weights'
             memory in bf16. `auto` keeps them on a GPU when they fit beside the kept activations (qlora_lit/memory.py)
@@ -131,6 +133,7 @@ class QLoRAModule(L.LightningModule):
         self.model: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self._val_totals = torch.zeros(1, 2)  # per validation loader (one per source with several): loss sum, tokens
+        self._step_losses: list[tuple[int, torch.Tensor]] = []  # this optimizer step's (batch index, loss), `stop`
 
     def configure_model(self) -> None:
         """Load the base on this process's device and attach LoRA (Lightning calls this once the device is set)."""
@@ -284,19 +287,36 @@ class QLoRAModule(L.LightningModule):
         """
         step_tokens = batch.pop("step_label_tokens", None)
         loss_sum, label_tokens = self.loss_sum(batch)
-        if self.any_rank_nonfinite(loss_sum):
+        if self.nonfinite_loss == "skip" and self.any_rank_nonfinite(loss_sum):
             where = f"global step {self.global_step}, batch {batch_idx} of epoch {self.current_epoch}"
-            if self.nonfinite_loss == "skip":
-                rank_zero_warn(f"non-finite loss at {where}: batch skipped (model.nonfinite_loss=skip)")
-                return None  # Lightning skips backward and the optimizer step for this batch
-            raise TrainingError(
-                f"the training loss is {loss_sum.item()} at {where}. Resume from the last good checkpoint "
-                "(--ckpt_path last) with a lower optimizer.lr or more warm-up, or set model.nonfinite_loss=skip"
-            )
+            rank_zero_warn(f"non-finite loss at {where}: batch skipped (model.nonfinite_loss=skip)")
+            return None  # Lightning skips backward and the optimizer step for this batch
+        if self.nonfinite_loss == "stop":
+            self._step_losses.append((batch_idx, loss_sum.detach()))  # checked before the update (no wait here)
         self.log("train_loss", loss_sum.detach() / label_tokens.clamp(min=1), prog_bar=True, batch_size=1)
         if step_tokens is None:
             return loss_sum / label_tokens.clamp(min=1)
         return loss_sum / step_tokens * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """`nonfinite_loss: stop`: stop before the update if a micro-batch of this optimizer step had a NaN or infinite
+        loss on any rank. Asked here, once per step, rather than between each forward and backward: reading a value
+        from the GPU waits for it, and the host would launch each backward only once its forward had run."""
+        losses, self._step_losses = self._step_losses, []
+        if not losses:
+            return
+        flags = torch.stack([~torch.isfinite(loss) for _, loss in losses]).float()
+        if self.trainer.world_size > 1:  # every rank runs as many micro-batches per step: one reduction for all
+            flags = self.trainer.strategy.reduce(flags, reduce_op="max")
+        if not flags.any():
+            return
+        batch_idx, loss = losses[int(flags.argmax())]  # the first micro-batch that was non-finite on some rank
+        where = f"global step {self.global_step}, batch {batch_idx} of epoch {self.current_epoch}"
+        what = f"is {loss.item()}" if not torch.isfinite(loss) else "is NaN or infinite on another rank"
+        raise TrainingError(
+            f"the training loss {what} at {where}. Resume from the last good checkpoint "
+            "(--ckpt_path last) with a lower optimizer.lr or more warm-up, or set model.nonfinite_loss=skip"
+        )
 
     def any_rank_nonfinite(self, loss: torch.Tensor) -> bool:
         """Whether the loss is NaN or infinite on any rank: all ranks must take the same branch, or DDP hangs."""
@@ -361,6 +381,7 @@ class QLoRAModule(L.LightningModule):
         checkpoint[RANDOM_STREAMS_KEY] = all_random_streams(self.trainer.world_size)  # LoRA dropout's, every rank's
 
     def on_train_start(self) -> None:
+        self._step_losses = []  # a fit stopped mid-step before may have left some
         if self.trainer.ckpt_path:
             apply_optimizer_settings(self.trainer, self.optimizer_args)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -33,10 +34,12 @@ class NaNAtStep2(QLoRAModule):
         return (loss_sum * float("nan"), count) if self.global_step == 2 else (loss_sum, count)
 
 
-def fit(module: QLoRAModule, root) -> L.Trainer:
+def fit(module: QLoRAModule, root, callbacks: tuple = (), accumulate: int = 1) -> L.Trainer:
     data = KoAlpacaDataModule(SAMPLE_DATA, TINY_MODEL, max_length=96, batch_size=4, val_size=8)
     trainer = L.Trainer(
         accelerator="cpu",
+        callbacks=list(callbacks),
+        accumulate_grad_batches=accumulate,
         max_steps=4,
         limit_val_batches=0,
         default_root_dir=root,
@@ -59,6 +62,78 @@ def nan_module(policy: str) -> QLoRAModule:
 def test_a_nan_loss_stops_training_naming_the_step(tmp_path):
     with pytest.raises(TrainingError, match="the training loss is nan at global step 2"):
         fit(nan_module("stop"), tmp_path)
+
+
+class AdapterAfterEachStep(L.Callback):
+    """The LoRA weights after each optimizer step, by the number of steps taken."""
+
+    def __init__(self) -> None:
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        trained = (p for p in module.named_parameters() if p[1].requires_grad)
+        self.after[trainer.global_step] = {name: param.detach().clone() for name, param in trained}
+
+
+def test_a_nan_loss_stops_before_its_steps_update_is_applied(tmp_path):
+    module, steps = nan_module("stop"), AdapterAfterEachStep()
+    with pytest.raises(TrainingError, match="the training loss is nan at global step 2, batch 4 of epoch 0"):
+        fit(module, tmp_path, [steps], accumulate=2)  # step 2 is batches 4 and 5: both run, then the stop
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.detach(), steps.after[2][name], rtol=0, atol=0, msg=name)
+
+
+def test_a_nan_loss_on_another_rank_stops_every_rank_in_one_reduction():
+    module, reductions = nan_module("stop"), []
+
+    def reduce(flags, reduce_op):  # rank 1 had a NaN in the step's second micro-batch
+        reductions.append((flags.tolist(), reduce_op))
+        return torch.maximum(flags, torch.tensor([0.0, 1.0]))
+
+    strategy = SimpleNamespace(reduce=reduce)
+    module._trainer = SimpleNamespace(world_size=2, strategy=strategy, global_step=7, current_epoch=1)
+    module._step_losses = [(14, torch.tensor(2.5)), (15, torch.tensor(2.25))]  # this rank's: finite
+    expected = "the training loss is NaN or infinite on another rank at global step 7, batch 15 of epoch 1"
+    with pytest.raises(TrainingError, match=expected):
+        module.on_before_optimizer_step(None)
+    assert reductions == [([0.0, 0.0], "max")] and module._step_losses == []
+
+
+class HostReads(L.Callback):
+    """Values read from tensors by qlora_lit's own code (each waits for the device on a GPU) from the start of each
+    micro-batch to the optimizer step's hooks."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.reads: list[str] = []
+        self.active = False
+        for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+            monkeypatch.setattr(torch.Tensor, name, self.counting(getattr(torch.Tensor, name)))
+
+    def counting(self, read):
+        def counted(tensor, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if self.active and f"{os.sep}qlora_lit{os.sep}" in caller.co_filename:
+                self.reads.append(f"{caller.co_filename}:{caller.co_name}")
+            return read(tensor, *args, **kwargs)
+
+        return counted
+
+    def on_train_batch_start(self, *args) -> None:
+        self.active = True
+
+    def on_before_optimizer_step(self, *args) -> None:
+        self.active = False  # callbacks' hooks run before the module's, which reads the step's losses
+
+    def on_train_batch_end(self, *args) -> None:
+        self.active = False
+
+
+def test_training_micro_batches_read_nothing_from_the_device(tmp_path, monkeypatch):
+    reads = HostReads(monkeypatch)
+    module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype="float32"), lora=LoraArgs(r=4))
+    trainer = fit(module, tmp_path, [reads], accumulate=2)
+    assert trainer.global_step == 4 and reads.reads == []
 
 
 def test_a_nan_loss_can_skip_the_batch_instead(tmp_path):
