@@ -32,6 +32,8 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     packed-keep           packed with the 4-bit weights kept dequantized (model.keep_dequantized: true)
     *-graphs              the same with CUDA graphs over the compiled layers, every micro-batch of fixed shapes
                           (bench/cuda_graphs.py; an experiment)
+    base-as-configured-skip  base-as-configured with model.nonfinite_loss: skip, which waits for each forward pass
+                          before its backward (as `stop` did before call g)
     packed-keep-cdt       packed-keep with Inductor's coordinate-descent tuning of its Triton kernels (an experiment)
     packed-keep-autotune  packed-keep with Inductor choosing each product's kernel by timing (max_autotune_gemm;
                           an experiment)
@@ -89,6 +91,7 @@ VARIANTS["base-b2-cli"] = {**VARIANTS["base-b2"], "cli": True}
 VARIANTS["packed-keep"] = {**PACKED, "keep": True}
 VARIANTS["packed-keep-graphs"] = {**VARIANTS["packed-keep"], "graphs": True}
 VARIANTS["base-as-configured-graphs"] = {**VARIANTS["base-as-configured"], "graphs": True}
+VARIANTS["base-as-configured-skip"] = {**VARIANTS["base-as-configured"], "nonfinite": "skip"}
 VARIANTS["packed-keep-cdt"] = {**VARIANTS["packed-keep"], "inductor": {"coordinate_descent_tuning": True}}
 VARIANTS["packed-keep-autotune"] = {**VARIANTS["packed-keep"], "inductor": {"max_autotune_gemm": True}}
 
@@ -221,6 +224,7 @@ def main() -> None:
         attn_implementation=v.get("attn", "sdpa"),
         compile=v.get("compile", False) and not v.get("graphs"),  # CudaGraphLayers compiles them
         keep_dequantized=v.get("keep", False),
+        nonfinite_loss=v.get("nonfinite", "stop"),
     )
     if "auto" in (v["gc"], v.get("keep")):
         # The CLI's LightningDataModule tells QLoRAModule the largest micro-batch (pack_length x batch_size, or
