@@ -87,7 +87,7 @@ def test_graphed_layers_accumulate_the_gradients_of_the_compiled_layers():
     """On a GPU: the layers under CUDA graphs, over three accumulated micro-batches and three rounds (Inductor's
     warm-up run, the recording, then replays), give the gradients of the layers compiled without graphs. With the
     weights kept dequantized, as the bench's graphed variants run them (call g: with 4-bit layers torch's CUDA-graph
-    trees stop at the first backward, "an input tensor deallocate during graph recording")."""
+    trees stop in a backward, "an input tensor deallocate during graph recording")."""
     shapes = StaticShapes(PackingCollator(pad_id=0, pad_to_multiple_of=48), width=48, offsets=8)
     batches = [shapes([packed_row(lengths, seed=seed)]) for seed, lengths in enumerate(([9, 13, 6], [30, 2], [5] * 6))]
     reference, graphed = (tiny_module(attn_implementation="varlen", keep_dequantized=True).cuda() for _ in range(2))
