@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import traceback
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,28 @@ class NoHostWaits(TorchDispatchMode):
         assert str(func.overloadpacket) not in self.WAITS, f"{func} would make the host wait for the GPU"
         self.ops += 1
         return func(*args, **(kwargs or {}))
+
+
+class HostWaitsIn(NoHostWaits):
+    """Records, rather than fails on, the operations NoHostWaits refuses that are called from code under `folder`
+    (the nearest caller outside torch and this file): "which waits are ours" over code that also runs others'."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder, self.waits = str(folder), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in self.WAITS:
+            outside = (f for f in reversed(traceback.extract_stack()) if not _in_torch_or_here(f.filename))
+            caller = next(outside, None)
+            if caller is not None and caller.filename.startswith(self.folder):
+                self.waits.append(f"{func} at {caller.filename}:{caller.lineno}")
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _in_torch_or_here(filename: str) -> bool:
+    return filename == __file__ or f"{os.sep}torch{os.sep}" in filename
 
 
 def plain_peft(adapter: Path, quantization=None, base_model: str = TINY_MODEL):

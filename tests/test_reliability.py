@@ -14,11 +14,12 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import DEMO_CONFIG, SAMPLE_DATA, SHORT_FIT, TINY_MODEL
+from conftest import DEMO_CONFIG, SAMPLE_DATA, SHORT_FIT, TINY_MODEL, HostWaitsIn
 from faults import disk_full, half_write_then, safetensors_disk_full
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
+import qlora_lit
 from qlora_lit.checkpoint_io import AtomicCheckpointIO
 from qlora_lit.cli import cli_main
 from qlora_lit.data import KoAlpacaDataModule
@@ -100,40 +101,37 @@ def test_a_nan_loss_on_another_rank_stops_every_rank_in_one_reduction():
     assert reductions == [([0.0, 0.0], "max")] and module._step_losses == []
 
 
-class HostReads(L.Callback):
-    """Values read from tensors by qlora_lit's own code (each waits for the device on a GPU) from the start of each
-    micro-batch to the optimizer step's hooks."""
+class MicroBatchWaits(L.Callback):
+    """qlora_lit's own host waits (HostWaitsIn) from the start of each micro-batch to the optimizer step's hooks."""
 
-    def __init__(self, monkeypatch) -> None:
-        self.reads: list[str] = []
+    def __init__(self) -> None:
+        self.mode = HostWaitsIn(Path(qlora_lit.__file__).parent)
         self.active = False
-        for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
-            monkeypatch.setattr(torch.Tensor, name, self.counting(getattr(torch.Tensor, name)))
-
-    def counting(self, read):
-        def counted(tensor, *args, **kwargs):
-            caller = sys._getframe(1).f_code
-            if self.active and f"{os.sep}qlora_lit{os.sep}" in caller.co_filename:
-                self.reads.append(f"{caller.co_filename}:{caller.co_name}")
-            return read(tensor, *args, **kwargs)
-
-        return counted
 
     def on_train_batch_start(self, *args) -> None:
+        self.mode.__enter__()
         self.active = True
 
     def on_before_optimizer_step(self, *args) -> None:
-        self.active = False  # callbacks' hooks run before the module's, which reads the step's losses
+        self.stop()  # callbacks' hooks run before the module's, which reads the step's losses
 
     def on_train_batch_end(self, *args) -> None:
-        self.active = False
+        self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            self.mode.__exit__(None, None, None)
+            self.active = False
 
 
-def test_training_micro_batches_read_nothing_from_the_device(tmp_path, monkeypatch):
-    reads = HostReads(monkeypatch)
-    module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype="float32"), lora=LoraArgs(r=4))
-    trainer = fit(module, tmp_path, [reads], accumulate=2)
-    assert trainer.global_step == 4 and reads.reads == []
+def test_training_micro_batches_make_the_host_wait_nowhere_in_qlora_lit(tmp_path):
+    """With base.yaml's full logits. The chunked loss (`loss_chunk_tokens`, lowmem.yaml) waits once per micro-batch:
+    it keeps only labelled positions, a count the host learns from the device."""
+    waits = MicroBatchWaits()
+    quantization = QuantizationArgs(compute_dtype="float32")
+    module = QLoRAModule(TINY_MODEL, quantization=quantization, lora=LoraArgs(r=4), loss_chunk_tokens=0)
+    trainer = fit(module, tmp_path, [waits], accumulate=2)
+    assert trainer.global_step == 4 and waits.mode.ops > 0 and waits.mode.waits == []
 
 
 def test_a_nan_loss_can_skip_the_batch_instead(tmp_path):
