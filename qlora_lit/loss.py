@@ -25,8 +25,18 @@ def supports_chunked_loss(model: torch.nn.Module) -> bool:
     return not scaled and model.get_output_embeddings() is not None
 
 
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Where the labelled next-token targets are, as indices into the flattened (batch x (length - 1)) targets. On
+    the host before a batch moves to the GPU: found there, their count is the one value the chunked loss needs, and
+    the host does not wait for the device to learn it."""
+    return (labels[:, 1:] != IGNORE_INDEX).reshape(-1).nonzero().flatten()
+
+
 def chunked_lm_loss_sum(
-    causal_lm: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096
+    causal_lm: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    chunk_tokens: int = 4096,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of next-token cross-entropy over the labelled positions (the caller counts them for the mean).
 
@@ -36,12 +46,16 @@ def chunked_lm_loss_sum(
         batch: `input_ids`, `labels` (-100 = ignored) and whatever else the decoder takes (attention mask,
             position ids).
         chunk_tokens: labelled positions per logits chunk.
+        positions: `label_positions(labels)`, computed beforehand on the host; without them they are found here.
     """
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[:, :-1][keep], targets[keep]
+    if positions is None:
+        positions = label_positions(batch["labels"])
+    positions = positions.to(hidden.device, non_blocking=True)
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    targets = targets.reshape(-1).index_select(0, positions)
     head = causal_lm.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_tokens):

@@ -29,7 +29,7 @@ from qlora_lit.fsdp import (
     check_predict_strategy,
     clip_sharded_grad_norm,
 )
-from qlora_lit.loss import IGNORE_INDEX, chunked_lm_loss_sum, supports_chunked_loss
+from qlora_lit.loss import IGNORE_INDEX, chunked_lm_loss_sum, label_positions, supports_chunked_loss
 from qlora_lit.memory import activation_bytes, fits_dequantized, needs_checkpointing
 from qlora_lit.model import (
     AttnImplementation,
@@ -229,11 +229,19 @@ class QLoRAModule(L.LightningModule):
         return width * data.batch_size if width else None
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Packed rows' sequence starts for `varlen`, computed while the batch is still on the host: on a GPU, finding
-        them (where positions restart, the longest example) makes the host wait for the GPU twice per micro-batch."""
-        if isinstance(batch, dict) and self.attn_implementation == attention.NAME:
+        """Packed rows' sequence starts for `varlen`, and the chunked loss's labelled positions, computed while the
+        batch is still on the host: on a GPU, finding them (where positions restart, the longest example, how many
+        labels) makes the host wait for the GPU, once per micro-batch or more."""
+        if not isinstance(batch, dict):
+            return batch
+        if batch.get("labels") is not None and self.chunks_the_loss():
+            batch = {**batch, "label_positions": label_positions(batch["labels"])}
+        if self.attn_implementation == attention.NAME:
             return self.model_inputs(batch)
         return batch
+
+    def chunks_the_loss(self) -> bool:
+        return bool(self.loss_chunk_tokens) and supports_chunked_loss(self.model.get_base_model())
 
     def model_inputs(self, batch: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
         """Padded batches come with `attention_mask`; packed ones with `position_ids` restarting per example instead.
@@ -271,9 +279,11 @@ class QLoRAModule(L.LightningModule):
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token loss over the labelled positions of `batch`, and how many there are."""
         causal_lm = self.model.get_base_model()
+        positions = batch.pop("label_positions", None)  # found on the host (on_before_batch_transfer)
         label_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the model shifts labels by one
-        if self.loss_chunk_tokens and supports_chunked_loss(causal_lm):
-            return chunked_lm_loss_sum(causal_lm, self.model_inputs(batch), self.loss_chunk_tokens), label_tokens
+        if self.chunks_the_loss():
+            inputs = self.model_inputs(batch)
+            return chunked_lm_loss_sum(causal_lm, inputs, self.loss_chunk_tokens, positions), label_tokens
         loss = self(**batch).loss  # the model's mean: NaN for a batch without labels (a validation filler's)
         return torch.where(label_tokens > 0, loss * label_tokens, 0.0), label_tokens
 

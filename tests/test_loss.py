@@ -11,7 +11,9 @@ from qlora_lit.model import LoraArgs, QuantizationArgs
 from qlora_lit.module import QLoRAModule
 
 
-def loss_and_grads(loss_chunk_tokens: int, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(
+    loss_chunk_tokens: int, batch: dict, on_the_host: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     module = QLoRAModule(
         TINY_MODEL,
@@ -24,6 +26,9 @@ def loss_and_grads(loss_chunk_tokens: int, batch: dict) -> tuple[torch.Tensor, d
     for name, param in module.named_parameters():  # LoRA B starts at zero: give the adapters a real effect
         if param.requires_grad:
             param.data.normal_(0, 0.02, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+    if on_the_host:  # as training does: the labelled positions found before the batch moves to the device
+        batch = module.on_before_batch_transfer(dict(batch), 0)
+        assert "label_positions" in batch
     loss_sum, count = module.loss_sum(dict(batch))
     mean = loss_sum / count
     mean.backward()
@@ -35,7 +40,8 @@ def test_chunked_loss_matches_the_models_own_loss():
     data.setup()
     batch = next(iter(data.val_dataloader()))
     reference, reference_grads = loss_and_grads(0, batch)
-    chunked, chunked_grads = loss_and_grads(7, batch)  # a small chunk: many chunks, one partial
-    torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-6)
-    for name, grad in reference_grads.items():
-        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    for on_the_host in (False, True):
+        chunked, chunked_grads = loss_and_grads(7, batch, on_the_host)  # a small chunk: many chunks, one partial
+        torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-6)
+        for name, grad in reference_grads.items():
+            torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)

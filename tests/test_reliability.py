@@ -124,12 +124,12 @@ class MicroBatchWaits(L.Callback):
             self.active = False
 
 
-def test_training_micro_batches_make_the_host_wait_nowhere_in_qlora_lit(tmp_path):
-    """With base.yaml's full logits. The chunked loss (`loss_chunk_tokens`, lowmem.yaml) waits once per micro-batch:
-    it keeps only labelled positions, a count the host learns from the device."""
+@pytest.mark.parametrize("chunk", [0, 16], ids=["full-logits", "chunked-loss"])
+def test_training_micro_batches_make_the_host_wait_nowhere_in_qlora_lit(tmp_path, chunk):
+    """base.yaml's full logits and lowmem.yaml's chunked loss, whose labelled positions are found on the host."""
     waits = MicroBatchWaits()
     quantization = QuantizationArgs(compute_dtype="float32")
-    module = QLoRAModule(TINY_MODEL, quantization=quantization, lora=LoraArgs(r=4), loss_chunk_tokens=0)
+    module = QLoRAModule(TINY_MODEL, quantization=quantization, lora=LoraArgs(r=4), loss_chunk_tokens=chunk)
     trainer = fit(module, tmp_path, [waits], accumulate=2)
     assert trainer.global_step == 4 and waits.mode.ops > 0 and waits.mode.waits == []
 
