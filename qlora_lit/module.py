@@ -234,10 +234,11 @@ class QLoRAModule(L.LightningModule):
         labels) makes the host wait for the GPU, once per micro-batch or more."""
         if not isinstance(batch, dict):
             return batch
-        if batch.get("labels") is not None and self.chunks_the_loss():
-            batch = {**batch, "label_positions": label_positions(batch["labels"])}
         if self.attn_implementation == attention.NAME:
-            return self.model_inputs(batch)
+            batch = self.model_inputs(batch)
+        if batch.get("labels") is not None and self.chunks_the_loss():
+            labels = self.model_inputs(batch)["labels"]  # as the loss sees them: one flat row under flash-attention
+            batch = {**batch, "label_positions": label_positions(labels)}
         return batch
 
     def chunks_the_loss(self) -> bool:

@@ -45,3 +45,15 @@ def test_chunked_loss_matches_the_models_own_loss():
         torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-6)
         for name, grad in reference_grads.items():
             torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_the_host_positions_index_the_labels_as_the_loss_lays_them_out():
+    """flash-attention takes packed rows as one flat row (`model_inputs`): the positions found on the host must index
+    that row, not the rows as collated."""
+    module = QLoRAModule(TINY_MODEL, quantization=QuantizationArgs(compute_dtype="float32"), lora=LoraArgs(r=4))
+    module.configure_model()
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, 8]])
+    batch = {"input_ids": labels.clamp(min=0), "labels": labels, "position_ids": torch.tensor([[0, 1, 2, 3]] * 2)}
+    assert module.on_before_batch_transfer(dict(batch), 0)["label_positions"].tolist() == [0, 1, 4, 5]  # rows of 3
+    module.attn_implementation = "flash_attention_2"
+    assert module.on_before_batch_transfer(dict(batch), 0)["label_positions"].tolist() == [0, 1, 5, 6]  # one row of 7
