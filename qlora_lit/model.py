@@ -280,8 +280,8 @@ def attach_lora(
     is_quantized = getattr(model, "is_quantized", False)
     if is_quantized and upcast_to_fp32:
         accepted = inspect.signature(prepare_model_for_kbit_training).parameters
-        kwargs = "activation_checkpointing_kwargs"  # peft 0.22's name; 0.21 knows only the old one (deprecated in 0.22)
-        kwargs = kwargs if kwargs in accepted else "gradient_checkpointing_kwargs"
+        new_name = "activation_checkpointing_kwargs" in accepted  # peft 0.22's name; 0.21 knows only the old one
+        kwargs = "activation_checkpointing_kwargs" if new_name else "gradient_checkpointing_kwargs"
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing, **{kwargs: {"use_reentrant": False}}
         )

@@ -298,7 +298,7 @@ class QLoRAModule(L.LightningModule):
         """
         step_tokens = batch.pop("step_label_tokens", None)
         loss_sum, label_tokens = self.loss_sum(batch)
-        if self.nonfinite_loss == "skip" and self.any_rank_nonfinite(loss_sum):
+        if self.nonfinite_loss == "skip" and self.nonfinite_on_any_rank([loss_sum]).any():
             where = f"global step {self.global_step}, batch {batch_idx} of epoch {self.current_epoch}"
             rank_zero_warn(f"non-finite loss at {where}: batch skipped (model.nonfinite_loss=skip)")
             return None  # Lightning skips backward and the optimizer step for this batch
@@ -316,9 +316,7 @@ class QLoRAModule(L.LightningModule):
         losses, self._step_losses = self._step_losses, []
         if not losses:
             return
-        flags = torch.stack([~torch.isfinite(loss) for _, loss in losses]).float()
-        if self.trainer.world_size > 1:  # every rank runs as many micro-batches per step: one reduction for all
-            flags = self.trainer.strategy.reduce(flags, reduce_op="max")
+        flags = self.nonfinite_on_any_rank([loss for _, loss in losses])
         if not flags.any():
             return
         batch_idx, loss = losses[int(flags.argmax())]  # the first micro-batch that was non-finite on some rank
@@ -329,12 +327,13 @@ class QLoRAModule(L.LightningModule):
             "(--ckpt_path last) with a lower optimizer.lr or more warm-up, or set model.nonfinite_loss=skip"
         )
 
-    def any_rank_nonfinite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is NaN or infinite on any rank: all ranks must take the same branch, or DDP hangs."""
-        flag = (~torch.isfinite(loss.detach())).float()
+    def nonfinite_on_any_rank(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """For each loss, 1 where it is NaN or infinite on any rank, in one reduction: all ranks must take the same
+        branch, or DDP hangs (every rank runs as many micro-batches per step)."""
+        flags = torch.stack([~torch.isfinite(loss.detach()) for loss in losses]).float()
         if self.trainer.world_size > 1:
-            flag = self.trainer.strategy.reduce(flag, reduce_op="max")
-        return bool(flag)
+            flags = self.trainer.strategy.reduce(flags, reduce_op="max")
+        return flags
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         loss_sum, label_tokens = self.loss_sum(batch)
