@@ -37,6 +37,9 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     packed-keep-cdt       packed-keep with Inductor's coordinate-descent tuning of its Triton kernels (an experiment)
     packed-keep-autotune  packed-keep with Inductor choosing each product's kernel by timing (max_autotune_gemm;
                           an experiment)
+    *-eagerdrop           the same with LoRA dropout run by torch's own dropout kernel inside the compiled layers
+                          (Inductor's fallback_random: one Philox draw gives 4 numbers there, one per element in
+                          torch 2.11's Triton code; the masks are then those of an eager run)
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -94,6 +97,8 @@ VARIANTS["base-as-configured-graphs"] = {**VARIANTS["base-as-configured"], "grap
 VARIANTS["base-as-configured-skip"] = {**VARIANTS["base-as-configured"], "nonfinite": "skip"}
 VARIANTS["packed-keep-cdt"] = {**VARIANTS["packed-keep"], "inductor": {"coordinate_descent_tuning": True}}
 VARIANTS["packed-keep-autotune"] = {**VARIANTS["packed-keep"], "inductor": {"max_autotune_gemm": True}}
+for _name in ("packed-keep", "base-as-configured", "packed-lowmem"):
+    VARIANTS[f"{_name}-eagerdrop"] = {**VARIANTS[_name], "inductor": {"fallback_random": True}}
 
 
 class RowCounter(common.CountingCollator):
