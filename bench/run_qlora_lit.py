@@ -28,7 +28,7 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
                           the benchmark's examples per step
     lowmem-as-configured  base.yaml with lowmem.yaml over it, exactly (one 2048-token row per optimizer step)
     base-cli, base-b2-cli base and base-b2 with the callbacks `python -m qlora_lit fit` adds (TrainingMonitor,
-                          PreemptionCheckpoint, the rich progress bar): what they cost per micro-batch
+                          PreemptionCheckpoint, qlora_lit's progress bar): what they cost per micro-batch
     packed-keep           packed with the 4-bit weights kept dequantized (model.keep_dequantized: true)
     *-graphs              the same with CUDA graphs over the compiled layers, every micro-batch of fixed shapes
                           (bench/cuda_graphs.py; an experiment)
@@ -53,7 +53,6 @@ from types import SimpleNamespace
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
 from torch.utils.data import DataLoader
 
 from bench import common
@@ -69,6 +68,7 @@ from qlora_lit.module import QLoRAModule
 from qlora_lit.monitor import TrainingMonitor
 from qlora_lit.optim import OptimizerArgs
 from qlora_lit.preemption import PreemptionCheckpoint
+from qlora_lit.progress import LoggedMetricsBar
 
 VARIANTS = {
     "walkthrough-settings": {"batch": 2, "accum": 32, "group": False, "gc": True, "upcast": True},
@@ -255,7 +255,7 @@ def main() -> None:
     if v.get("graphs"):
         callbacks.append(CudaGraphLayers())
     if v.get("cli"):
-        callbacks += [TrainingMonitor(), PreemptionCheckpoint(), RichProgressBar()]
+        callbacks += [TrainingMonitor(), PreemptionCheckpoint(), LoggedMetricsBar()]
     if a.profile_dir:  # first: its trace export then counts in the profiled warm-up step, not in the next one
         callbacks.insert(0, StepProfiler(warmup - 1, a.profile_dir, v["accum"]))
     trainer = L.Trainer(

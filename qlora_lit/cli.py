@@ -16,7 +16,7 @@ from typing import Any
 from jsonargparse import auto_cli, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
@@ -30,6 +30,7 @@ from qlora_lit.model import count_lora_parameters
 from qlora_lit.module import QLoRAModule
 from qlora_lit.monitor import TrainingMonitor
 from qlora_lit.preemption import PreemptionCheckpoint
+from qlora_lit.progress import LoggedMetricsBar
 from qlora_lit.rank_watch import RankWatch, wait_for_verdict
 from qlora_lit.ranks import rank_layout
 from qlora_lit.resume import ResumedRun, checkpoint_to_resume, continue_newest_run, newest_last_checkpoint
@@ -174,7 +175,7 @@ class QLoRACLI(LightningCLI):
         callbacks = trainer_config.get("callbacks") or []
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
-            trainer_config["callbacks"] = [*callbacks, RichProgressBar()]
+            trainer_config["callbacks"] = [*callbacks, LoggedMetricsBar()]
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):

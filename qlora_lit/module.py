@@ -133,7 +133,7 @@ class QLoRAModule(L.LightningModule):
         self.model: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self._val_totals = torch.zeros(1, 2)  # per validation loader (one per source with several): loss sum, tokens
-        self._step_losses: list[tuple[int, torch.Tensor]] = []  # this optimizer step's (batch index, loss), `stop`
+        self._step_losses: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # this step's (batch, loss sum, labels)
 
     def configure_model(self) -> None:
         """Load the base on this process's device and attach LoRA (Lightning calls this once the device is set)."""
@@ -302,30 +302,43 @@ class QLoRAModule(L.LightningModule):
             where = f"global step {self.global_step}, batch {batch_idx} of epoch {self.current_epoch}"
             rank_zero_warn(f"non-finite loss at {where}: batch skipped (model.nonfinite_loss=skip)")
             return None  # Lightning skips backward and the optimizer step for this batch
-        if self.nonfinite_loss == "stop":
-            self._step_losses.append((batch_idx, loss_sum.detach()))  # checked before the update (no wait here)
-        self.log("train_loss", loss_sum.detach() / label_tokens.clamp(min=1), prog_bar=True, batch_size=1)
+        self._step_losses.append((batch_idx, loss_sum.detach(), label_tokens))  # read once per step (no wait here)
         if step_tokens is None:
             return loss_sum / label_tokens.clamp(min=1)
         return loss_sum / step_tokens * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """`nonfinite_loss: stop`: stop before the update if a micro-batch of this optimizer step had a NaN or infinite
-        loss on any rank. Asked here, once per step, rather than between each forward and backward: reading a value
-        from the GPU waits for it, and the host would launch each backward only once its forward had run."""
+        """Once per optimizer step, after its last backward and before the update: `nonfinite_loss: stop` stops if a
+        micro-batch of the step had a NaN or infinite loss on any rank (nothing of it is applied), and `train_loss` is
+        logged. Both are asked here rather than per micro-batch: reading a value from the GPU waits for it, and the host
+        would launch each backward only once its forward had run."""
         losses, self._step_losses = self._step_losses, []
         if not losses:
             return
-        flags = self.nonfinite_on_any_rank([loss for _, loss in losses])
+        if self.nonfinite_loss == "stop":
+            self.stop_if_nonfinite(losses)
+        self.log_step_loss(losses)
+
+    def stop_if_nonfinite(self, losses: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        flags = self.nonfinite_on_any_rank([loss for _, loss, _ in losses])
         if not flags.any():
             return
-        batch_idx, loss = losses[int(flags.argmax())]  # the first micro-batch that was non-finite on some rank
+        batch_idx, loss, _ = losses[int(flags.argmax())]  # the first micro-batch that was non-finite on some rank
         where = f"global step {self.global_step}, batch {batch_idx} of epoch {self.current_epoch}"
         what = f"is {loss.item()}" if not torch.isfinite(loss) else "is NaN or infinite on another rank"
         raise TrainingError(
             f"the training loss {what} at {where}. Resume from the last good checkpoint "
             "(--ckpt_path last) with a lower optimizer.lr or more warm-up, or set model.nonfinite_loss=skip"
         )
+
+    def log_step_loss(self, losses: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """`train_loss`: the loss per label token of the optimizer step, over its micro-batches and all ranks (the
+        loss its gradient is of). Left on the device: Lightning reads it where it writes the logs. Not a progress-bar
+        metric, which Lightning reads after every micro-batch, logs written or not (qlora_lit.progress shows it)."""
+        totals = torch.stack([sum(loss for _, loss, _ in losses).float(), sum(n for _, _, n in losses).float()])
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        self.log("train_loss", totals[0] / totals[1].clamp(min=1), batch_size=1)
 
     def nonfinite_on_any_rank(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """For each loss, 1 where it is NaN or infinite on any rank, in one reduction: all ranks must take the same

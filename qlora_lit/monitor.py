@@ -16,7 +16,7 @@ from qlora_lit.loss import IGNORE_INDEX
 class TrainingMonitor(Callback):
     """Logs every `trainer.log_every_n_steps` optimizer steps, over the steps since the last log and all ranks:
 
-    - `throughput/tokens_per_s`: real (non-padding) tokens per second (also in the progress bar).
+    - `throughput/tokens_per_s`: real (non-padding) tokens per second (also in qlora_lit's progress bar).
     - `throughput/label_tokens_per_s`: tokens the loss is computed on, per second.
     - `throughput/samples_per_s`: examples per second.
     - `throughput/step_time_s`: seconds per optimizer step.
@@ -79,8 +79,7 @@ class TrainingMonitor(Callback):
             self._first_step_from = None
         if self._logs_at(trainer, trainer.global_step):
             metrics = self._window_metrics(trainer, pl_module)
-            pl_module.log("throughput/tokens_per_s", metrics.pop("throughput/tokens_per_s"), prog_bar=True)
-            pl_module.log_dict(metrics)
+            pl_module.log_dict(metrics)  # not prog_bar: Lightning would read it after every micro-batch (progress.py)
             self._start_window(pl_module.device)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

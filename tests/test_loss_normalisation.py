@@ -14,7 +14,9 @@ from qlora_lit.optim import OptimizerArgs
 
 
 class GradientCapture(Callback):
-    """Keeps the (accumulated, all-reduced) LoRA gradients of the first optimizer step."""
+    """Keeps the (accumulated, all-reduced) LoRA gradients of the first optimizer step, and as "train_loss" the loss
+    it logged: per label token of the step, over its micro-batches and ranks, so it is the same however the step's
+    examples were split."""
 
     def __init__(self) -> None:
         self.grads: dict[str, torch.Tensor] = {}
@@ -22,6 +24,10 @@ class GradientCapture(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self.grads:
             self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 1 and "train_loss" not in self.grads:
+            self.grads["train_loss"] = trainer.callback_metrics["train_loss"].detach().clone()
 
 
 def first_step_gradients(
@@ -60,6 +66,6 @@ def first_step_gradients(
 def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch():
     whole = first_step_gradients(batch_size=8, accumulate=1)
     split = first_step_gradients(batch_size=2, accumulate=4)
-    assert whole.keys() == split.keys()
+    assert whole.keys() == split.keys() and "train_loss" in whole
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-7, msg=name)

@@ -94,7 +94,8 @@ def test_a_nan_loss_on_another_rank_stops_every_rank_in_one_reduction():
 
     strategy = SimpleNamespace(reduce=reduce)
     module._trainer = SimpleNamespace(world_size=2, strategy=strategy, global_step=7, current_epoch=1)
-    module._step_losses = [(14, torch.tensor(2.5)), (15, torch.tensor(2.25))]  # this rank's: finite
+    # this rank's (batch index, loss sum, label tokens): finite
+    module._step_losses = [(14, torch.tensor(2.5), torch.tensor(9)), (15, torch.tensor(2.25), torch.tensor(7))]
     expected = "the training loss is NaN or infinite on another rank at global step 7, batch 15 of epoch 1"
     with pytest.raises(TrainingError, match=expected):
         module.on_before_optimizer_step(None)
