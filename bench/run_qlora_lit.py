@@ -37,11 +37,6 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     packed-keep-cdt       packed-keep with Inductor's coordinate-descent tuning of its Triton kernels (an experiment)
     packed-keep-autotune  packed-keep with Inductor choosing each product's kernel by timing (max_autotune_gemm;
                           an experiment)
-    *-barlog              the same with each micro-batch's loss logged for the progress bar, as before session h
-                          (Lightning reads it after every micro-batch: a host wait; an A/B of its removal)
-    *-eagerdrop           the same with LoRA dropout run by torch's own dropout kernel inside the compiled layers
-                          (Inductor's fallback_random: one Philox draw gives 4 numbers there, one per element in
-                          torch 2.11's Triton code; the masks are then those of an eager run)
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -99,10 +94,6 @@ VARIANTS["base-as-configured-graphs"] = {**VARIANTS["base-as-configured"], "grap
 VARIANTS["base-as-configured-skip"] = {**VARIANTS["base-as-configured"], "nonfinite": "skip"}
 VARIANTS["packed-keep-cdt"] = {**VARIANTS["packed-keep"], "inductor": {"coordinate_descent_tuning": True}}
 VARIANTS["packed-keep-autotune"] = {**VARIANTS["packed-keep"], "inductor": {"max_autotune_gemm": True}}
-for _name in ("packed-keep", "base-as-configured", "packed-lowmem"):
-    VARIANTS[f"{_name}-eagerdrop"] = {**VARIANTS[_name], "inductor": {"fallback_random": True}}
-for _name in ("packed-keep", "base-as-configured"):
-    VARIANTS[f"{_name}-barlog"] = {**VARIANTS[_name], "barlog": True}
 
 
 class RowCounter(common.CountingCollator):
@@ -116,14 +107,6 @@ class RowCounter(common.CountingCollator):
             lens += [end - start for start, end in zip(starts[:-1], starts[1:], strict=True)]
         self.queue.append((sum(lens), sum(s * (s + 1) // 2 for s in lens), len(lens)))
         return batch
-
-
-class BarLoggedLoss(L.Callback):
-    """Logs each micro-batch's loss with prog_bar=True, as QLoRAModule did before session h: Lightning then reads it
-    after every micro-batch (the `*-barlog` variants, an A/B of that host wait)."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        pl_module.log("micro_batch_loss", outputs["loss"].detach(), prog_bar=True, batch_size=1)
 
 
 class LightningStepTimer(L.Callback):
@@ -268,8 +251,6 @@ def main() -> None:
         callbacks.append(CudaGraphLayers())
     if v.get("cli"):
         callbacks += [TrainingMonitor(), PreemptionCheckpoint(), LoggedMetricsBar()]
-    if v.get("barlog"):
-        callbacks.append(BarLoggedLoss())
     if a.profile_dir:  # first: its trace export then counts in the profiled warm-up step, not in the next one
         callbacks.insert(0, StepProfiler(warmup - 1, a.profile_dir, v["accum"]))
     trainer = L.Trainer(
