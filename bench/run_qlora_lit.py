@@ -9,7 +9,8 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     fast                  batch 8 x 8, length-grouped batches, no checkpointing, no fp32 upcast
     fast-b16              batch 16 x 4, length-grouped, no checkpointing, no fp32 upcast
     lowmem                batch 8 x 8, length-grouped, checkpointing, no fp32 upcast
-    *-fullce              the same with the model's own loss over full logits (loss_chunk_tokens=0)
+    *-fullce              the same with the logits of all labelled positions at once (loss_chunk_tokens=0; rows
+                          before 2026-12-07 i: the model's own loss over the logits of all positions)
     packed                examples packed into rows of <= 4096 tokens, 1 row x 4 accumulation (TRL's packed setting),
                           varlen attention, compiled decoder layers, no checkpointing, full logits
     packed-b2             the same with 2 rows x 2
@@ -37,6 +38,11 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     packed-keep-cdt       packed-keep with Inductor's coordinate-descent tuning of its Triton kernels (an experiment)
     packed-keep-autotune  packed-keep with Inductor choosing each product's kernel by timing (max_autotune_gemm;
                           an experiment)
+    *-modelce             the same with the model's own loss over the logits of every position (eager
+                          cross-entropy), what loss_chunk_tokens: 0 ran before 2026-12-07 i (rows of variants with
+                          chunk 0 before then: this loss)
+    base-as-configured-cppwrap  base-as-configured with the compiled layers' wrapper code in C++ instead of Python
+                          (Inductor's cpp_wrapper: less host time per kernel; an experiment)
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -94,6 +100,9 @@ VARIANTS["base-as-configured-graphs"] = {**VARIANTS["base-as-configured"], "grap
 VARIANTS["base-as-configured-skip"] = {**VARIANTS["base-as-configured"], "nonfinite": "skip"}
 VARIANTS["packed-keep-cdt"] = {**VARIANTS["packed-keep"], "inductor": {"coordinate_descent_tuning": True}}
 VARIANTS["packed-keep-autotune"] = {**VARIANTS["packed-keep"], "inductor": {"max_autotune_gemm": True}}
+for _name in ("packed-keep", "base-as-configured"):
+    VARIANTS[f"{_name}-modelce"] = {**VARIANTS[_name], "modelce": True}
+VARIANTS["base-as-configured-cppwrap"] = {**VARIANTS["base-as-configured"], "inductor": {"cpp_wrapper": True}}
 
 
 class RowCounter(common.CountingCollator):
@@ -226,6 +235,8 @@ def main() -> None:
         keep_dequantized=v.get("keep", False),
         nonfinite_loss=v.get("nonfinite", "stop"),
     )
+    if v.get("modelce"):
+        module.labelled_loss = lambda: False  # the model's own forward and loss
     if "auto" in (v["gc"], v.get("keep")):
         # The CLI's LightningDataModule tells QLoRAModule the largest micro-batch (pack_length x batch_size, or
         # max_length x batch_size); the bench has none, and without it `auto` falls back to checkpointing on a GPU.
@@ -276,6 +287,7 @@ def main() -> None:
         "lr": 2e-4,
         "precision": "bf16-mixed",
         "loss": "per label token of the optimizer step, prompt masked",
+        "logits": "every position (the model's own loss)" if v.get("modelce") else "labelled positions only",
         "attn_implementation": v.get("attn", "sdpa"),
         "torch_compile": "decoder layers" if v.get("compile") else "off",
         "gc_decided": decided.get("gc"),

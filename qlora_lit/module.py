@@ -29,7 +29,7 @@ from qlora_lit.fsdp import (
     check_predict_strategy,
     clip_sharded_grad_norm,
 )
-from qlora_lit.loss import IGNORE_INDEX, chunked_lm_loss_sum, label_positions, supports_chunked_loss
+from qlora_lit.loss import IGNORE_INDEX, label_positions, labelled_lm_loss_sum, supports_labelled_loss
 from qlora_lit.memory import activation_bytes, fits_dequantized, needs_checkpointing
 from qlora_lit.model import (
     AttnImplementation,
@@ -75,8 +75,9 @@ class QLoRAModule(L.LightningModule):
             never on a CPU).
         upcast_to_fp32: cast norms, embeddings and the output head to fp32 (peft's k-bit preparation).
         trust_remote_code: run modeling code shipped with the model repository. Only for models you trust.
-        loss_chunk_tokens: compute logits only at labelled positions, this many at a time, recomputed in backward
-            (saves the largest activation with big vocabularies); 0 uses the model's own loss over full logits.
+        loss_chunk_tokens: logits are computed only at labelled positions (qlora_lit/loss.py); this many at a time,
+            recomputed in backward (saves the largest activation with big vocabularies), or 0: all at once, kept
+            (faster). Models that scale or cap their logits (Gemma 2) use their own loss over all positions.
         generation: how `predict` decodes answers.
         attn_implementation: attention kernel: sdpa (everywhere), eager, varlen (packed rows through torch's
             variable-length flash kernel, no mask: the fast one for data.pack_length on a GPU), flash_attention_2
@@ -130,6 +131,7 @@ class QLoRAModule(L.LightningModule):
         self.nonfinite_loss = nonfinite_loss
         self.compile_layers = compile  # not `self.compile`, which would hide nn.Module.compile
         self.keep_dequantized = keep_dequantized
+        self.compiled_loss = False  # the cross-entropy through torch.compile: set with the compiled layers
         self.model: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self._val_totals = torch.zeros(1, 2)  # per validation loader (one per source with several): loss sum, tokens
@@ -178,7 +180,8 @@ class QLoRAModule(L.LightningModule):
         elif not isinstance(strategy, QLoRAFSDPStrategy) and self.dequantize_for(self.model, device, checkpointing):
             replaced = dequantized.replace_four_bit_layers(self.model)
             rank_zero_info(f"keep_dequantized: {replaced} 4-bit layers kept dequantized in the compute dtype")
-        if self.compile_layers and device.type == "cuda":
+        self.compiled_loss = self.compile_layers and device.type == "cuda"
+        if self.compiled_loss:
             compile_decoder_layers(self.model)
         elif self.compile_layers:  # inductor's CPU path fails on some dynamic shapes (torch 2.13), and gains little
             rank_zero_info(f"model.compile applies on GPUs only; the layers run uncompiled on {device.type}")
@@ -236,13 +239,13 @@ class QLoRAModule(L.LightningModule):
             return batch
         if self.attn_implementation == attention.NAME:
             batch = self.model_inputs(batch)
-        if batch.get("labels") is not None and self.chunks_the_loss():
+        if batch.get("labels") is not None and self.labelled_loss():
             labels = self.model_inputs(batch)["labels"]  # as the loss sees them: one flat row under flash-attention
             batch = {**batch, "label_positions": label_positions(labels)}
         return batch
 
-    def chunks_the_loss(self) -> bool:
-        return bool(self.loss_chunk_tokens) and supports_chunked_loss(self.model.get_base_model())
+    def labelled_loss(self) -> bool:
+        return supports_labelled_loss(self.model.get_base_model())
 
     def model_inputs(self, batch: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
         """Padded batches come with `attention_mask`; packed ones with `position_ids` restarting per example instead.
@@ -282,9 +285,10 @@ class QLoRAModule(L.LightningModule):
         causal_lm = self.model.get_base_model()
         positions = batch.pop("label_positions", None)  # found on the host (on_before_batch_transfer)
         label_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the model shifts labels by one
-        if self.chunks_the_loss():
+        if self.labelled_loss():
             inputs = self.model_inputs(batch)
-            return chunked_lm_loss_sum(causal_lm, inputs, self.loss_chunk_tokens, positions), label_tokens
+            loss_sum = labelled_lm_loss_sum(causal_lm, inputs, self.loss_chunk_tokens, positions, self.compiled_loss)
+            return loss_sum, label_tokens
         loss = self(**batch).loss  # the model's mean: NaN for a batch without labels (a validation filler's)
         return torch.where(label_tokens > 0, loss * label_tokens, 0.0), label_tokens
 
