@@ -36,13 +36,6 @@ def _chunk_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.
     return loss(head(hidden), targets)
 
 
-def supports_labelled_loss(model: torch.nn.Module) -> bool:
-    """Plain decoder + linear head models only: no logit soft-capping or scaling between the head and the softmax."""
-    config = model.config
-    scaled = getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
-    return not scaled and model.get_output_embeddings() is not None
-
-
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
     """Where the labelled next-token targets are, as indices into the flattened (batch x (length - 1)) targets. On
     the host before a batch moves to the GPU: found there, their count is the one value the chunked loss needs, and

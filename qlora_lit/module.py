@@ -29,7 +29,7 @@ from qlora_lit.fsdp import (
     check_predict_strategy,
     clip_sharded_grad_norm,
 )
-from qlora_lit.loss import IGNORE_INDEX, label_positions, labelled_lm_loss_sum, supports_labelled_loss
+from qlora_lit.loss import IGNORE_INDEX, label_positions, labelled_lm_loss_sum
 from qlora_lit.memory import activation_bytes, fits_dequantized, needs_checkpointing
 from qlora_lit.model import (
     AttnImplementation,
@@ -42,6 +42,7 @@ from qlora_lit.model import (
     load_base_model,
 )
 from qlora_lit.optim import OptimizerArgs, apply_optimizer_settings, build_optimizer, build_scheduler
+from qlora_lit.plain_head import supports_labelled_loss
 from qlora_lit.preflight import (
     check_gpu_generation,
     check_precision,

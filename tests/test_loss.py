@@ -8,9 +8,10 @@ import torch
 from conftest import SAMPLE_DATA, TINY_MODEL
 
 from qlora_lit.data import KoAlpacaDataModule
-from qlora_lit.loss import compiled_cross_entropy_sum, cross_entropy_sum, supports_labelled_loss
+from qlora_lit.loss import compiled_cross_entropy_sum, cross_entropy_sum
 from qlora_lit.model import LoraArgs, QuantizationArgs
 from qlora_lit.module import QLoRAModule
+from qlora_lit.plain_head import supports_labelled_loss
 
 
 def loss_and_grads(

@@ -63,6 +63,36 @@ def test_packed_rows_equal_the_examples_run_separately(zoo_models, examples, nam
             torch.testing.assert_close(packed[row, start:end], alone, rtol=1e-4, atol=1e-4)
 
 
+MODELS_OWN_LOSS = {"gemma2", "granite"}  # soft-capped logits; logits divided by logits_scaling (8 in tests/zoo.py)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_the_training_loss_is_the_models_own(zoo_models, examples, name):
+    """The labelled loss takes logits from the head itself: wherever it is taken, it is the model's own loss; models
+    that change their logits after the head keep their own loss (plain_head.py reads their forward)."""
+    module = module_for(zoo_models[name], "auto")
+    assert module.labelled_loss() is (name not in MODELS_OWN_LOSS)
+    rows = PackedDataset(examples, [[0, 1, 2], [3, 4]])
+    batch = PackingCollator(pad_id=1)([rows[0], rows[1]])
+    with torch.no_grad():
+        loss_sum, label_tokens = module.loss_sum(module.on_before_batch_transfer(dict(batch), 0))
+        torch.testing.assert_close(loss_sum / label_tokens, module(**batch).loss, rtol=1e-5, atol=1e-5)
+
+
+def test_a_router_loss_keeps_the_models_own_loss(zoo_models, examples):
+    """With output_router_logits, a mixture of experts adds its router's load-balancing loss to the cross-entropy."""
+    module = module_for(zoo_models["qwen3_moe"], "auto")
+    module.model.get_base_model().config.output_router_logits = True
+    assert not module.labelled_loss()
+    rows = PackedDataset(examples, [[0, 1, 2]])
+    batch = PackingCollator(pad_id=1)([rows[0]])
+    with torch.no_grad():
+        output = module(**batch)
+        loss_sum, label_tokens = module.loss_sum(dict(batch))
+    assert output.aux_loss > 0
+    torch.testing.assert_close(loss_sum / label_tokens, output.loss, rtol=1e-5, atol=1e-5)
+
+
 def test_the_sliding_window_is_kept_in_packed_rows(zoo_models, examples):
     """Mistral with its window: the logits past the window differ from those of a model without one, so the
     test above would see a packed path that ignored it."""

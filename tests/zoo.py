@@ -40,7 +40,7 @@ ZOO: dict[str, dict] = {
     "gpt_neox": {},  # Polyglot-Ko: fused query_key_value, biases everywhere
     "phi3": {},  # fused qkv_proj and gate_up_proj
     "olmo2": {},
-    "granite": {},
+    "granite": {"logits_scaling": 8.0},  # Granite 3.x: logits divided by 8 after the head
     "smollm3": {},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
 }
