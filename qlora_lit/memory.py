@@ -5,7 +5,10 @@ Kept activations grow with the tokens of a micro-batch. Per token, each decoder 
 4 x intermediate bf16 values (layer inputs, q/k/v, attention output, the MLP's gate/up/product, the LoRA inputs), and
 the head keeps about 10 bytes per vocabulary entry (bf16 logits, their fp32 upcast and its gradient) unless the loss
 is chunked. Calibrated on the Llama-3.1-8B shape on an H200 (docs/PERFORMANCE.md, `packed`): 4096 tokens per
-micro-batch, compiled layers, full logits, measured 38.6 GiB peak with 5.7 GiB of weights; this estimate gives 39.
+micro-batch, compiled layers, the model's own loss over every position, measured 38.6 GiB peak with 5.7 GiB of
+weights; this estimate gives 39. The loss now computes logits at labelled positions only, the cross-entropy compiled
+on GPUs (loss.py): 7.9 GiB less at that shape with kept weights (2026-12-07 call i), so the estimate errs on the side
+of recomputing; not recalibrated yet.
 """
 
 from __future__ import annotations
