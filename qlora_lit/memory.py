@@ -6,9 +6,9 @@ Kept activations grow with the tokens of a micro-batch. Per token, each decoder 
 the head keeps about 10 bytes per vocabulary entry (bf16 logits, their fp32 upcast and its gradient) unless the loss
 is chunked. Calibrated on the Llama-3.1-8B shape on an H200 (docs/PERFORMANCE.md, `packed`): 4096 tokens per
 micro-batch, compiled layers, the model's own loss over every position, measured 38.6 GiB peak with 5.7 GiB of
-weights; this estimate gives 39. The loss now computes logits at labelled positions only, the cross-entropy compiled
-on GPUs (loss.py): 4.5-7.9 GiB less at that shape with kept weights (2026-12-07 calls h, i), so the estimate errs on the side
-of recomputing; not recalibrated yet.
+weights; this estimate gives 39. The loss now computes logits at labelled positions only, the cross-entropy
+compiled on GPUs (loss.py): 4.5-7.9 GiB less at that shape with kept weights (2026-12-07 calls h, i), so the
+estimate errs on the side of recomputing; not recalibrated yet.
 """
 
 from __future__ import annotations
