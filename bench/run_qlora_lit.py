@@ -41,8 +41,6 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     *-modelce             the same with the model's own loss over the logits of every position (eager
                           cross-entropy), what loss_chunk_tokens: 0 ran before 2026-12-07 i (rows of variants with
                           chunk 0 before then: this loss)
-    base-as-configured-cppwrap  base-as-configured with the compiled layers' wrapper code in C++ instead of Python
-                          (Inductor's cpp_wrapper: less host time per kernel; an experiment)
 The timing is the baselines' (bench/common.py): real tokens of the timed optimizer steps over their wall time; compiled
 variants warm up for 6 optimizer steps instead of 2 (the same number of steps is timed).
 """
@@ -102,7 +100,6 @@ VARIANTS["packed-keep-cdt"] = {**VARIANTS["packed-keep"], "inductor": {"coordina
 VARIANTS["packed-keep-autotune"] = {**VARIANTS["packed-keep"], "inductor": {"max_autotune_gemm": True}}
 for _name in ("packed-keep", "base-as-configured"):
     VARIANTS[f"{_name}-modelce"] = {**VARIANTS[_name], "modelce": True}
-VARIANTS["base-as-configured-cppwrap"] = {**VARIANTS["base-as-configured"], "inductor": {"cpp_wrapper": True}}
 
 
 class RowCounter(common.CountingCollator):
