@@ -78,7 +78,8 @@ class QLoRAModule(L.LightningModule):
         trust_remote_code: run modeling code shipped with the model repository. Only for models you trust.
         loss_chunk_tokens: logits are computed only at labelled positions (qlora_lit/loss.py); this many at a time,
             recomputed in backward (saves the largest activation with big vocabularies), or 0: all at once, kept
-            (faster). Models that scale or cap their logits (Gemma 2) use their own loss over all positions.
+            (faster). Models that scale or cap their logits after the head (Gemma 2, Granite) or add a router loss
+            use their own loss over all positions (qlora_lit/plain_head.py).
         generation: how `predict` decodes answers.
         attn_implementation: attention kernel: sdpa (everywhere), eager, varlen (packed rows through torch's
             variable-length flash kernel, no mask: the fast one for data.pack_length on a GPU), flash_attention_2
