@@ -4,8 +4,9 @@ from the decoder's hidden states and the head itself.
 Some architectures change the logits between the head and the loss (Gemma 2's soft-capping, Cohere's `logit_scale`,
 Granite's `logits_scaling`) or add a loss of their own (a mixture of experts' router loss, with
 `output_router_logits`). A list of such settings would miss the next architecture, so the causal LM's `forward` is
-read instead: the statements that assign `logits` after the head's call and before the loss, each with the setting
-an enclosing `if <setting> is not None:` needs (Gemma 3 has the soft-capping code, with the setting off).
+read instead: the statements that change `logits`, or make another tensor from them, after the head's call and before
+the loss, each with the setting an enclosing `if <setting> is not None:` needs (Gemma 3 has the soft-capping code,
+with the setting off). A forward that names its head's output otherwise is not read: such models keep their own loss.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def logit_changes(model_class: type) -> tuple[tuple[str, str | None], ...] | Non
         function = ast.parse(textwrap.dedent(inspect.getsource(model_class.forward))).body[0]
     except (OSError, TypeError, SyntaxError):
         return None
+    if not isinstance(function, ast.FunctionDef):  # a lambda, or a forward assigned from elsewhere
+        return None
     found: list[tuple[ast.stmt, str | None]] = []
     _in_order(function.body, None, found)
     heads = [i for i, (statement, _) in enumerate(found) if _assigns_logits(statement) and _calls_self(statement)]
@@ -47,7 +50,7 @@ def logit_changes(model_class: type) -> tuple[tuple[str, str | None], ...] | Non
     for statement, guard in found[heads[0] + 1 :]:
         if "loss" in ast.unparse(statement):
             break
-        if _assigns_logits(statement):
+        if _assigns_logits(statement) or _reads_logits(statement):
             changes.append((ast.unparse(statement), guard))
     return tuple(changes)
 
@@ -71,6 +74,12 @@ def _assigns_logits(statement: ast.stmt) -> bool:
     return isinstance(statement, ast.Assign | ast.AugAssign) and any(
         isinstance(target, ast.Name) and target.id == "logits" for target in targets
     )
+
+
+def _reads_logits(statement: ast.stmt) -> bool:
+    """`scaled = logits * self.scale`: another tensor made from the logits, which the loss may take instead."""
+    value = getattr(statement, "value", None)
+    return value is not None and any(isinstance(node, ast.Name) and node.id == "logits" for node in ast.walk(value))
 
 
 def _calls_self(statement: ast.stmt) -> bool:
