@@ -33,6 +33,9 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     packed-keep           packed with the 4-bit weights kept dequantized (model.keep_dequantized: true)
     *-graphs              the same with CUDA graphs over the compiled layers, every micro-batch of fixed shapes
                           (bench/cuda_graphs.py; an experiment)
+    *-lgraphs             the same with each compiled layer's forward and backward recorded as CUDA graphs by
+                          torch.cuda.make_graphed_callables after 3 optimizer steps (bench/layer_graphs.py; an
+                          experiment)
     base-as-configured-skip  base-as-configured with model.nonfinite_loss: skip, which waits for each forward pass
                           before its backward (as `stop` did before call g)
     packed-keep-cdt       packed-keep with Inductor's coordinate-descent tuning of its Triton kernels (an experiment)
@@ -59,6 +62,7 @@ from torch.utils.data import DataLoader
 from bench import common
 from bench import data as bench_data
 from bench.cuda_graphs import CudaGraphLayers, StaticShapes
+from bench.layer_graphs import GraphedLayers
 from bench.step_trace import StepProfiler
 from qlora_lit import model as qlora_model
 from qlora_lit.data.collate import PaddingCollator, StepTaggedDataset, label_count
@@ -95,6 +99,8 @@ VARIANTS["base-b2-cli"] = {**VARIANTS["base-b2"], "cli": True}
 VARIANTS["packed-keep"] = {**PACKED, "keep": True}
 VARIANTS["packed-keep-graphs"] = {**VARIANTS["packed-keep"], "graphs": True}
 VARIANTS["base-as-configured-graphs"] = {**VARIANTS["base-as-configured"], "graphs": True}
+VARIANTS["packed-keep-lgraphs"] = {**VARIANTS["packed-keep"], "lgraphs": True}
+VARIANTS["base-as-configured-lgraphs"] = {**VARIANTS["base-as-configured"], "lgraphs": True}
 VARIANTS["base-as-configured-skip"] = {**VARIANTS["base-as-configured"], "nonfinite": "skip"}
 VARIANTS["packed-keep-cdt"] = {**VARIANTS["packed-keep"], "inductor": {"coordinate_descent_tuning": True}}
 VARIANTS["packed-keep-autotune"] = {**VARIANTS["packed-keep"], "inductor": {"max_autotune_gemm": True}}
@@ -200,6 +206,7 @@ def main() -> None:
     if a.profile_dir and os.path.exists(a.profile_dir) and not os.path.isdir(a.profile_dir):
         p.error(f"--profile_dir {a.profile_dir} is a file; give a folder (it is created if missing)")
     v = VARIANTS[a.variant]
+    static = v.get("graphs") or v.get("lgraphs")  # every micro-batch of the same shapes
     model_dir = common.default_model_dir(a.shape)
     rows = bench_data.load(common.default_data_dir(a.n_examples, a.max_length))
     pairs = zip(rows["input_ids"], rows["completion_mask"], strict=True)
@@ -207,7 +214,7 @@ def main() -> None:
     if "pack" in v:
         dataset = PackedDataset(examples, pack_rows([len(e["input_ids"]) for e in examples], v["pack"]))
         lengths, label_counts = dataset.lengths(), dataset.label_counts()
-        counter = RowCounter(PackingCollator(pad_id=128001, pad_to_multiple_of=v["pack"] if v.get("graphs") else 8))
+        counter = RowCounter(PackingCollator(pad_id=128001, pad_to_multiple_of=v["pack"] if static else 8))
     else:
         dataset = examples
         lengths, label_counts = [len(e["input_ids"]) for e in examples], [label_count(e) for e in examples]
@@ -215,7 +222,7 @@ def main() -> None:
     sampler = EpochBatchSampler(
         lengths, v["batch"], seed=0, group_by_length=v["group"], label_counts=label_counts, accumulate=v["accum"]
     )
-    collate = StaticShapes(counter, v["pack"], v["pack"] // bench_data.MIN_LEN + 2) if v.get("graphs") else counter
+    collate = StaticShapes(counter, v["pack"], v["pack"] // bench_data.MIN_LEN + 2) if static else counter
     loader = DataLoader(StepTaggedDataset(dataset), batch_sampler=sampler, collate_fn=collate)
     on_gpu = a.device == "cuda"
     qlora_model.COMPILE_OPTIONS.update(v.get("inductor", {}))  # read when the layers are compiled
@@ -257,6 +264,9 @@ def main() -> None:
     callbacks = [timer]
     if v.get("graphs"):
         callbacks.append(CudaGraphLayers())
+    layer_graphs = GraphedLayers(after_steps=3) if v.get("lgraphs") else None
+    if layer_graphs:
+        callbacks.append(layer_graphs)
     if v.get("cli"):
         callbacks += [TrainingMonitor(), PreemptionCheckpoint(), LoggedMetricsBar()]
     if a.profile_dir:  # first: its trace export then counts in the profiled warm-up step, not in the next one
@@ -294,6 +304,8 @@ def main() -> None:
         "compile_cache": compile_cache(),
         "compile_pool_warmed_seconds": pool_seconds,
     }
+    if layer_graphs:
+        settings["layer_graphs"] = {"replays": layer_graphs.graphs.replays, "misses": layer_graphs.graphs.misses}
     line = common.result_line("qlora_lit", a.variant, a.shape, a.max_length, timer.timer.result(), a.device, settings)
     common.emit(line, a.out)
 
