@@ -113,6 +113,7 @@ class LayerGraphs:
         )
         for call in self.calls:
             del call.sample
+        torch.cuda.empty_cache()  # the graphs' memory pool cannot use blocks cached for the steps before
         with context or nullcontext():
             graphed = torch.cuda.make_graphed_callables(tuple(self.calls), samples, allow_unused_input=True)
         self.graphed = list(graphed)
