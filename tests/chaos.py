@@ -1,7 +1,7 @@
 """Many interruptions of one demo fit, each resumed with `--ckpt_path last`, next to an uninterrupted run of the same
 config (docs/RELIABILITY.md, chaos soak). tests/test_chaos.py runs the short form and checks what it leaves:
 
-    python tests/chaos.py OUT --steps 60 --interruptions 20 --seed 0                    # what CI runs
+    python tests/chaos.py OUT --steps 40 --interruptions 12 --seed 0                    # what CI runs
     python tests/chaos.py OUT --steps 400 --interruptions 100 --seed 7 --async-kills    # the long form, by hand
 
 OUT/reference/ and OUT/chaos/ hold the two runs, OUT/segments.json what happened to each start of the chaos run.
@@ -150,8 +150,8 @@ def soak(out: Path, steps: int, interruptions: int, seed: int, kinds: list[str])
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--interruptions", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--interruptions", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--async-kills", action="store_true", help="also SIGKILL from outside at random times")
     options = parser.parse_args()

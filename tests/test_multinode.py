@@ -20,8 +20,8 @@ from slurm_cluster import two_node_slurm_cluster_fixture  # noqa: E402,F401  (th
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-# Four steps of four ranks, a checkpoint (and the adapter) at steps 2 and 4; no samples (generation is slow here).
-SHORT_FIT = ("--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--samples.prompts", "[]")
+# Two steps of four ranks, a checkpoint (and the adapter) at steps 1 and 2; no samples (generation is slow here).
+SHORT_FIT = ("--trainer.max_steps", "2", "--trainer.val_check_interval", "1", "--samples.prompts", "[]")
 # What qlora_lit/ranks.py prints on every rank.
 LAYOUT = re.compile(r"^rank (\d) of (\d): node (\d) of (\d), local rank (\d); rendezvous (\S+):(\d+) \((\w+)\)$", re.M)
 
@@ -50,7 +50,7 @@ def test_two_nodes_of_two_ranks_train_like_one_node_of_four(two_node_slurm_clust
     # this job id (the last four digits + 15000).
     rendezvous = (cluster.nodename, 15000 + int(job[-4:]), "SLURMEnvironment")
     assert layouts(log) == {(rank, 4, rank // 2, 2, rank % 2, *rendezvous) for rank in range(4)}, log
-    assert "`Trainer.fit` stopped: `max_steps=4` reached." in log, log
+    assert "`Trainer.fit` stopped: `max_steps=2` reached." in log, log
     two_nodes = submit_dir / "runs" / "demo" / f"slurm-{job}"
 
     one_node = fit_in_subprocess(
@@ -66,6 +66,6 @@ def test_two_nodes_of_two_ranks_train_like_one_node_of_four(two_node_slurm_clust
     assert adapter.keys() == expected.keys() and adapter
     for key, value in adapter.items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
-    at_2, at_4 = (checkpoint_at(one_node, step)["state_dict"] for step in (2, 4))
-    assert any(not torch.equal(value, at_2[key]) for key, value in at_4.items())  # the adapters compared trained
-    assert checkpoint_at(two_nodes, 4)["global_step"] == 4
+    at_1, at_2 = (checkpoint_at(one_node, step)["state_dict"] for step in (1, 2))
+    assert any(not torch.equal(value, at_1[key]) for key, value in at_2.items())  # the adapters compared trained
+    assert checkpoint_at(two_nodes, 2)["global_step"] == 2
