@@ -22,22 +22,35 @@ from functools import partial
 import lightning as L
 import torch
 
-from qlora_lit import attention
 from qlora_lit.model import COMPILE_OPTIONS, compile_decoder_layers, decoder_layers
 
 
 class StaticShapes:
     """Wraps a packing collator whose rows are already padded to `width`: adds the start offsets, padded to
-    `offsets` entries, and `width` as the longest example."""
+    `offsets` entries, and `longest` (default: `width`) as the longest example.
 
-    def __init__(self, inner, width: int, offsets: int) -> None:
-        self.inner, self.width, self.offsets = inner, width, offsets
+    FlashAttention's varlen kernel starts a block of threads per `longest`-sized slice of every example, padded ones
+    included, so a bound far above the real examples (a 2048-token row of examples of at most 512 tokens) mostly starts
+    blocks with nothing to do. With `longest` set, the row's padding (its last segment) is cut into segments of at most
+    that length; an example longer than it is refused."""
+
+    def __init__(self, inner, width: int, offsets: int, longest: int | None = None) -> None:
+        self.inner, self.width, self.offsets, self.longest = inner, width, offsets, longest or width
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = self.inner(rows)
         if batch["input_ids"].numel() != self.width * len(rows):
             raise ValueError(f"rows of {batch['input_ids'].shape[1]} tokens, not {self.width}: pad them to it")
-        cu = attention.sequence_starts(batch["position_ids"])["cu_seq_lens_q"]
+        starts = []
+        for index, row in enumerate(rows):
+            base, used = index * self.width, len(row["position_ids"])
+            examples = [i for i, position in enumerate(row["position_ids"]) if position == 0]
+            bounds = [*examples, used]
+            longest = max(end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True))
+            if longest > self.longest:
+                raise ValueError(f"an example of {longest} tokens, longer than the {self.longest} planned")
+            starts += [base + i for i in examples] + [base + i for i in range(used, self.width, self.longest)]
+        cu = torch.tensor([*starts, self.width * len(rows)], dtype=torch.int32)
         if len(cu) > self.offsets:
             raise ValueError(f"{len(cu) - 1} examples in a micro-batch, more than the {self.offsets - 1} planned")
         cu = torch.cat([cu, cu[-1:].expand(self.offsets - len(cu))])
@@ -45,8 +58,8 @@ class StaticShapes:
             **batch,
             "cu_seq_lens_q": cu,
             "cu_seq_lens_k": cu,
-            "max_length_q": self.width,
-            "max_length_k": self.width,
+            "max_length_q": self.longest,
+            "max_length_k": self.longest,
         }
 
 

@@ -34,8 +34,8 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
     *-graphs              the same with CUDA graphs over the compiled layers, every micro-batch of fixed shapes
                           (bench/cuda_graphs.py; an experiment)
     *-lgraphs             the same with each compiled layer's forward and backward recorded as CUDA graphs by
-                          torch.cuda.make_graphed_callables after 3 optimizer steps (bench/layer_graphs.py; an
-                          experiment)
+                          torch.cuda.make_graphed_callables after 3 optimizer steps, max_length as the longest
+                          example (bench/layer_graphs.py; an experiment)
     base-as-configured-skip  base-as-configured with model.nonfinite_loss: skip, which waits for each forward pass
                           before its backward (as `stop` did before call g)
     packed-keep-cdt       packed-keep with Inductor's coordinate-descent tuning of its Triton kernels (an experiment)
@@ -222,7 +222,11 @@ def main() -> None:
     sampler = EpochBatchSampler(
         lengths, v["batch"], seed=0, group_by_length=v["group"], label_counts=label_counts, accumulate=v["accum"]
     )
-    collate = StaticShapes(counter, v["pack"], v["pack"] // bench_data.MIN_LEN + 2) if static else counter
+    collate = counter
+    if static:  # lgraphs: no example is longer than max_length; the padding is cut to that too
+        longest = a.max_length if v.get("lgraphs") else None
+        slots = v["pack"] // bench_data.MIN_LEN + (v["pack"] // longest if longest else 0) + 2
+        collate = StaticShapes(counter, v["pack"], slots, longest)
     loader = DataLoader(StepTaggedDataset(dataset), batch_sampler=sampler, collate_fn=collate)
     on_gpu = a.device == "cuda"
     qlora_model.COMPILE_OPTIONS.update(v.get("inductor", {}))  # read when the layers are compiled

@@ -103,3 +103,21 @@ def test_graphed_layers_accumulate_the_gradients_of_the_compiled_layers():
         assert got.keys() == expected.keys()
         for name, grad in expected.items():
             torch.testing.assert_close(got[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_a_bound_on_the_longest_example_cuts_the_padding_and_keeps_the_loss():
+    module = tiny_module(attn_implementation="varlen")
+    rows = [packed_row([9, 13, 6], seed=3), packed_row([12, 4], seed=4)]
+    packed = PackingCollator(pad_id=0)(rows)
+    shapes = StaticShapes(PackingCollator(pad_id=0, pad_to_multiple_of=48), width=48, offsets=12, longest=13)
+    fixed = shapes(rows)
+    assert fixed["max_length_q"] == 13
+    # Row 1: its examples, then 20 tokens of padding in pieces of at most 13; row 2 the same from token 48.
+    assert fixed["cu_seq_lens_q"].tolist() == [0, 9, 22, 28, 41, 48, 60, 64, 77, 90, 96, 96]
+    loss, grads = batch_loss_and_gradients(module, packed)
+    fixed_loss, fixed_grads = batch_loss_and_gradients(module, fixed)
+    torch.testing.assert_close(fixed_loss, loss, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fixed_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="an example of 13 tokens, longer than the 12 planned"):
+        StaticShapes(PackingCollator(pad_id=0, pad_to_multiple_of=48), width=48, offsets=12, longest=12)(rows)
