@@ -108,9 +108,15 @@ class LayerGraphs:
         training's autocast, without its weight cache)."""
         if any(call is None for call in self.calls):
             raise RuntimeError("every decoder layer must be called while recording before its graphs can be recorded")
-        samples = tuple(
-            tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in call.sample) for call in self.calls
-        )
+        copies: dict[int, torch.Tensor] = {}  # one copy per recorded tensor: a tensor passed twice (varlen's start
+        # offsets for queries and keys) stays one, as dynamo's guards on the compiled layers expect
+
+        def sample(tensor: torch.Tensor) -> torch.Tensor:
+            if id(tensor) not in copies:
+                copies[id(tensor)] = tensor.detach().clone().requires_grad_(tensor.requires_grad)
+            return copies[id(tensor)]
+
+        samples = tuple(tuple(sample(t) for t in call.sample) for call in self.calls)
         for call in self.calls:
             del call.sample
         torch.cuda.empty_cache()  # the graphs' memory pool cannot use blocks cached for the steps before
