@@ -19,6 +19,7 @@ be added into tensors of their own (`KeptGradients`).
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from functools import partial
 
@@ -75,6 +76,9 @@ class LayerGraphs:
         self.layers = decoder_layers(model)
         self.calls: list = [None] * len(self.layers)
         self.graphed: list | None = None
+        self.statics: list[tuple] = []  # each layer's graph inputs (make_graphed_callables keeps the samples)
+        self.shared: list[list[bool]] = []  # which of them other layers' graphs read too (rotary tables, offsets)
+        self.filled: dict[int, torch.Tensor] = {}  # a shared input's id -> the tensor last copied into it
         self.recording = False
         self.replays = self.misses = 0
         self.originals = []
@@ -89,11 +93,25 @@ class LayerGraphs:
             leaves, spec = tree_flatten((args, kwargs))
             if self.calls[index].matches(leaves, spec):
                 self.replays += 1
-                return self.graphed[index](*[leaf for leaf in leaves if isinstance(leaf, torch.Tensor)])
+                return self.graphed[index](*self._inputs(index, [x for x in leaves if isinstance(x, torch.Tensor)]))
             self.misses += 1
         elif self.recording:
             self.calls[index] = LayerCall(layer, self.originals[index], args, kwargs)
         return self.originals[index](*args, **kwargs)
+
+    def _inputs(self, index: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The graph copies each input into its own memory before a replay; an input that every layer shares is
+        copied once per forward pass (by the first layer that reads it) and given to the others as it is."""
+        if index == 0:
+            self.filled.clear()
+        for k, (tensor, static) in enumerate(zip(tensors, self.statics[index], strict=True)):
+            if self.shared[index][k]:
+                if self.filled.get(id(static)) is not tensor:
+                    with torch.no_grad():
+                        static.copy_(tensor)
+                    self.filled[id(static)] = tensor
+                tensors[k] = static
+        return tensors
 
     @contextmanager
     def record(self):
@@ -117,6 +135,10 @@ class LayerGraphs:
             return copies[id(tensor)]
 
         samples = tuple(tuple(sample(t) for t in call.sample) for call in self.calls)
+        uses = Counter(id(t) for layer_samples in samples for t in layer_samples)
+        self.statics = list(samples)
+        # Inputs that need gradients keep the graph's own copy, through which their gradient flows.
+        self.shared = [[uses[id(t)] > 1 and not t.requires_grad for t in layer_samples] for layer_samples in samples]
         for call in self.calls:
             del call.sample
         torch.cuda.empty_cache()  # the graphs' memory pool cannot use blocks cached for the steps before
