@@ -121,9 +121,10 @@ class LayerGraphs:
         finally:
             self.recording = False
 
-    def capture(self, context=None) -> None:
+    def capture(self, context=None, make=torch.cuda.make_graphed_callables) -> None:
         """Record the graphs of the recorded calls (the recorded tensors' values as samples), under `context` (the
-        training's autocast, without its weight cache)."""
+        training's autocast, without its weight cache). `make` records them (a test passes a stand-in that returns
+        the calls as they are, to run the replay path's bookkeeping on a CPU)."""
         if any(call is None for call in self.calls):
             raise RuntimeError("every decoder layer must be called while recording before its graphs can be recorded")
         copies: dict[int, torch.Tensor] = {}  # one copy per recorded tensor: a tensor passed twice (varlen's start
@@ -143,7 +144,7 @@ class LayerGraphs:
             del call.sample
         torch.cuda.empty_cache()  # the graphs' memory pool cannot use blocks cached for the steps before
         with context or nullcontext():
-            graphed = torch.cuda.make_graphed_callables(tuple(self.calls), samples, allow_unused_input=True)
+            graphed = make(tuple(self.calls), samples, allow_unused_input=True)
         self.graphed = list(graphed)
 
 

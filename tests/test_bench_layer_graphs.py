@@ -64,6 +64,29 @@ def test_a_call_of_other_shapes_or_arguments_does_not_match_the_record():
     assert not call.matches(other, spec)
 
 
+def test_the_replay_path_gives_every_layer_this_micro_batchs_inputs():
+    """The replay path's bookkeeping on a CPU, the graphs' recording replaced by a stand-in that returns the recorded
+    calls as they are: each call of a later micro-batch matches its record, the inputs all layers share (rotary
+    tables, start offsets) are copied into the shared graph inputs once and read from there, and the losses and
+    gradients are those of the layers called directly, micro-batch after micro-batch (a stale shared input would
+    give the first micro-batch's positions to the second)."""
+    batches = static_batches()
+    reference, module = tiny_module(attn_implementation="varlen"), tiny_module(attn_implementation="varlen")
+    graphs = LayerGraphs(module.model)
+    with graphs.record():
+        batch_loss_and_gradients(module, batches[0])
+    graphs.capture(make=lambda calls, samples, **options: calls)
+    layers = len(decoder_layers(module.model))
+    assert any(any(shared) for shared in graphs.shared) and not any(graphs.shared[index][0] for index in range(layers))
+    for round_, batch in enumerate(batches[1:] + batches[:1]):
+        loss, grads = batch_loss_and_gradients(reference, batch)
+        got_loss, got_grads = batch_loss_and_gradients(module, batch)
+        assert graphs.replays == layers * (round_ + 1) and graphs.misses == 0
+        torch.testing.assert_close(got_loss, loss, rtol=0, atol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compiled", [False, True])
