@@ -309,7 +309,8 @@ def main() -> None:
         "compile_pool_warmed_seconds": pool_seconds,
     }
     if layer_graphs:
-        settings["layer_graphs"] = {"replays": layer_graphs.graphs.replays, "misses": layer_graphs.graphs.misses}
+        graphs = layer_graphs.graphs
+        settings["layer_graphs"] = {"replays": graphs.replays, "misses": graphs.misses, "longest": a.max_length}
     line = common.result_line("qlora_lit", a.variant, a.shape, a.max_length, timer.timer.result(), a.device, settings)
     common.emit(line, a.out)
 
