@@ -38,6 +38,8 @@ Variants (every one trains on about 64 examples per optimizer step, like the bas
                           example (bench/layer_graphs.py; an experiment)
     base-as-configured-skip  base-as-configured with model.nonfinite_loss: skip, which waits for each forward pass
                           before its backward (as `stop` did before call g)
+    base-as-configured-lgraphs-nocheck  base-as-configured-lgraphs without `stop`'s check of the step's losses, the
+                          one read of a device value per step: what a check that does not wait could gain at most
     packed-keep-cdt       packed-keep with Inductor's coordinate-descent tuning of its Triton kernels (an experiment)
     packed-keep-autotune  packed-keep with Inductor choosing each product's kernel by timing (max_autotune_gemm;
                           an experiment)
@@ -102,6 +104,7 @@ VARIANTS["base-as-configured-graphs"] = {**VARIANTS["base-as-configured"], "grap
 VARIANTS["packed-keep-lgraphs"] = {**VARIANTS["packed-keep"], "lgraphs": True}
 VARIANTS["base-as-configured-lgraphs"] = {**VARIANTS["base-as-configured"], "lgraphs": True}
 VARIANTS["base-as-configured-skip"] = {**VARIANTS["base-as-configured"], "nonfinite": "skip"}
+VARIANTS["base-as-configured-lgraphs-nocheck"] = {**VARIANTS["base-as-configured-lgraphs"], "nocheck": True}
 VARIANTS["packed-keep-cdt"] = {**VARIANTS["packed-keep"], "inductor": {"coordinate_descent_tuning": True}}
 VARIANTS["packed-keep-autotune"] = {**VARIANTS["packed-keep"], "inductor": {"max_autotune_gemm": True}}
 for _name in ("packed-keep", "base-as-configured"):
@@ -245,6 +248,8 @@ def main() -> None:
     )
     if v.get("modelce"):
         module.labelled_loss = lambda: False  # the model's own forward and loss
+    if v.get("nocheck"):
+        module.stop_if_nonfinite = lambda losses: None  # no read of the losses before each update
     if "auto" in (v["gc"], v.get("keep")):
         # The CLI's LightningDataModule tells QLoRAModule the largest micro-batch (pack_length x batch_size, or
         # max_length x batch_size); the bench has none, and without it `auto` falls back to checkpointing on a GPU.
