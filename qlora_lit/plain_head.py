@@ -92,7 +92,7 @@ def _inert(text: str, guard: str | None, model: torch.nn.Module) -> bool:
     """The change does not run (its guard's setting is None here) or is made only by settings that are None or 1."""
     if guard is not None and _setting(model, guard) is None:
         return True
-    names = _SETTING.findall(text.split("=", 1)[1])
+    names = _SETTING.findall(text.split("=", 1)[-1])  # what an assignment assigns, or the whole statement
     values = [_setting(model, name) for name in names]
     return bool(names) and all(value is None or (isinstance(value, int | float) and value == 1) for value in values)
 

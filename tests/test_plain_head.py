@@ -46,6 +46,17 @@ class Derived(Plain):
         return loss, logits
 
 
+class Logged(Plain):
+    def forward(self, hidden_states, labels=None):
+        logits = self.lm_head(hidden_states)
+        self.record(logits)  # a statement that reads the logits without assigning anything
+        loss = None
+        return loss, logits
+
+    def record(self, logits) -> None:
+        pass
+
+
 namespace: dict = {}
 exec("def forward(self, hidden_states, labels=None):\n    return None, self.lm_head(hidden_states)\n", namespace)
 NoSource = type("NoSource", (Plain,), {"forward": namespace["forward"]})  # built at run time: no source file
@@ -67,11 +78,12 @@ class OtherName(Plain):
         (Derived(logits_scaling=1.0), True),
         (Derived(logits_scaling=8.0), False),  # Granite, through another tensor
         (OtherName(), False),  # the head's output not found: the model's own loss
+        (Logged(), False),  # a call on the logits: it may change them, so the model's own loss
         (Plain(output_router_logits=True), False),  # a router loss is added to the cross-entropy
         (NoSource(), False),
         (type("Lambda", (Plain,), {"forward": lambda self, hidden_states: self.lm_head(hidden_states)})(), False),
     ],
-    ids=["plain", "cap-off", "capped", "scale-one", "scaled", "other-name", "router", "no-source", "lambda"],
+    ids=["plain", "cap-off", "capped", "scale-one", "scaled", "other-name", "logged", "router", "no-source", "lambda"],
 )
 def test_only_forwards_that_leave_the_heads_logits_as_they_are_take_the_labelled_loss(model, plain):
     assert supports_labelled_loss(model) is plain
