@@ -63,14 +63,19 @@ class StaticShapes:
         }
 
 
+def allocate_gradients(module: torch.nn.Module) -> None:
+    """Zeroed gradients for every trainable parameter that has none yet, for backward passes to add into."""
+    for param in module.parameters():
+        if param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)
+
+
 class KeptGradients(L.Callback):
     """Gradients allocated before the first backward and zeroed, not freed, by the optimizer: every backward adds into
     the same tensors, which autograd never takes over from a graph's outputs."""
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        for param in module.parameters():
-            if param.requires_grad and param.grad is None:
-                param.grad = torch.zeros_like(param)
+        allocate_gradients(module)
         for optimizer in trainer.optimizers:
             optimizer.zero_grad = partial(type(optimizer).zero_grad, optimizer, set_to_none=False)
 

@@ -10,7 +10,7 @@ import torch
 from conftest import SAMPLE_DATA, TINY_MODEL, cpu_trainer
 from test_speedups import batch_loss_and_gradients, packed_row, tiny_module
 
-from bench.cuda_graphs import KeptGradients, StaticShapes, graph_decoder_layers
+from bench.cuda_graphs import KeptGradients, StaticShapes, allocate_gradients, graph_decoder_layers
 from qlora_lit.data import KoAlpacaDataModule
 from qlora_lit.data.packing import PackingCollator
 from qlora_lit.model import LoraArgs, QuantizationArgs, compile_decoder_layers
@@ -93,9 +93,7 @@ def test_graphed_layers_accumulate_the_gradients_of_the_compiled_layers():
     reference, graphed = (tiny_module(attn_implementation="varlen", keep_dequantized=True).cuda() for _ in range(2))
     compile_decoder_layers(reference.model)
     graph_decoder_layers(graphed.model)
-    for param in graphed.parameters():
-        if param.requires_grad:
-            param.grad = torch.zeros_like(param)  # KeptGradients' allocation
+    allocate_gradients(graphed)  # as KeptGradients does
     expected = accumulated_gradients(reference, batches)
     assert expected
     for _ in range(3):

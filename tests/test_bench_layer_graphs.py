@@ -10,7 +10,7 @@ from test_bench_cuda_graphs import accumulated_gradients
 from test_speedups import batch_loss_and_gradients, packed_row, tiny_module
 from torch.utils._pytree import tree_flatten
 
-from bench.cuda_graphs import StaticShapes
+from bench.cuda_graphs import StaticShapes, allocate_gradients
 from bench.layer_graphs import LayerGraphs
 from qlora_lit.data.packing import PackingCollator
 from qlora_lit.model import compile_decoder_layers, decoder_layers
@@ -99,9 +99,7 @@ def test_graphed_layers_accumulate_the_gradients_of_the_layers_without_graphs(co
         compile_decoder_layers(reference.model)
         compile_decoder_layers(graphed.model)
     graphs = LayerGraphs(graphed.model)
-    for param in graphed.parameters():
-        if param.requires_grad:
-            param.grad = torch.zeros_like(param)  # KeptGradients' allocation
+    allocate_gradients(graphed)  # as KeptGradients does
     with graphs.record():
         accumulated_gradients(graphed, batches[:1])
     graphs.capture()
@@ -127,9 +125,7 @@ def test_graphed_compiled_layers_draw_new_dropout_masks_at_every_replay():
         lora.lora_dropout["default"] = torch.nn.Dropout(0.3)  # tiny_module has none
     compile_decoder_layers(module.model)
     graphs = LayerGraphs(module.model)
-    for param in module.parameters():
-        if param.requires_grad:
-            param.grad = torch.zeros_like(param)
+    allocate_gradients(module)  # as KeptGradients does
     with graphs.record():
         module(**batch).loss.backward()
     graphs.capture()
