@@ -45,6 +45,7 @@ from qlora_lit.optim import OptimizerArgs, apply_optimizer_settings, build_optim
 from qlora_lit.plain_head import supports_labelled_loss
 from qlora_lit.preflight import (
     check_gpu_generation,
+    check_packing,
     check_precision,
     check_vocabulary,
     choose_attention,
@@ -153,6 +154,7 @@ class QLoRAModule(L.LightningModule):
         tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
         if tokenizer is not None:
             check_vocabulary(config, tokenizer, self.model_name_or_path)
+        check_packing(config, getattr(getattr(self._trainer, "datamodule", None), "pack_length", None))
         count_lora_parameters(self.model_name_or_path, self.lora, self.trust_remote_code)  # targets, on meta
         longest = getattr(getattr(self._trainer, "datamodule", None), "max_length", None)
         self.attn_implementation = choose_attention(self.attn_implementation, config, device, longest)

@@ -2,7 +2,8 @@
 
 Architectures differ in what they need: Gemma 2 soft-caps its attention scores (sdpa and varlen cannot), some
 tokenizers have more tokens than the model has embedding rows, mixture-of-experts models keep their experts in fused
-tensors that bitsandbytes leaves unquantized, and GPUs before Ampere have neither bf16 nor flash attention. Each is
+tensors that bitsandbytes leaves unquantized, hybrid models carry a recurrent state along the sequence (no packing),
+and GPUs before Ampere have neither bf16 nor flash attention. Each is
 found here from the config (and an empty copy of the model on the meta device), so a run stops in seconds with a
 message naming what to change, not minutes later in the middle of the sanity check.
 """
@@ -49,6 +50,34 @@ def sliding_window(config: PretrainedConfig) -> int | None:
     if layer_types is not None and "sliding_attention" not in layer_types:
         return None
     return window if window and getattr(text, "use_sliding_window", True) else None
+
+
+# transformers' layer types that carry a state along the sequence (Mamba, gated delta nets, short convolutions, and
+# layers that add one of these to attention), and model types whose configs name no layer types but are recurrent.
+RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "conv", "hybrid", "hybrid_sliding")
+RECURRENT_MODEL_TYPES = ("rwkv", "xlstm")
+
+
+def recurrent_layers(config: PretrainedConfig) -> list[str]:
+    """The kinds of layers of this architecture that carry a state along the sequence, else an empty list."""
+    text = config.get_text_config()
+    kinds = {kind for kind in getattr(text, "layer_types", None) or () if kind in RECURRENT_LAYER_TYPES}
+    if text.model_type in RECURRENT_MODEL_TYPES:
+        kinds.add(text.model_type)
+    return sorted(kinds)
+
+
+def check_packing(config: PretrainedConfig, pack_length: int | None) -> None:
+    """Packed rows keep their examples apart in attention only (a block mask, or varlen's sequence starts): a layer
+    with a recurrent state or a convolution along the sequence would pass each example's state on to the next."""
+    kinds = recurrent_layers(config)
+    if pack_length and kinds:
+        raise ConfigError(
+            f"data.pack_length={pack_length} packs several examples into each row, which {config.model_type} cannot "
+            f"keep apart: its {', '.join(kinds)} layers carry a state along the row (attention masks and sequence "
+            "starts reach attention layers only), so every example would be trained on the ones before it. Set "
+            "data.pack_length 0: padded batches, each example on its own"
+        )
 
 
 def varlen_has_window() -> bool:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL
 from torch._dynamo.testing import CompileCounter
-from zoo import build_zoo_model
+from zoo import build_zoo_model, zoo_config
 
 import qlora_lit.module
 import qlora_lit.preflight
@@ -18,7 +18,7 @@ from qlora_lit.assets import resolve_asset
 from qlora_lit.errors import ConfigError
 from qlora_lit.model import LoraArgs, QuantizationArgs
 from qlora_lit.module import QLoRAModule
-from qlora_lit.preflight import PRE_AMPERE_OVERRIDES, choose_attention, model_config
+from qlora_lit.preflight import PRE_AMPERE_OVERRIDES, check_packing, choose_attention, model_config
 from qlora_lit.samples import greedy_answers
 
 BASE_YAML_LORA = LoraArgs(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
@@ -154,3 +154,86 @@ def test_a_sliding_window_that_binds_avoids_a_varlen_kernel_without_windows(zoo,
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: (9, 0))
     config = model_config(zoo("mistral"))
     assert choose_attention("auto", config, torch.device("cuda", 0), longest_example=longest) == attention
+
+
+HYBRIDS = {  # tiny configs of the hybrid architectures: attention beside Mamba, gated delta nets or convolutions
+    "granitemoehybrid": {
+        "layer_types": ["mamba", "attention"],
+        "mamba_d_head": 16,
+        "mamba_n_heads": 8,
+        "mamba_d_state": 16,
+        "mamba_n_groups": 1,
+        "num_local_experts": 0,
+        "shared_intermediate_size": 128,
+    },
+    "lfm2": {"layer_types": ["conv", "full_attention"], "block_dim": 64, "block_ff_dim": 128},
+    "qwen3_next": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+        "linear_num_value_heads": 4,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "full_attention_interval": 2,
+    },
+    "falcon_h1": {"mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_n_groups": 1},
+    "mamba": {},
+    "rwkv": {},
+}
+
+
+def hybrid_config(name: str):
+    from transformers import AutoConfig
+
+    sizes = {"vocab_size": 2112, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    sizes |= {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    return AutoConfig.for_model(name, **sizes, **HYBRIDS[name])
+
+
+@pytest.mark.parametrize("name", list(HYBRIDS))
+def test_packing_is_refused_for_layers_that_carry_a_state_along_the_row(name):
+    config = hybrid_config(name)
+    with pytest.raises(ConfigError, match=rf"data.pack_length=256 packs .* {name} cannot keep apart: its .* layers"):
+        check_packing(config, 256)
+    check_packing(config, None)  # padded batches: each example on its own
+    check_packing(config, 0)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text", "mistral", "gpt_neox", "qwen3_moe", "exaone4"])
+def test_packing_is_allowed_where_every_layer_is_attention(name):
+    check_packing(zoo_config(name), 256)
+
+
+def test_a_hybrid_model_stops_before_loading_when_the_data_are_packed(tmp_path, monkeypatch):
+    hybrid_config("lfm2").save_pretrained(tmp_path)
+    module = QLoRAModule(str(tmp_path), QuantizationArgs(compute_dtype="float32"))
+    loader = Mock(side_effect=ModelLoadReached)
+    monkeypatch.setattr(qlora_lit.module, "load_base_model", loader)
+    data = SimpleNamespace(pack_length=2048, max_length=512, batch_size=1, tokenizer=None)
+    module.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), precision="32-true")
+    module.trainer.datamodule = data
+    with pytest.raises(ConfigError, match="data.pack_length=2048 packs several examples into each row, which lfm2"):
+        module.configure_model()
+    loader.assert_not_called()
+    data.pack_length = None
+    with pytest.raises(ModelLoadReached):
+        module.configure_model()
+
+
+def test_why_packing_is_refused_a_mamba_layer_passes_one_examples_state_to_the_next():
+    """The refusal's reason, pinned: transformers' Mamba layers read neither position ids nor sequence starts, so in a
+    packed row the second example's logits depend on the first. If this fails, the library keeps packed examples
+    apart itself, and check_packing may let such models pack."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hybrid_config("granitemoehybrid"), attn_implementation="sdpa").eval()
+    first, second = torch.randint(3, 2000, (1, 12)), torch.randint(3, 2000, (1, 9))
+    row = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(12), torch.arange(9)]).unsqueeze(0)
+    with torch.no_grad():
+        packed = model(input_ids=row, position_ids=positions).logits[:, 12:]
+        alone = model(input_ids=second).logits
+    assert (packed - alone).abs().max() > 1e-2
