@@ -94,7 +94,7 @@ def chat(
         max_context: longest conversation in tokens, the answer included; earlier turns are forgotten beyond it.
             Default: the model's context (max_position_embeddings).
         quantize: load the base in 4 bits as in training, or unquantized (`none`) in `dtype`.
-        dtype: compute dtype; auto is bf16 on a GPU that supports it, fp32 on a CPU.
+        dtype: compute dtype; auto is bf16 on Ampere or newer GPUs, fp16 on older ones (V100, T4), fp32 on a CPU.
         generation: decoding settings (max_new_tokens is each answer's limit).
         device: cuda, cuda:1, cpu, or auto (the first GPU if there is one).
         seed: seed for sampling, for repeatable answers.

@@ -29,6 +29,7 @@ from qlora_lit.downloads import cut_short
 from qlora_lit.dtypes import DTypeFlag, dtype_name
 from qlora_lit.errors import ConfigError
 from qlora_lit.model import QuantizationArgs, load_base_model
+from qlora_lit.preflight import AMPERE, gpu_capability
 from qlora_lit.run_files import read_run_config
 from qlora_lit.tokenizer import load_tokenizer
 
@@ -75,11 +76,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: DTypeChoice, device: torch.device) -> str:
-    """`auto`: bf16 on a GPU that has it, fp32 on a CPU (where bf16 matrix products are slower)."""
-    if dtype == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return "bfloat16" if bf16 else "float32"
-    return dtype_name(dtype)
+    """`auto`: bf16 on an Ampere or newer GPU, fp16 on older ones (V100, T4: no bf16, and what training used there),
+    fp32 on a CPU (where bf16 matrix products are slower). torch's `is_bf16_supported()` says yes on a T4: it counts
+    emulation."""
+    if dtype != "auto":
+        return dtype_name(dtype)
+    capability = gpu_capability(device)
+    if capability is None:
+        return "float32"
+    return "bfloat16" if capability >= AMPERE else "float16"
 
 
 def load_for_generation(
@@ -179,7 +184,7 @@ def generate(
         system: system prompt of prompts that have none; default: the adapter's (its run's data.system_prompt);
             "" for none.
         quantize: load the base in 4 bits as in training, or unquantized (`none`) in `dtype`.
-        dtype: compute dtype; auto is bf16 on a GPU that supports it, fp32 on a CPU.
+        dtype: compute dtype; auto is bf16 on Ampere or newer GPUs, fp16 on older ones (V100, T4), fp32 on a CPU.
         generation: decoding settings.
         batch_size: prompts generated together from `prompts_file` (left-padded).
         device: cuda, cuda:1, cpu, or auto (the first GPU if there is one).
