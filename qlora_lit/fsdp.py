@@ -312,13 +312,21 @@ def shards_the_model(strategy: Any) -> bool:
     return isinstance(strategy, FSDPStrategy)
 
 
-def check_fsdp_strategy(strategy: Any) -> None:
-    """FSDP for a 4-bit base with adapters means QLoRAFSDPStrategy, not Lightning's own FSDPStrategy."""
+def check_fsdp_strategy(strategy: Any, quantization: QuantizationArgs) -> None:
+    """FSDP for a 4-bit base with adapters means QLoRAFSDPStrategy, not Lightning's own FSDPStrategy, and the packed
+    4-bit weights stored in the compute dtype: FSDP flattens a unit's tensors into one buffer of one dtype."""
     if shards_the_model(strategy) and not isinstance(strategy, QLoRAFSDPStrategy):
         raise ConfigError(
             "trainer.strategy: for FSDP use qlora_lit.fsdp.QLoRAFSDPStrategy (configs/fsdp.yaml); Lightning's "
             "FSDPStrategy would gather the whole frozen base for every checkpoint and cannot save the 8-bit "
             "optimizer state"
+        )
+    storage, compute = quantization.quant_storage, quantization.compute_dtype
+    if isinstance(strategy, QLoRAFSDPStrategy) and quantization.load_in_4bit and storage != compute:
+        raise ConfigError(
+            f"model.quantization.quant_storage={storage} under FSDP must be the compute dtype ({compute}): FSDP "
+            f"flattens each layer's packed 4-bit weights with its {compute} norms into one buffer of one dtype. "
+            f"Add --model.quantization.quant_storage {compute}"
         )
 
 

@@ -147,9 +147,11 @@ class QLoRAModule(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         strategy = self.trainer.strategy if self._trainer is not None else None
-        check_fsdp_strategy(strategy)
+        check_fsdp_strategy(strategy, self.quantization)
         check_precision(precision, self.quantization.enabled)
-        check_gpu_generation(device, precision, self.quantization.compute_dtype)
+        check_gpu_generation(
+            device, precision, self.quantization.compute_dtype, isinstance(strategy, QLoRAFSDPStrategy)
+        )
         config = model_config(self.model_name_or_path, self.trust_remote_code)
         tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
         if tokenizer is not None:

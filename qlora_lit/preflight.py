@@ -22,6 +22,7 @@ from qlora_lit.errors import ConfigError, not_found_message, remote_code_message
 
 AMPERE = (8, 0)  # compute capability of the first GPUs with bf16 and flash attention (A100, RTX 30xx)
 PRE_AMPERE_OVERRIDES = "--trainer.precision 16-mixed --model.quantization.compute_dtype float16"
+FSDP_OVERRIDE = " --model.quantization.quant_storage float16"  # FSDP's units hold one dtype (configs/fsdp.yaml)
 
 
 def model_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
@@ -129,8 +130,9 @@ def choose_attention(
     return requested
 
 
-def check_gpu_generation(device: torch.device, precision: str, compute_dtype: str) -> None:
-    """GPUs before Ampere (V100, T4) have no bf16: base.yaml's bf16 settings stop here, naming the overrides.
+def check_gpu_generation(device: torch.device, precision: str, compute_dtype: str, sharded: bool = False) -> None:
+    """GPUs before Ampere (V100, T4) have no bf16: base.yaml's bf16 settings stop here, naming the overrides (under
+    FSDP, `sharded`, the 4-bit weights' storage too: fsdp.yaml stores them as bf16).
     (torch's `is_bf16_supported()` says yes on them: it counts emulation, which is slow and not what QLoRA asks.)"""
     capability = gpu_capability(device)
     if capability is None or capability >= AMPERE:
@@ -140,8 +142,8 @@ def check_gpu_generation(device: torch.device, precision: str, compute_dtype: st
     if bf16:
         raise ConfigError(
             f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]}) has no bf16, "
-            f"which {' and '.join(bf16)} need: add {PRE_AMPERE_OVERRIDES} (model.attn_implementation auto then "
-            "takes sdpa)"
+            f"which {' and '.join(bf16)} need: add {PRE_AMPERE_OVERRIDES}{FSDP_OVERRIDE if sharded else ''} "
+            "(model.attn_implementation auto then takes sdpa)"
         )
 
 

@@ -31,6 +31,7 @@ from qlora_lit.errors import ConfigError
 from qlora_lit.fsdp import (
     SHARDS_KEY,
     QLoRAFSDPStrategy,
+    check_fsdp_strategy,
     fsdp_units,
     qlora_wrap_policy,
     trained_parameters,
@@ -305,3 +306,15 @@ def test_fsdp_clips_by_norm_and_logs_the_norm_over_every_shard(fsdp_run, tmp_pat
     replicated = scalars(fit_in_subprocess(tmp_path / "ddp", *ddp), "train/grad_norm")[0]  # fsdp.yaml's dtypes
     assert replicated > 0.5  # so the clipping acts
     assert scalars(fsdp_run, "train/grad_norm")[0] == pytest.approx(replicated, rel=0.01)
+
+
+def test_fsdp_refuses_4bit_storage_other_than_the_compute_dtype_naming_the_setting():
+    """fsdp.yaml stores the packed weights as bf16; with the fp16 of GPUs before Ampere, FSDP would fail to flatten a
+    unit of bf16 weights and fp16 norms (`Must flatten tensors with uniform dtype`) after the model loaded."""
+    strategy = QLoRAFSDPStrategy(parallel_devices=[torch.device("cuda", 0)] * 2)
+    fp16 = QuantizationArgs(compute_dtype="float16", quant_storage="bfloat16")
+    with pytest.raises(ConfigError, match="Add --model.quantization.quant_storage float16$"):
+        check_fsdp_strategy(strategy, fp16)
+    check_fsdp_strategy(strategy, QuantizationArgs(compute_dtype="float16", quant_storage="float16"))
+    check_fsdp_strategy(strategy, QuantizationArgs(compute_dtype="bfloat16", quant_storage="bfloat16"))
+    check_fsdp_strategy(None, fp16)  # without FSDP the storage is free

@@ -18,7 +18,13 @@ from qlora_lit.assets import resolve_asset
 from qlora_lit.errors import ConfigError
 from qlora_lit.model import LoraArgs, QuantizationArgs
 from qlora_lit.module import QLoRAModule
-from qlora_lit.preflight import PRE_AMPERE_OVERRIDES, check_packing, choose_attention, model_config
+from qlora_lit.preflight import (
+    PRE_AMPERE_OVERRIDES,
+    check_gpu_generation,
+    check_packing,
+    choose_attention,
+    model_config,
+)
 from qlora_lit.samples import greedy_answers
 
 BASE_YAML_LORA = LoraArgs(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
@@ -56,6 +62,17 @@ def test_base_yaml_on_a_gpu_before_ampere_stops_before_loading_and_names_the_ove
     assert PRE_AMPERE_OVERRIDES in str(error.value)
     assert "trainer.precision=bf16-mixed and model.quantization.compute_dtype=bfloat16" in str(error.value)
     loader.assert_not_called()
+
+
+def test_under_fsdp_the_pre_ampere_message_names_the_4bit_storage_too(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: GPUS["Tesla T4"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: "Tesla T4")
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(ConfigError) as error:
+        check_gpu_generation(cuda, "bf16-mixed", "bfloat16", sharded=True)
+    assert f"add {PRE_AMPERE_OVERRIDES} --model.quantization.quant_storage float16 (" in str(error.value)
+    with pytest.raises(ConfigError, match=f"add {PRE_AMPERE_OVERRIDES} \\("):
+        check_gpu_generation(cuda, "bf16-mixed", "bfloat16")
 
 
 @pytest.mark.parametrize(("gpu", "attention"), [("Tesla T4", "sdpa"), ("NVIDIA A100-SXM4-80GB", "varlen")])
