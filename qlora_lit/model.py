@@ -89,9 +89,10 @@ class LoraArgs:
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt (e.g. [q_proj, v_proj]) or "all-linear" for every linear layer but the output head."""
     bias: Literal["none", "all", "lora_only"] = "none"
-    """Which biases are trained along with the adapters."""
+    """Which biases are trained along with the adapters; none with a 4-bit or 8-bit base (bitsandbytes casts those
+    layers' biases in place to bf16/fp16 at every forward)."""
     modules_to_save: list[str] = field(default_factory=list)
-    """Extra modules trained in full and saved with the adapter (e.g. [lm_head])."""
+    """Extra modules trained in full (in fp32) and saved with the adapter (e.g. [lm_head])."""
 
     def __post_init__(self) -> None:
         if self.r <= 0:
@@ -278,6 +279,7 @@ def attach_lora(
     """
     check_target_modules(model, lora)
     is_quantized = getattr(model, "is_quantized", False)
+    check_trained_biases(lora, is_quantized)
     if is_quantized and upcast_to_fp32:
         accepted = inspect.signature(prepare_model_for_kbit_training).parameters
         new_name = "activation_checkpointing_kwargs" in accepted  # peft 0.22's name; 0.21 knows only the old one
@@ -293,11 +295,34 @@ def attach_lora(
             model.enable_input_require_grads()
     model.config.use_cache = False
     peft_model = get_peft_model(model, lora.to_peft_config())
+    trained_in_fp32(peft_model)
     for name, param in peft_model.named_parameters():
         if is_lora_a(name) and not param.is_meta:  # an empty (meta) model gets them as FSDP loads it
             param.data = lora_a_init(name, param, torch.initial_seed())
     peft_model.train()  # from_pretrained returns eval mode: LoRA dropout and checkpointing would be off
     return peft_model
+
+
+def check_trained_biases(lora: LoraArgs, quantized: bool) -> None:
+    """bitsandbytes' 4-bit and 8-bit layers cast their bias in place to the activations' dtype at every forward
+    (`bias.data = bias.data.to(x.dtype)`): a trained bias of such a layer would train in bf16 (its small updates
+    rounded away) or fp16 (the gradient scaler refuses fp16 gradients at the first step)."""
+    if quantized and lora.bias != "none":
+        raise ConfigError(
+            f"lora.bias={lora.bias} would train the biases of the 4-bit (or 8-bit) layers, which bitsandbytes casts in "
+            "place to bf16/fp16 at every forward pass, so they would not train in fp32. Use lora.bias none (QLoRA's "
+            "setting), or an unquantized base (model.quantization.load_in_4bit false)"
+        )
+
+
+def trained_in_fp32(model: torch.nn.Module) -> int:
+    """Cast every trained tensor to fp32 and return how many were not: peft upcasts the LoRA matrices only, while the
+    copies `lora.modules_to_save` trains (and an unquantized base's trained biases) stay in the base's dtype, where
+    an 8-bit Adam update smaller than bf16's resolution is lost and fp16 gradients stop the gradient scaler."""
+    cast = [param for param in model.parameters() if param.requires_grad and param.dtype != torch.float32]
+    for param in cast:
+        param.data = param.data.float()
+    return len(cast)
 
 
 def is_lora_a(name: str) -> bool:

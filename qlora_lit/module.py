@@ -37,6 +37,7 @@ from qlora_lit.model import (
     QuantizationArgs,
     attach_lora,
     check_attn_implementation,
+    check_trained_biases,
     compile_decoder_layers,
     count_lora_parameters,
     load_base_model,
@@ -119,6 +120,7 @@ class QLoRAModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(checkpointed_settings(locals()))  # first: `locals()` holds the arguments only
         check_attn_implementation(attn_implementation)
+        check_trained_biases(lora, quantization.enabled)
         if loss_chunk_tokens < 0:
             raise ConfigError(f"model.loss_chunk_tokens must be >= 0, got {loss_chunk_tokens}")
         self.model_name_or_path = model_name_or_path

@@ -221,3 +221,33 @@ def test_resuming_under_another_model_name_warns_and_still_checks_shapes(trained
     )
     with pytest.warns(UserWarning, match="resuming a checkpoint trained on 'builtin:tiny-llama'"):
         make_trainer(tmp_path, max_steps=4).fit(same_model_elsewhere, datamodule, ckpt_path=root / "ckpt" / "last.ckpt")
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_trained_biases_of_a_quantized_base_are_refused_when_the_settings_are_read(bias):
+    """bitsandbytes casts a 4/8-bit layer's bias in place to the activations' dtype at every forward: such a bias
+    would train in bf16, or stop fp16 training at its first step."""
+    for quantization in (QuantizationArgs(), QuantizationArgs(load_in_4bit=False, load_in_8bit=True)):
+        with pytest.raises(ConfigError, match=f"lora.bias={bias} would train the biases of the 4-bit"):
+            QLoRAModule(TINY_MODEL, quantization, LoraArgs(bias=bias))
+    QLoRAModule(TINY_MODEL, QuantizationArgs(load_in_4bit=False), LoraArgs(bias=bias))
+
+
+def test_fully_trained_modules_train_in_fp32_and_fp16_with_a_gradient_scaler_steps():
+    """`lora.modules_to_save` copies train in fp32 like the LoRA matrices, whatever the base's dtype: in fp16 the
+    gradient scaler (Lightning's 16-mixed on GPUs before Ampere) refused their fp16 gradients at the first step."""
+    quantization = QuantizationArgs(compute_dtype="float16")
+    module = QLoRAModule(TINY_MODEL, quantization, LoraArgs(r=4, modules_to_save=["lm_head"]), upcast_to_fp32=False)
+    module.configure_model()
+    trained = {name: param for name, param in module.model.named_parameters() if param.requires_grad}
+    assert any("modules_to_save" in name for name in trained)
+    assert {param.dtype for param in trained.values()} == {torch.float32}
+    optimizer = torch.optim.AdamW(trained.values())
+    scaler = torch.amp.GradScaler("cpu")
+    ids = torch.randint(2, 2000, (2, 24))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = module(ids, torch.ones_like(ids), labels=ids).loss
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # ValueError("Attempting to unscale FP16 gradients.") before
+    scaler.step(optimizer)
+    assert all(param.grad is not None and param.grad.dtype == torch.float32 for param in trained.values())
