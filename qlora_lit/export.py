@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
 from qlora_lit.data.inference import encode_prompts, left_pad
@@ -74,6 +76,7 @@ def export(
     )
     samples = left_pad(tokenizer, encode_prompts(tokenizer, CHECK_ROWS, trained_format_name(run_config)))
     unmerged = real_token_logits(peft_model, samples)
+    untie_adapted_head(peft_model)
     merged = peft_model.merge_and_unload()
     difference = (real_token_logits(merged, samples) - unmerged).abs().max().item()
     if target.exists():
@@ -85,6 +88,23 @@ def export(
     print(f"merged model saved to {target} ({dtype})")
     print(f"largest logit difference, merged vs base + adapter, on {len(CHECK_ROWS)} prompts: {difference:.3g}")
     return difference
+
+
+def untie_adapted_head(peft_model: PeftModel) -> bool:
+    """Give an adapted output head a weight of its own where it shares the input embeddings' (tied: Llama 3.2 1B/3B,
+    Qwen2.5, Gemma): merging its adapter into the shared weight would change the input embeddings too, and the saved
+    config would tie them again. Returns whether it untied them."""
+    base = peft_model.get_base_model()
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    if not isinstance(head, BaseTunerLayer) or embeddings is None:
+        return False
+    layer = head.get_base_layer()
+    if layer.weight is not embeddings.weight:
+        return False
+    layer.weight = torch.nn.Parameter(embeddings.weight.detach().clone(), requires_grad=False)
+    for config in {id(base.config): base.config, id(text := base.config.get_text_config()): text}.values():
+        config.tie_word_embeddings = False
+    return True
 
 
 def real_token_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:

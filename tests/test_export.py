@@ -16,7 +16,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qlora_lit.assets import resolve_asset
 from qlora_lit.cli import cli_main
 from qlora_lit.data.inference import encode_prompts, left_pad
-from qlora_lit.export import CHECK_ROWS
+from qlora_lit.export import CHECK_ROWS, export
+from qlora_lit.model import LoraArgs, QuantizationArgs
+from qlora_lit.module import QLoRAModule
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +87,27 @@ def test_an_output_that_is_a_file_is_refused_even_with_overwrite(tmp_path, capsy
     assert exit_info.value.code == 2
     assert "notes.txt' is a file: a merged model is a folder of files; name a folder" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_an_adapted_head_tied_to_the_embeddings_is_untied_in_the_merged_model(tmp_path):
+    """The tiny Llama ties its head to the input embeddings (as Llama 3.2 1B/3B, Qwen2.5, Gemma): merging LoRA on the
+    head into the shared weight changed the input embeddings too (logits 2.5 apart after reloading)."""
+    lora = LoraArgs(r=4, dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"])
+    module = QLoRAModule(TINY_MODEL, QuantizationArgs(compute_dtype="float32"), lora)
+    module.configure_model()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in module.model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    module.model.save_pretrained(tmp_path / "adapter")
+    difference = export(str(tmp_path / "adapter"), str(tmp_path / "merged"), dtype="fp32", device="cpu")
+    assert difference < 1e-4
+    base = AutoModelForCausalLM.from_pretrained(resolve_asset(TINY_MODEL), dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert not merged.config.tie_word_embeddings
+    torch.testing.assert_close(merged.get_input_embeddings().weight, base.get_input_embeddings().weight)
+    reference = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids = torch.tensor([[5, 17, 200, 33, 900, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
