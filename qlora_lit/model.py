@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -104,8 +105,9 @@ class LoraArgs:
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError('lora.target_modules is empty; list module names or use "all-linear"')
 
-    def to_peft_config(self) -> LoraConfig:
+    def to_peft_config(self, exclude_modules: str | None = None) -> LoraConfig:
         return LoraConfig(
+            exclude_modules=exclude_modules,
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
@@ -227,7 +229,7 @@ def count_lora_parameters(name_or_path: str, lora: LoraArgs, trust_remote_code: 
     check_target_modules(model, lora)
     try:
         with torch.device("meta"):
-            adapted = get_peft_model(model, lora.to_peft_config())
+            adapted = get_peft_model(model, lora.to_peft_config(outside_the_language_model(model)))
     except ValueError as err:
         if "lora_dropout" in str(err):  # peft's ParamWrapper: LoRA on fused expert tensors
             raise ConfigError(
@@ -294,13 +296,38 @@ def attach_lora(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
     model.config.use_cache = False
-    peft_model = get_peft_model(model, lora.to_peft_config())
+    peft_model = get_peft_model(model, lora.to_peft_config(outside_the_language_model(model)))
     trained_in_fp32(peft_model)
     for name, param in peft_model.named_parameters():
         if is_lora_a(name) and not param.is_meta:  # an empty (meta) model gets them as FSDP loads it
             param.data = lora_a_init(name, param, torch.initial_seed())
     peft_model.train()  # from_pretrained returns eval mode: LoRA dropout and checkpointing would be off
     return peft_model
+
+
+def outside_the_language_model(model: torch.nn.Module) -> str | None:
+    """For a model that is more than a language model (Gemma 3 from 4B up loads with its vision tower), a pattern of
+    the modules outside its decoder and output head, which LoRA leaves out: their names (q_proj, fc1) match the
+    targets, but text never reaches them, so their adapters would get no gradient (DDP stops at such parameters)
+    and only grow the adapter. None for a plain causal LM."""
+    if model.config.get_text_config() is model.config:
+        return None
+    kept = set(model.get_decoder().modules())
+    head = model.get_output_embeddings()
+    kept |= set(head.modules()) if head is not None else set()
+    outside = []
+
+    def walk(module: torch.nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            if child in kept:
+                continue
+            if any(part in kept for part in child.modules()):
+                walk(child, f"{prefix}{name}.")
+            else:
+                outside.append(f"{prefix}{name}")
+
+    walk(model, "")
+    return rf"({'|'.join(map(re.escape, outside))})(\..*)?" if outside else None
 
 
 def check_trained_biases(lora: LoraArgs, quantized: bool) -> None:

@@ -169,8 +169,10 @@ def check_vocabulary(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBas
 
 def expert_parameters(model: torch.nn.Module) -> int:
     """Parameters of fused mixture-of-experts weights (3-D tensors of experts x out x in): bitsandbytes quantizes
-    linear layers only, so these stay in the compute dtype."""
-    return sum(param.numel() for param in model.parameters() if param.dim() == 3)
+    linear layers only, so these stay in the compute dtype. Counted in the language model only (a vision tower's
+    attention-pooling probe is 3-D too)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return sum(param.numel() for param in decoder.parameters() if param.dim() == 3)
 
 
 def describe_experts(model: torch.nn.Module, config: PretrainedConfig, compute_dtype: torch.dtype) -> str | None:

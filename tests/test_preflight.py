@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL
 from torch._dynamo.testing import CompileCounter
-from zoo import build_zoo_model, zoo_config
+from zoo import build_gemma3_with_vision, build_zoo_model, zoo_config
 
 import qlora_lit.module
 import qlora_lit.preflight
@@ -254,3 +254,22 @@ def test_why_packing_is_refused_a_mamba_layer_passes_one_examples_state_to_the_n
         packed = model(input_ids=row, position_ids=positions).logits[:, 12:]
         alone = model(input_ids=second).logits
     assert (packed - alone).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("targets", [BASE_YAML_LORA.target_modules, "all-linear"])
+def test_a_vision_tower_beside_the_language_model_gets_no_adapters(targets, tmp_path, caplog):
+    """Gemma 3 4B+ loads with a SigLIP tower whose q/k/v_proj and fc1/fc2 match LoRA's targets; adapters there get no
+    gradient from text (DDP stopped at its second step: parameters that were not used in producing the loss)."""
+    path = str(build_gemma3_with_vision(tmp_path / "gemma3"))
+    lora = LoraArgs(r=4, dropout=0.0, target_modules=targets)
+    module = QLoRAModule(path, QuantizationArgs(compute_dtype="float32"), lora, attn_implementation="eager")
+    with caplog.at_level("INFO"):
+        module.configure_model()
+    assert "experts" not in caplog.text  # the tower's 3-D pooling probe is no mixture of experts
+    trained = {name: param for name, param in module.model.named_parameters() if param.requires_grad}
+    assert trained and not [name for name in trained if "vision_tower" in name or "multi_modal_projector" in name]
+    assert any("language_model.layers.1.self_attn.q_proj.lora_A" in name for name in trained)
+    ids = torch.randint(3, 2000, (2, 16))
+    module.model.train()
+    module.loss_sum({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})[0].backward()
+    assert [name for name, param in trained.items() if param.grad is None] == []
