@@ -59,10 +59,11 @@ def export(
     check_adapter_dir(adapter)
     target = Path(output).expanduser()
     for given, flag in ((adapter, "--adapter"), (model, "--model")):
-        if given and Path(given).exists() and target.resolve().is_relative_to(Path(given).resolve()):
+        source = Path(given).expanduser().resolve() if given and Path(given).expanduser().exists() else None
+        if source is not None and (target.resolve().is_relative_to(source) or source.is_relative_to(target.resolve())):
             raise ConfigError(
-                f"--output {output!r} is the {flag} folder or inside it: the merge would overwrite or be mixed with "
-                "its input; choose a folder outside it"
+                f"--output {output!r} is the {flag} folder, inside it, or holds it (a run folder): replacing it would "
+                "delete the input, mixing would spoil it; choose a folder apart from it"
             )
     if target.exists() and not target.is_dir():  # --overwrite replaces a folder's files, never a file of the user's
         raise ConfigError(f"--output {output!r} is a file: a merged model is a folder of files; name a folder")

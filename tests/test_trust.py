@@ -142,14 +142,15 @@ def test_a_resume_that_would_change_the_adapters_is_refused_naming_each_change(t
     assert "model.lora.r was 8, now 16" in err and "model.quantization.quant_type was 'nf4', now 'fp4'" in err
 
 
-def test_export_never_writes_over_or_into_its_input(trained_run, tmp_path, capsys):
-    adapter = tmp_path / "adapter"
+def test_export_never_writes_over_into_or_around_its_input(trained_run, tmp_path, capsys):
+    """`--output` the run folder holding the adapter, with --overwrite: it deleted the whole run, adapter included."""
+    adapter = tmp_path / "run" / "adapter"
     shutil.copytree(trained_run[0] / "adapter", adapter)
     before = sorted(path.name for path in adapter.iterdir())
-    for output in (adapter, adapter / "merged"):
+    for output in (adapter, adapter / "merged", adapter.parent, tmp_path):
         with pytest.raises(SystemExit):
             cli_main(["export", "--adapter", str(adapter), "--output", str(output), "--overwrite", "true"])
-        assert "is the --adapter folder or inside it" in capsys.readouterr().err
+        assert "is the --adapter folder, inside it, or holds it (a run folder)" in capsys.readouterr().err
     assert sorted(path.name for path in adapter.iterdir()) == before
 
 
