@@ -128,7 +128,7 @@ def load_for_generation(
     )
     loaded = load_base_model(base_name, quantization, target, trust_remote_code)
     if adapter is not None:
-        loaded = PeftModel.from_pretrained(loaded, adapter)
+        loaded = adapter_on(loaded, adapter, base_name, trained.get("model_name_or_path"))
     tokenizer = load_tokenizer(tokenizer_folder(adapter, base_name), trust_remote_code)
     return loaded.eval(), tokenizer, run_config
 
@@ -147,9 +147,31 @@ def tokenizer_folder(adapter: str | None, base_name: str) -> str:
     return base_name
 
 
-def _adapter_base_name(adapter: str) -> str:
+def adapter_on(base: PreTrainedModel, adapter: str, base_name: str, trained_on: str | None) -> PeftModel:
+    """The adapter loaded onto `base`; one that does not fit it (another model's shapes or layer names) is refused
+    with the base it was trained on, instead of peft's state-dict traceback."""
+    try:
+        return PeftModel.from_pretrained(base, adapter)
+    except (RuntimeError, ValueError) as err:  # size mismatch in load_state_dict; target modules not found
+        if "size mismatch" not in str(err) and "not found in the base model" not in str(err):
+            raise
+        trained_on = trained_on or _adapter_base_name(adapter, required=False)
+        detail = str(err).strip().splitlines()[-1].strip()
+        raise ConfigError(
+            f"the adapter in {adapter!r} does not fit the base {base_name!r} ({detail}); it was trained on "
+            f"{trained_on!r}: leave --model out, or give that base (or one of its shapes)"
+        ) from None
+
+
+def _adapter_base_name(adapter: str, required: bool = True) -> str | None:
     config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
-    return config["base_model_name_or_path"]
+    name = config.get("base_model_name_or_path")
+    if not name and required:
+        raise ConfigError(
+            f"{str(Path(adapter) / 'adapter_config.json')!r} names no base model (base_model_name_or_path): give the "
+            "base it was trained on with --model"
+        )
+    return name or None
 
 
 def generate(

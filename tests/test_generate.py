@@ -12,6 +12,7 @@ import yaml
 from conftest import TINY_MODEL, plain_peft
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
+from zoo import build_zoo_model
 
 from qlora_lit.assets import resolve_asset
 from qlora_lit.cli import cli_main
@@ -206,3 +207,29 @@ def test_bad_prompts_file_line_is_one_message(tmp_path, capsys):
         cli_main(["generate", "--model", TINY_MODEL, "--prompts_file", str(prompts)])
     assert exit_info.value.code == 2
     assert f"qlora_lit: error: {prompts}, line 2: not valid JSON" in capsys.readouterr().err
+
+
+def test_an_adapter_on_a_base_of_other_shapes_is_one_message_naming_its_own_base(adapter, tmp_path, capsys):
+    other = build_zoo_model("llama", tmp_path / "other", dtype=torch.float32)  # width 64; the adapter's base: 128
+    for command in (["generate", "--prompt", "안녕?", *UNQUANTIZED], ["export", "--output", str(tmp_path / "m")]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([*command, "--adapter", adapter, "--model", str(other)])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert f"the adapter in {adapter!r} does not fit the base {str(other)!r} (" in error
+        assert f"it was trained on {TINY_MODEL!r}: leave --model out" in error
+
+
+def test_a_plain_peft_adapter_that_names_no_base_asks_for_model(adapter, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy(f"{adapter}/{name}", bare)
+    config = json.loads((bare / "adapter_config.json").read_text())
+    (bare / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["generate", "--adapter", str(bare), "--prompt", "안녕?", *UNQUANTIZED])
+    assert exit_info.value.code == 2
+    assert "names no base model (base_model_name_or_path): give the base it was trained on with --model" in (
+        capsys.readouterr().err
+    )
