@@ -34,7 +34,7 @@ from transformers import PreTrainedModel
 
 from qlora_lit.ddp import watched_launcher
 from qlora_lit.errors import ConfigError
-from qlora_lit.model import QuantizationArgs, causal_lm, decoder_layers, to_dtype
+from qlora_lit.model import LoraArgs, QuantizationArgs, causal_lm, decoder_layers, to_dtype
 from qlora_lit.preflight import model_config
 from qlora_lit.sharded_load import (
     SafetensorsCheckpoint,
@@ -312,9 +312,11 @@ def shards_the_model(strategy: Any) -> bool:
     return isinstance(strategy, FSDPStrategy)
 
 
-def check_fsdp_strategy(strategy: Any, quantization: QuantizationArgs) -> None:
-    """FSDP for a 4-bit base with adapters means QLoRAFSDPStrategy, not Lightning's own FSDPStrategy, and the packed
-    4-bit weights stored in the compute dtype: FSDP flattens a unit's tensors into one buffer of one dtype."""
+def check_fsdp_strategy(strategy: Any, quantization: QuantizationArgs, lora: LoraArgs) -> None:
+    """FSDP for a 4-bit base with adapters means QLoRAFSDPStrategy, not Lightning's own FSDPStrategy, the packed
+    4-bit weights stored in the compute dtype (FSDP flattens a unit's tensors into one buffer of one dtype), and
+    LoRA alone: the unit-by-unit loading makes the adapters only, so a module of `lora.modules_to_save` failed
+    (a tied head: not in the checkpoint under its name; an untied one: a unit of two dtypes)."""
     if shards_the_model(strategy) and not isinstance(strategy, QLoRAFSDPStrategy):
         raise ConfigError(
             "trainer.strategy: for FSDP use qlora_lit.fsdp.QLoRAFSDPStrategy (configs/fsdp.yaml); Lightning's "
@@ -327,6 +329,12 @@ def check_fsdp_strategy(strategy: Any, quantization: QuantizationArgs) -> None:
             f"model.quantization.quant_storage={storage} under FSDP must be the compute dtype ({compute}): FSDP "
             f"flattens each layer's packed 4-bit weights with its {compute} norms into one buffer of one dtype. "
             f"Add --model.quantization.quant_storage {compute}"
+        )
+    if isinstance(strategy, QLoRAFSDPStrategy) and lora.modules_to_save:
+        raise ConfigError(
+            f"lora.modules_to_save {lora.modules_to_save} cannot be trained under FSDP (configs/fsdp.yaml), which "
+            "loads and shards the base for LoRA's adapters only: train them without FSDP (the default strategy or "
+            "ddp), or leave them out"
         )
 
 

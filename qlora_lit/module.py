@@ -149,7 +149,7 @@ class QLoRAModule(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         strategy = self.trainer.strategy if self._trainer is not None else None
-        check_fsdp_strategy(strategy, self.quantization)
+        check_fsdp_strategy(strategy, self.quantization, self.lora)
         check_precision(precision, self.quantization.enabled)
         check_gpu_generation(
             device, precision, self.quantization.compute_dtype, isinstance(strategy, QLoRAFSDPStrategy)

@@ -314,7 +314,17 @@ def test_fsdp_refuses_4bit_storage_other_than_the_compute_dtype_naming_the_setti
     strategy = QLoRAFSDPStrategy(parallel_devices=[torch.device("cuda", 0)] * 2)
     fp16 = QuantizationArgs(compute_dtype="float16", quant_storage="bfloat16")
     with pytest.raises(ConfigError, match="Add --model.quantization.quant_storage float16$"):
-        check_fsdp_strategy(strategy, fp16)
-    check_fsdp_strategy(strategy, QuantizationArgs(compute_dtype="float16", quant_storage="float16"))
-    check_fsdp_strategy(strategy, QuantizationArgs(compute_dtype="bfloat16", quant_storage="bfloat16"))
-    check_fsdp_strategy(None, fp16)  # without FSDP the storage is free
+        check_fsdp_strategy(strategy, fp16, LoraArgs())
+    check_fsdp_strategy(strategy, QuantizationArgs(compute_dtype="float16", quant_storage="float16"), LoraArgs())
+    check_fsdp_strategy(strategy, QuantizationArgs(compute_dtype="bfloat16", quant_storage="bfloat16"), LoraArgs())
+    check_fsdp_strategy(None, fp16, LoraArgs())  # without FSDP the storage is free
+
+
+def test_fsdp_refuses_modules_trained_in_full():
+    """The unit-by-unit loading makes LoRA's adapters only: `modules_to_save [lm_head]` stopped with a KeyError (a
+    tied head) or an FSDP unit of two dtypes (an untied one), both seen on the CPU's FSDP."""
+    strategy = QLoRAFSDPStrategy(parallel_devices=[torch.device("cuda", 0)] * 2)
+    bf16 = QuantizationArgs(compute_dtype="bfloat16", quant_storage="bfloat16")
+    with pytest.raises(ConfigError, match=r"lora.modules_to_save \['lm_head'\] cannot be trained under FSDP"):
+        check_fsdp_strategy(strategy, bf16, LoraArgs(modules_to_save=["lm_head"]))
+    check_fsdp_strategy(None, bf16, LoraArgs(modules_to_save=["lm_head"]))
