@@ -331,3 +331,11 @@ def test_generate_output_that_is_a_folder_is_refused_before_loading(tmp_path, ca
     with pytest.raises(SystemExit):  # the model would not load either: the output is checked first
         cli_main(["generate", "--model", "no/such-model", *args])
     assert f"--output {str(tmp_path)!r} is a folder" in capsys.readouterr().err
+
+
+def test_data_stats_without_arguments_asks_for_the_config(capsys):
+    """It stopped with `zip() argument 2 is longer than argument 1` before the parser could say what was missing."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["data-stats"])
+    assert exit_info.value.code == 2
+    assert "--config" in capsys.readouterr().err

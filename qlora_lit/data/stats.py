@@ -45,7 +45,7 @@ def data_stats(argv: list[str], prog: str = "python -m qlora_lit data-stats") ->
 def config_files(argv: list[str]) -> list[str]:
     """The values of every `--config FILE` (or `--config=FILE`) in a command line, in order."""
     files = []
-    for flag, value in zip(argv, [*argv[1:], None], strict=True):
+    for flag, value in zip(argv, [*argv[1:], None], strict=False):  # no arguments: none (the parser says more)
         if flag == "--config" and value is not None:
             files.append(value)
         elif flag.startswith("--config="):
