@@ -243,3 +243,30 @@ def test_utf16_files_read_with_a_byte_order_mark_and_are_named_without(tmp_path)
     assert load_sources(str(tmp_path / "nobom.jsonl"), encoding="utf-16-le")["instruction"].tolist() == [
         "김치찌개 끓이는 법을 알려줘."
     ]
+
+
+def test_a_csv_row_with_a_trailing_separator_keeps_its_columns(tmp_path):
+    """pandas took the first column of such rows as an index: each value moved one column left."""
+    content = "instruction,output,category\n김치찌개 끓이는 법,볶고 끓여요,요리,\n지하철 노선 수,20개가 넘어요,교통,\n"
+    rows = read_rows(tmp_path, "trailing.csv", content)
+    assert [(row["instruction"], row["output"]) for row in rows] == [
+        ("김치찌개 끓이는 법", "볶고 끓여요"),
+        ("지하철 노선 수", "20개가 넘어요"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rows", "wrong"),
+    [
+        ("요약해줘,원문\n\n번역해줘,hello,안녕\n", "row 1 \\(line 2\\) has 2 fields"),  # filled with blanks before
+        ('"a",b,c\n김치, 찌개,x,요리\n', "row 2 \\(line 3\\) has 4 fields"),  # an unquoted comma in a value
+    ],
+    ids=["short", "unquoted separator"],
+)
+def test_a_csv_row_whose_field_count_differs_from_the_header_is_refused(tmp_path, rows, wrong):
+    with pytest.raises(ConfigError) as error:
+        read_rows(tmp_path, "rows.csv", "instruction,input,output\n" + rows)
+    assert re.search(
+        rf"rows.csv', {wrong} but the header has 3 \(\['instruction', 'input', 'output'\]\)", str(error.value)
+    )
+    assert "Quote values that contain the separator ','" in str(error.value)

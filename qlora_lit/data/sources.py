@@ -10,6 +10,7 @@ import io
 import json
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -266,11 +267,37 @@ def read_csv(path: Path, text: str) -> pd.DataFrame:
             f"data file {str(path)!r} has more than one column named {twice} (its columns: {names}): "
             "only one could be read. Rename the others"
         )
+    check_field_counts(path, text, delimiter, names)
     try:
-        table = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False)
+        with warnings.catch_warnings():  # a trailing empty field, checked above, is all that index_col=False drops
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            # index_col=False: pandas would otherwise take the first column of rows one field longer than the header
+            # as an index, shifting every value one column left.
+            table = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False, index_col=False)
     except pd.errors.ParserError as err:
         raise ConfigError(f"data file {str(path)!r} is not valid CSV ({delimiter!r}-separated): {err}") from err
     return numbered(table, "row")
+
+
+def check_field_counts(path: Path, text: str, delimiter: str, names: list[str]) -> None:
+    """Every row has as many fields as the header (one more, empty, is a trailing delimiter): pandas would fill a
+    short row with blanks and drop or shift the values of a long one, without a word."""
+    records = csv.reader(io.StringIO(text), delimiter=delimiter)
+    next(records)  # the header
+    rows = (fields for fields in records if len(fields) > 1 or (fields and fields[0].strip()))  # pandas skips blanks
+    wrong = [
+        (number, records.line_num, len(fields))
+        for number, fields in enumerate(rows, start=1)
+        if len(fields) != len(names) and not (len(fields) == len(names) + 1 and fields[-1] == "")
+    ]
+    if wrong:
+        number, line, count = wrong[0]
+        more = f" ({len(wrong) - 1} more rows like it)" if len(wrong) > 1 else ""
+        raise ConfigError(
+            f"data file {str(path)!r}, row {number} (line {line}) has {count} fields but the header has "
+            f"{len(names)} ({names}){more}: its values cannot be matched to the columns. Quote values that contain "
+            f'the separator {delimiter!r} ("a{delimiter} b"), or give the row as many fields as the header'
+        )
 
 
 def check_not_by_columns(value: dict, path: Path) -> None:
