@@ -179,7 +179,9 @@ def reply(
     print(MODEL_PROMPT, end="", flush=True)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     try:
-        [answer] = generate_texts(model, tokenizer, left_pad(tokenizer, [ids]), generation, streamer)
+        batch = left_pad(tokenizer, [ids])
+        stop = session.prompt_format.stop_token_ids
+        [answer] = generate_texts(model, tokenizer, batch, generation, streamer, stop_token_ids=stop)
     except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
         print("\n(interrupted: the question is not kept)", file=sys.stderr, flush=True)
         return None

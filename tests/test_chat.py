@@ -85,10 +85,10 @@ def recorded_prompts(monkeypatch) -> list[list[int]]:
     prompts: list[list[int]] = []
     real = qlora_lit.chat.generate_texts
 
-    def recording(model, tokenizer, batch, args, streamer=None):
+    def recording(model, tokenizer, batch, args, streamer=None, **kwargs):
         assert isinstance(streamer, TextStreamer)  # answers stream to the terminal
         prompts.append(batch["input_ids"][0].tolist())
-        return real(model, tokenizer, batch, args, streamer)
+        return real(model, tokenizer, batch, args, streamer, **kwargs)
 
     monkeypatch.setattr(qlora_lit.chat, "generate_texts", recording)
     return prompts
@@ -182,10 +182,10 @@ def test_generate_answers_the_last_user_turn_of_conversation_rows(chat_run, tmp_
     asked: list[list[int]] = []
     real = qlora_lit.generate.generate_texts
 
-    def recording(model, tokenizer, batch, args, streamer=None):
+    def recording(model, tokenizer, batch, args, streamer=None, **kwargs):
         pairs = zip(batch["input_ids"], batch["attention_mask"], strict=True)
         asked.extend(ids[mask.bool()].tolist() for ids, mask in pairs)
-        return real(model, tokenizer, batch, args, streamer)
+        return real(model, tokenizer, batch, args, streamer, **kwargs)
 
     monkeypatch.setattr(qlora_lit.generate, "generate_texts", recording)
     output = tmp_path / "answers.jsonl"

@@ -241,6 +241,15 @@ def test_templates_that_cannot_mark_the_turns_are_one_message(tokenizer):
         PromptFormat.named("chat", no_system).encode([CONVERSATION])
 
 
+@pytest.mark.parametrize(
+    ("name", "end"),
+    [("koalpaca", "<|end_of_text|>"), ("chat", "<|end_of_text|>"), ("llama3", "<|eot_id|>"), ("qwen", "<|im_end|>")],
+)
+def test_generation_stops_at_the_token_that_ends_trained_answers(name, end, tokenizer):
+    prompt_format = format_for(name, tokenizer)
+    assert prompt_format.tokenizer.convert_ids_to_tokens(prompt_format.stop_token_ids) == [end]
+
+
 def test_each_format_names_itself_as_the_config_does():
     assert list(FORMATS) == list(get_args(PromptFormatName))
     assert all(FORMATS[name].name == name for name in FORMATS)

@@ -61,6 +61,10 @@ PROMPT_NO_INPUT = OPENING_NO_INPUT + INSTRUCTION_SECTION + ANSWER_HEADER
 """The walkthrough's two single-turn templates."""
 
 
+PROBE = (Message("user", "안녕?"), Message("assistant", "안녕하세요."))
+"""A conversation rendered to find what the format writes around an answer."""
+
+
 def build_prompt(instruction: str, input: str | None = None) -> str:
     """The walkthrough's prompt for one instruction; a missing or blank `input` selects the no-input template."""
     return KoAlpacaFormat.first_turn(Message("user", instruction, input))
@@ -155,6 +159,13 @@ class PromptFormat:
     def prompt_ids(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
         """Token ids of the prompts that answer the last (user) turn of each conversation, as training tokenized them."""
         return [tokens.ids for tokens in self.encode(conversations)]
+
+    @cached_property
+    def stop_token_ids(self) -> list[int]:
+        """The token a trained answer ends with (the EOS after a koalpaca answer, the template's end of turn after a
+        chat one, e.g. `<|im_end|>`): where generation stops, found as the last trained token of a probe answer."""
+        [probe] = self.encode([PROBE])
+        return [probe.ids[probe.trained[-1][1] - 1]]
 
 
 class KoAlpacaFormat(PromptFormat):
@@ -260,6 +271,11 @@ class ChatTemplateFormat(PromptFormat):
         ends = [answer.rfind(token) + len(token) for token in self.special_tokens if token in answer]
         end = max(ends, default=len(answer))
         return answer[:end], answer[end:]
+
+    @cached_property
+    def stop_token_ids(self) -> list[int]:
+        ids = super().stop_token_ids
+        return ids if self.tokenizer.convert_ids_to_tokens(ids[0]) in self.special_tokens else []  # text: no stop
 
     @cached_property
     def special_tokens(self) -> set[str]:
