@@ -32,7 +32,7 @@ def test_each_local_format_loads_the_same_rows(tmp_path, suffix):
         datasets.DatasetDict({"train": datasets.Dataset.from_pandas(table)}).save_to_disk(str(path))
     conversations, _, stats = load_conversations(str(path))
     assert [user.content for user, _ in conversations] == [row["instruction"] for row in ROWS]
-    assert [user.input for user, _ in conversations] == ["", "오늘은 비가 온다."]
+    assert [user.input for user, _ in conversations] == [None, "오늘은 비가 온다."]
     assert [answer for _, answer in conversations] == [Message("assistant", row["output"]) for row in ROWS]
     assert stats["rows_kept"] == 2
 
@@ -90,11 +90,30 @@ def test_a_list_of_sources_is_concatenated_and_deduplicated_across_files(tmp_pat
     assert sources == [0, 0, 1]  # each row keeps the source it was first read from
 
 
+def test_a_question_and_answer_in_koalpaca_and_messages_rows_are_one_duplicate(tmp_path):
+    """A KoAlpaca row's input "" (or " ") and a conversation's user turn (no input) made two rows of the same ids."""
+    koalpaca = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"instruction": "김치찌개에 뭘 넣어요?", "output": "김치와 돼지고기요.", "input": input}
+            for input in ("", " ")
+        ],
+    )
+    turns = [
+        {"role": "user", "content": "김치찌개에 뭘 넣어요?"},
+        {"role": "assistant", "content": "김치와 돼지고기요."},
+    ]
+    messages = write_jsonl(tmp_path / "b.jsonl", [{"messages": turns}])
+    conversations, _, stats = load_conversations([koalpaca, messages])
+    assert stats["duplicates_dropped"] == 2
+    assert conversations == [(Message("user", "김치찌개에 뭘 넣어요?"), Message("assistant", "김치와 돼지고기요."))]
+
+
 def test_column_mapping_renames_and_ignores_extra_columns(tmp_path):
     rows = [{"question": "질문", "context": "배경", "answer": "답", "id": 7, "source": "web"}]
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
     [conversation], _, _ = load_conversations(path, {"instruction": "question", "output": "answer"})
-    assert conversation == (Message("user", "질문", ""), Message("assistant", "답"))
+    assert conversation == (Message("user", "질문"), Message("assistant", "답"))
     [mapped], _, _ = load_conversations(path, {"instruction": "question", "input": "context", "output": "answer"})
     assert mapped[0].input == "배경"
 

@@ -67,9 +67,10 @@ class BadRow(ValueError):
 def row_messages(
     instruction: str, input: str | None = None, output: str | None = None, system: str | None = None
 ) -> Conversation:
-    """A KoAlpaca row as a conversation: its system prompt (when given), one user turn and, to train on, its answer."""
+    """A KoAlpaca row as a conversation: its system prompt (when given), one user turn and, to train on, its answer.
+    A blank `input` is none, as a conversation row's user turn has: the same question deduplicates across shapes."""
     head = (Message("system", system),) if system and system.strip() else ()
-    user = Message("user", instruction, input)
+    user = Message("user", instruction, input if input and input.strip() else None)
     return (*head, user) if output is None else (*head, user, Message("assistant", output))
 
 
