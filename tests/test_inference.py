@@ -53,6 +53,21 @@ def test_missing_or_empty_prompts_file(tmp_path):
         read_prompts_file(write_lines(tmp_path / "empty.jsonl", "", "  "))
 
 
+def test_prompts_file_is_read_as_training_data_is(tmp_path):
+    """A byte-order mark was refused, U+2028 inside a string split the line, CP949 raised UnicodeDecodeError."""
+    row = '{"instruction": "요약해줘.", "input": "첫 문장.\u2028둘째 문장."}\n'
+    (tmp_path / "bom.jsonl").write_text(row, encoding="utf-8-sig")
+    expected = [{"instruction": "요약해줘.", "input": "첫 문장.\u2028둘째 문장."}]
+    assert read_prompts_file(tmp_path / "bom.jsonl") == expected
+    (tmp_path / "cp949.jsonl").write_bytes('{"instruction": "김치찌개 끓이는 법"}\n'.encode("cp949"))
+    with pytest.raises(ConfigError, match=r"cp949.jsonl' is not utf-8 text.*It reads as CP949.*--data.encoding cp949"):
+        read_prompts_file(tmp_path / "cp949.jsonl")
+    assert read_prompts_file(tmp_path / "cp949.jsonl", "cp949") == [{"instruction": "김치찌개 끓이는 법"}]
+    data = KoAlpacaDataModule(SAMPLE_DATA, TINY_MODEL, predict_path=str(tmp_path / "cp949.jsonl"), encoding="cp949")
+    data.setup("predict")  # predict reads its prompts in data.encoding
+    assert data.predict_rows == [{"instruction": "김치찌개 끓이는 법"}]
+
+
 def test_koalpaca_prompts_are_encoded_as_in_training(tokenizer):
     rows = [{"instruction": "안녕?"}, {"instruction": "요약해줘.", "input": "서울은 한국의 수도이다."}]
     assert format_prompt(tokenizer, "요약해줘.", "서울은 한국의 수도이다.") == build_prompt(

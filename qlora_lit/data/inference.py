@@ -18,21 +18,24 @@ from qlora_lit.data.conversations import (
     with_system,
 )
 from qlora_lit.data.prompts import DEFAULT_FORMAT, PromptFormat
+from qlora_lit.data.sources import read_text
 from qlora_lit.errors import ConfigError
 
 
-def read_prompts_file(path: str | Path) -> list[dict]:
+def read_prompts_file(path: str | Path, encoding: str = "utf-8") -> list[dict]:
     """Rows of a JSONL file: one JSON object per line with a non-empty "instruction" (and an optional "input"), or a
     conversation to continue (`messages` or ShareGPT `conversations`, ending with the user's turn: the one answered).
 
     Other keys (a reference "output", an id) are kept, so they come back beside the answers. Blank lines are skipped;
-    any other bad line is an error that names the file and the line.
+    any other bad line is an error that names the file and the line. The text is read as training data is
+    (`sources.read_text`: `encoding`, data.encoding for predict; a byte-order mark), and split at newlines only.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"prompts file {str(path)!r} does not exist")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # not splitlines(): U+2028 and other line separators may sit inside JSON strings
+    for number, line in enumerate(read_text(path, encoding).split("\n"), start=1):
         if line.strip():
             rows.append(_parse_prompt_line(line, f"{path}, line {number}"))
     if not rows:
