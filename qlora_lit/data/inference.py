@@ -50,6 +50,8 @@ def _parse_prompt_line(line: str, where: str) -> dict:
         raise ConfigError(f"{where}: not valid JSON ({err.msg}): {line[:80]!r}") from None
     if not isinstance(row, dict):
         raise ConfigError(f'{where}: expected a JSON object like {{"instruction": "...", "input": "..."}}')
+    if row.get("system") is not None and not isinstance(row["system"], str):
+        raise ConfigError(f'{where}: "system" (the row\'s system prompt) must be a string when present')
     if any(key in row for key in CONVERSATION_COLUMNS):
         try:
             if prompt_messages(row):
@@ -67,7 +69,10 @@ def _parse_prompt_line(line: str, where: str) -> dict:
 
 def prompt_messages(row: dict, system_prompt: str | None = None) -> Conversation:
     """A prompts-file row as the conversation to answer: its messages, or its instruction (and input) as one user
-    turn; `system_prompt` (the one training used) where the row has none."""
+    turn; its own system prompt (a `system` text, as training rows have), else `system_prompt` (the one training
+    used)."""
+    own = row.get("system")
+    system_prompt = own if own and own.strip() else system_prompt
     column = next((key for key in CONVERSATION_COLUMNS if key in row), None)
     if column is not None:
         return with_system(parse_messages(row[column], answered=False), system_prompt)
