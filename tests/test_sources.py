@@ -128,6 +128,16 @@ def test_mapped_column_that_is_missing_is_named(tmp_path):
         load_conversations(path, {"question": "instruction"})
 
 
+def test_a_mapped_system_column_that_is_missing_is_named_for_conversations_too(tmp_path):
+    """KoAlpaca rows refused it; conversation rows ignored it and trained without the system prompts."""
+    turns = [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "안녕하세요."}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns, "persona": "요리사"}])
+    with pytest.raises(ConfigError, match=r"chat.jsonl' has no column 'role_prompt'; its columns are \['messages', 'p"):
+        load_conversations(path, {"system": "role_prompt"})
+    [conversation], _, _ = load_conversations(path, {"system": "persona"})
+    assert conversation[0] == Message("system", "요리사")
+
+
 def test_broken_json_line_names_the_file_and_line(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": "d"\n', encoding="utf-8")

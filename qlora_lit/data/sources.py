@@ -114,10 +114,14 @@ def table_conversations(
         text = select_columns(table, columns, source)
         rows = text[list(FIELDS)].itertuples(index=False, name=None)
         return [row_messages(*row) if row[0].strip() and row[2].strip() else () for row in rows]
-    if column not in table.columns:
-        raise ConfigError(f"{source} has no column {column!r}; its columns are {list(table.columns)} ({MAPPING_HINT})")
+    system_column = (columns or {}).get("system")
+    for name in (column, system_column):  # a mapped system column must be there, as for KoAlpaca rows
+        if name is not None and name not in table.columns:
+            raise ConfigError(
+                f"{source} has no column {name!r}; its columns are {list(table.columns)} ({MAPPING_HINT})"
+            )
     keys = (columns["role"], columns["content"]) if columns and "role" in columns else None
-    system = _as_text(table, (columns or {}).get("system", "system"), source)
+    system = _as_text(table, system_column or "system", source)
     return [_parsed(value, keys, own_system) for value, own_system in zip(table[column].tolist(), system, strict=True)]
 
 
