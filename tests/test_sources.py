@@ -147,9 +147,12 @@ def test_broken_json_line_names_the_file_and_line(tmp_path):
     listed.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]')
     with pytest.raises(ConfigError, match=r"broken.json', line 3: not valid JSON"):
         load_table(str(listed))
-    (tmp_path / "scalars.json").write_text("[1, 2]")
-    with pytest.raises(ConfigError, match=r"expected JSON objects"):
+    (tmp_path / "scalars.json").write_text('[{"instruction": "a", "output": "b"}, 1, 2]')
+    with pytest.raises(ConfigError, match=r"scalars.json', item 2: int 1 is not an object \(1 more items like it\)"):
         load_table(str(tmp_path / "scalars.json"))
+    (tmp_path / "lists.jsonl").write_text('{"instruction": "a", "output": "b"}\n\n["c", "d"]\n')
+    with pytest.raises(ConfigError, match=r"lists.jsonl', line 3: not a JSON object .*must be: '\[\"c\", \"d\"\]'"):
+        load_table(str(tmp_path / "lists.jsonl"))
 
 
 @pytest.mark.parametrize(("name", "content"), [("a.jsonl", ""), ("b.json", "  \n"), ("c.csv", ""), ("d.csv", "a,b\n")])

@@ -192,6 +192,7 @@ def read_file(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
             if isinstance(rows, dict):
                 check_not_by_columns(rows, path)
                 rows = [rows]
+            check_items_are_objects(rows, path, text)
             return numbered(_records(rows, path), "item")
     elif text.lstrip().startswith("["):
         check_not_a_json_array(text, path)
@@ -337,8 +338,26 @@ def _json_lines(text: str, path: Path) -> tuple[list[int], list]:
                 raise ConfigError(f"{str(path)!r}, line {number}: not valid JSON ({err.msg}): {line[:80]!r}") from err
             except DuplicateKey as err:
                 raise ConfigError(f"{str(path)!r}, line {number}: {err}") from err
+            if not isinstance(rows[-1], dict):
+                raise ConfigError(
+                    f"{str(path)!r}, line {number}: not a JSON object ({{...}}), which each line must be: {line[:80]!r}"
+                )
             lines.append(number)
     return lines, rows
+
+
+def check_items_are_objects(rows: object, path: Path, text: str) -> None:
+    """Each item of a JSON list is an object (a row); the first that is not is named, as the file writes it."""
+    if not isinstance(rows, list):
+        return  # one value that is no object or list: _records says so
+    bad = [number for number, row in enumerate(rows, start=1) if not isinstance(row, dict)]
+    if bad:
+        value = json.loads(text)[bad[0] - 1]  # as written: parse_json keeps numbers as text
+        more = f" ({len(bad) - 1} more items like it)" if len(bad) > 1 else ""
+        raise ConfigError(
+            f"{str(path)!r}, item {bad[0]}: {describe(value)} is not an object{more}; expected JSON objects ({{...}}), "
+            "as a list or one per line"
+        )
 
 
 def _records(rows: object, path: Path) -> pd.DataFrame:
