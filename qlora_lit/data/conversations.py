@@ -181,8 +181,10 @@ def as_list(value: object) -> list:
 
 
 def message_keys(item: Mapping, number: int) -> tuple[str, str]:
+    """A message's role and text keys: OpenAI's or ShareGPT's, whichever it has. A key whose value is None counts as
+    absent: Arrow (Parquet, datasets) gives the messages of a column that mixes both every key of both."""
     for role_key, text_key in MESSAGE_KEYS:
-        if role_key in item:
+        if item.get(role_key) is not None:
             return role_key, text_key
     raise BadRow(
         f"message {number} has neither a 'role' nor a 'from' key (its keys: {sorted(map(str, item))}); name the "
