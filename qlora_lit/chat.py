@@ -7,7 +7,7 @@ Type a message and Enter; the answer is printed as it is generated. At every tur
 model in the prompt format and with the system prompt the adapter was trained with (its run's data.prompt_format and
 data.system_prompt): it sees what training showed it. When the conversation would no longer fit the context
 (`max_context` tokens, the answer's `generation.max_new_tokens` included), its earliest turns are forgotten, the system
-prompt kept, as training shortens long conversations.
+prompt kept, as training shortens long conversations; a message too long even alone is refused, nothing forgotten.
 
 Commands: /reset starts a new conversation, /system TEXT sets the system prompt (and starts a new conversation;
 /system alone removes it), /exit (or Ctrl-D) ends the session.
@@ -49,23 +49,22 @@ class ChatSession:
     budget: int
     turns: list[tuple[str, str]] = field(default_factory=list)
 
-    def messages(self, question: str) -> Conversation:
-        """The conversation so far and `question`, to be answered."""
-        history = [m for asked, answer in self.turns for m in (Message("user", asked), Message("assistant", answer))]
+    def messages(self, question: str, forgotten: int = 0) -> Conversation:
+        """The conversation so far, less its `forgotten` earliest turns, and `question`, to be answered."""
+        turns = self.turns[forgotten:]
+        history = [m for asked, answer in turns for m in (Message("user", asked), Message("assistant", answer))]
         return with_system((*history, Message("user", question)), self.system)
 
     def prompt_ids(self, question: str) -> tuple[list[int] | None, int]:
         """Token ids of the prompt that answers `question`, after forgetting as few of the earliest turns as it takes
-        to fit the budget, and how many were forgotten; None when `question` alone does not fit."""
-        forgotten = 0
-        while True:
-            [ids] = self.prompt_format.prompt_ids([self.messages(question)])
+        to fit the budget, and how many were forgotten; None (and nothing forgotten) when `question` alone does not
+        fit."""
+        for forgotten in range(len(self.turns) + 1):
+            [ids] = self.prompt_format.prompt_ids([self.messages(question, forgotten)])
             if len(ids) <= self.budget:
+                del self.turns[:forgotten]
                 return ids, forgotten
-            if not self.turns:
-                return None, forgotten
-            self.turns.pop(0)
-            forgotten += 1
+        return None, 0
 
 
 def chat(
@@ -174,12 +173,18 @@ def reply(
     if forgotten:
         print(f"(the {forgotten} earliest turn(s) no longer fit the context and are forgotten)", flush=True)
     if ids is None:
-        print(f"(the message is longer than the context allows, {session.budget} tokens; say it shorter)", flush=True)
+        print(
+            f"(the message is longer than the context allows, {session.budget} tokens; say it shorter: the "
+            "conversation so far is kept)",
+            flush=True,
+        )
         return None
     print(MODEL_PROMPT, end="", flush=True)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     try:
-        [answer] = generate_texts(model, tokenizer, left_pad(tokenizer, [ids]), generation, streamer)
+        batch = left_pad(tokenizer, [ids])
+        stop = session.prompt_format.stop_token_ids
+        [answer] = generate_texts(model, tokenizer, batch, generation, streamer, stop_token_ids=stop)
     except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
         print("\n(interrupted: the question is not kept)", file=sys.stderr, flush=True)
         return None

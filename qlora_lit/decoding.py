@@ -3,6 +3,7 @@ the batched generation that `generate` and `predict` share."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,8 @@ class GenerationArgs:
     """How answers are decoded (the walkthrough's sampling settings by default)."""
 
     max_new_tokens: int = 256
-    """Longest answer in tokens; generation stops earlier at the tokenizer's EOS."""
+    """Longest answer in tokens; generation stops earlier where a trained answer ends (the EOS, or the chat template's
+    end of turn)."""
     do_sample: bool = True
     """Sample the next token; false decodes greedily (deterministic) and ignores temperature, top_k and top_p."""
     temperature: float = 0.2
@@ -34,22 +36,32 @@ class GenerationArgs:
         if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ConfigError("generation.temperature must be > 0 and generation.top_p in (0, 1] when sampling")
 
-    def to_generation_config(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> GenerationConfig:
-        # Training ends every answer with the tokenizer's EOS; the model's own stop tokens (e.g. an instruct model's
-        # end-of-turn) are kept too. use_cache: training switched the model config's cache off.
-        model_eos = model.generation_config.eos_token_id
-        model_eos = model_eos if isinstance(model_eos, list) else [model_eos]
-        eos = [tokenizer.eos_token_id] + [t for t in model_eos if t is not None and t != tokenizer.eos_token_id]
+    def to_generation_config(
+        self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, stop_token_ids: Sequence[int] = ()
+    ) -> GenerationConfig:
+        """The settings for `model.generate`, stopping at `eos_token_ids(tokenizer, model, stop_token_ids)`. use_cache:
+        training switched the model config's cache off."""
         sampling = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             do_sample=self.do_sample,
             repetition_penalty=self.repetition_penalty,
-            eos_token_id=eos,
+            eos_token_id=eos_token_ids(tokenizer, model, stop_token_ids),
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
             **(sampling if self.do_sample else {}),
         )
+
+
+def eos_token_ids(
+    tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, stop_token_ids: Sequence[int]
+) -> list[int]:
+    """The tokens generation stops at: the tokenizer's EOS, the tokens trained answers end with (the prompt format's
+    `stop_token_ids`: e.g. a chat template's `<|im_end|>`, which the EOS may not be) and the model's own stop tokens
+    (an instruct model's end of turn)."""
+    model_eos = model.generation_config.eos_token_id
+    model_eos = model_eos if isinstance(model_eos, list) else [model_eos]
+    return list(dict.fromkeys(t for t in [tokenizer.eos_token_id, *stop_token_ids, *model_eos] if t is not None))
 
 
 def generate_texts(
@@ -58,8 +70,11 @@ def generate_texts(
     batch: dict[str, torch.Tensor],
     args: GenerationArgs,
     streamer: TextStreamer | None = None,
+    *,
+    stop_token_ids: Sequence[int],
 ) -> list[str]:
-    """Answers to a batch of left-padded prompts: the new tokens only, decoded, up to the EOS.
+    """Answers to a batch of left-padded prompts: the new tokens only, decoded, up to where a trained answer ends
+    (the prompt format's `stop_token_ids`) or at the EOS.
 
     Compiled decoder layers run eagerly here: compiled for training's shapes, they would recompile for every
     prompt length and KV-cache size (and hit dynamo's recompile limit) for a few forward passes.
@@ -69,7 +84,7 @@ def generate_texts(
         output = model.generate(
             input_ids=input_ids,
             attention_mask=batch["attention_mask"].to(model.device),
-            generation_config=args.to_generation_config(tokenizer, model),
+            generation_config=args.to_generation_config(tokenizer, model, stop_token_ids),
             streamer=streamer,
         )
     answers = tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from qlora_lit.data.inference import encode_prompts, left_pad, read_prompts_file
-from qlora_lit.data.prompts import PromptFormatName, trained_format_name, trained_system_prompt
+from qlora_lit.data.prompts import PromptFormat, PromptFormatName, trained_format_name, trained_system_prompt
 from qlora_lit.decoding import GenerationArgs, generate_texts
 from qlora_lit.disk_space import ensure_writable
 from qlora_lit.downloads import cut_short
@@ -231,10 +231,12 @@ def generate(
     if seed is not None:
         torch.manual_seed(seed)
     encoded = encode_prompts(tokenizer, rows, prompt_format, system)
+    stop = PromptFormat.named(prompt_format, tokenizer).stop_token_ids
     if prompt is not None:
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        return generate_texts(loaded, tokenizer, left_pad(tokenizer, encoded), generation, streamer)
-    return answer_rows(loaded, tokenizer, rows, encoded, generation, batch_size, output)
+        batch = left_pad(tokenizer, encoded)
+        return generate_texts(loaded, tokenizer, batch, generation, streamer, stop_token_ids=stop)
+    return answer_rows(loaded, tokenizer, rows, encoded, generation, batch_size, output, stop)
 
 
 def answer_rows(
@@ -245,14 +247,15 @@ def answer_rows(
     generation: GenerationArgs,
     batch_size: int,
     output: str | None,
+    stop_token_ids: list[int],
 ) -> list[str]:
     """Answer `rows` (their prompts `encoded`) in batches, writing each row plus its "generated" answer as JSONL as
-    soon as a batch is done."""
+    soon as a batch is done; answers stop at `stop_token_ids` (the prompt format's) or the EOS."""
     answers: list[str] = []
     with open_output(output) as sink, tqdm(total=len(rows), unit="prompt", desc="generate", file=sys.stderr) as bar:
         for start in range(0, len(rows), batch_size):
             batch = left_pad(tokenizer, encoded[start : start + batch_size])
-            texts = generate_texts(model, tokenizer, batch, generation)
+            texts = generate_texts(model, tokenizer, batch, generation, stop_token_ids=stop_token_ids)
             for row, text in zip(rows[start : start + batch_size], texts, strict=True):
                 sink.write(json.dumps({**row, "generated": text}, ensure_ascii=False) + "\n")
             sink.flush()  # finished batches survive an interrupted run

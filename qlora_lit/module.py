@@ -387,8 +387,10 @@ class QLoRAModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, list]:
         """Answers to a batch of left-padded prompts (data.predict_path); PredictionWriter writes them."""
-        tokenizer = self.trainer.datamodule.tokenizer  # the answers end at its EOS, as the training examples did
-        answers = generate_texts(self.model, tokenizer, batch, self.generation)
+        data = self.trainer.datamodule  # the answers end where its prompt format ends trained answers
+        answers = generate_texts(
+            self.model, data.tokenizer, batch, self.generation, stop_token_ids=data.format.stop_token_ids
+        )
         return {"index": batch["index"].tolist(), "generated": answers}
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from qlora_lit.data.inference import encode_prompts, left_pad
-from qlora_lit.data.prompts import DEFAULT_FORMAT
+from qlora_lit.data.prompts import DEFAULT_FORMAT, PromptFormat
+from qlora_lit.decoding import eos_token_ids
 from qlora_lit.text_log import as_prose, log_text
 from qlora_lit.tokenizer import load_tokenizer
 
@@ -50,7 +51,7 @@ def greedy_answers(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         use_cache=True,  # training turns the cache off; generating token by token needs it
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos_token_ids(tokenizer, model, PromptFormat.named(prompt_format, tokenizer).stop_token_ids),
         pad_token_id=tokenizer.pad_token_id,
     )
     with torch.compiler.set_stance("force_eager"):  # see decoding.generate_texts: no recompiling of training's layers

@@ -18,6 +18,7 @@ from transformers import TextStreamer
 import qlora_lit.chat
 import qlora_lit.generate
 from qlora_lit.assets import resolve_asset
+from qlora_lit.chat import ChatSession, reply
 from qlora_lit.cli import cli_main
 from qlora_lit.data.conversations import Message, with_system
 from qlora_lit.data.inference import prompt_messages
@@ -85,10 +86,10 @@ def recorded_prompts(monkeypatch) -> list[list[int]]:
     prompts: list[list[int]] = []
     real = qlora_lit.chat.generate_texts
 
-    def recording(model, tokenizer, batch, args, streamer=None):
+    def recording(model, tokenizer, batch, args, streamer=None, **kwargs):
         assert isinstance(streamer, TextStreamer)  # answers stream to the terminal
         prompts.append(batch["input_ids"][0].tolist())
-        return real(model, tokenizer, batch, args, streamer)
+        return real(model, tokenizer, batch, args, streamer, **kwargs)
 
     monkeypatch.setattr(qlora_lit.chat, "generate_texts", recording)
     return prompts
@@ -137,7 +138,18 @@ def test_chat_forgets_the_earliest_turns_to_stay_within_the_context(chat_run, re
         history += [question, answer]
     shown = capsys.readouterr().out
     assert "earliest turn(s) no longer fit the context and are forgotten" in shown
-    assert f"(the message is longer than the context allows, {budget} tokens; say it shorter)" in shown
+    assert f"(the message is longer than the context allows, {budget} tokens; say it shorter: " in shown
+
+
+def test_a_message_too_long_for_the_context_alone_is_refused_and_the_conversation_kept(tokenizer, capsys):
+    """Every earlier turn was forgotten first, one by one, and then the message refused: nothing was left."""
+    session = ChatSession(PromptFormat.named("koalpaca", tokenizer), None, budget=200)
+    turns = [("안녕", "안녕하세요"), ("김치찌개 재료?", "김치, 돼지고기, 두부")]
+    session.turns += turns
+    assert reply(session, None, tokenizer, None, "이 글을 요약해줘: " + "아주 긴 글입니다. " * 100) is None
+    assert session.turns == turns
+    shown = capsys.readouterr().out
+    assert "forgotten" not in shown and "say it shorter: the conversation so far is kept" in shown
 
 
 def test_chat_reads_a_piped_stdin_in_a_terminal_session(chat_run, tmp_path):
@@ -182,10 +194,10 @@ def test_generate_answers_the_last_user_turn_of_conversation_rows(chat_run, tmp_
     asked: list[list[int]] = []
     real = qlora_lit.generate.generate_texts
 
-    def recording(model, tokenizer, batch, args, streamer=None):
+    def recording(model, tokenizer, batch, args, streamer=None, **kwargs):
         pairs = zip(batch["input_ids"], batch["attention_mask"], strict=True)
         asked.extend(ids[mask.bool()].tolist() for ids, mask in pairs)
-        return real(model, tokenizer, batch, args, streamer)
+        return real(model, tokenizer, batch, args, streamer, **kwargs)
 
     monkeypatch.setattr(qlora_lit.generate, "generate_texts", recording)
     output = tmp_path / "answers.jsonl"

@@ -15,6 +15,7 @@ from conftest import DEMO_CONFIG, TINY_MODEL, shown_by_tensorboard
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qlora_lit.cli import cli_main
+from qlora_lit.data.stats import fit_data_settings
 from qlora_lit.flops import peak_tflops
 from qlora_lit.samples import DEFAULT_PROMPTS
 
@@ -280,6 +281,14 @@ def test_data_stats_takes_fit_configs_layered_and_the_data_overrides_of_fit(tmp_
     report = cli_main(args)
     assert report["rows_read"] == 40 and report["duplicates_dropped"] == 0
     assert f"data {data_file} | tokenizer {TINY_MODEL}" in capsys.readouterr().out
+
+
+def test_data_stats_links_the_models_settings_as_fit_does(tmp_path):
+    """model.trust_remote_code: true was ignored, and the tokenizer's error then advised setting exactly that."""
+    config = tmp_path / "fit.yaml"
+    config.write_text(f"model:\n  model_name_or_path: {TINY_MODEL}\n  trust_remote_code: true\n")
+    settings = fit_data_settings([str(config)])
+    assert (settings["tokenizer"], settings["trust_remote_code"]) == (TINY_MODEL, True)
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,14 @@ def test_both_shapes_are_recognised_in_every_file_format(tmp_path, shape, suffix
     assert (stats["rows_kept"], stats["turns"], stats["multi_turn_rows"]) == (2, 3, 1)
 
 
+@pytest.mark.parametrize("suffix", [".parquet", "folder"])
+def test_a_column_mixing_openai_and_sharegpt_messages_reads_in_arrow_formats(tmp_path, suffix):
+    """Arrow merges the two message structs: each ShareGPT message also had `role: None`, read as its role key."""
+    rows = [{"conversations": sharegpt(MESSAGES[0])}, {"conversations": MESSAGES[1]}]
+    conversations, _, _ = load_conversations(write_rows(tmp_path / f"mixed{suffix}", rows))
+    assert conversations == EXPECTED
+
+
 def test_hub_datasets_of_conversations_are_read_as_files_are(monkeypatch):
     """A hub dataset arrives through datasets.load_dataset, as a DatasetDict of Arrow lists of structs."""
     hub = datasets.DatasetDict(

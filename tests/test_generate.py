@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
@@ -16,9 +17,13 @@ from zoo import build_zoo_model
 
 from qlora_lit.assets import resolve_asset
 from qlora_lit.cli import cli_main
+from qlora_lit.data.conversations import Message
 from qlora_lit.data.inference import encode_prompts, left_pad
+from qlora_lit.data.prompts import PromptFormat
+from qlora_lit.decoding import generate_texts
 from qlora_lit.generate import GenerationArgs, load_for_generation
 from qlora_lit.model import QuantizationArgs
+from qlora_lit.samples import greedy_answers
 
 GREEDY = ["--generation.do_sample", "false", "--generation.max_new_tokens", "6", "--dtype", "fp32"]
 UNQUANTIZED = [*GREEDY, "--quantize", "none"]  # 4-bit matrix products are slow on a CPU; padding is what is tested
@@ -93,6 +98,38 @@ def test_sampling_defaults_are_the_walkthroughs_and_stop_at_the_tokenizers_eos(t
     assert config.eos_token_id[0] == tokenizer.eos_token_id and config.pad_token_id == tokenizer.pad_token_id
     greedy = GenerationArgs(do_sample=False).to_generation_config(tokenizer, model)
     assert not greedy.do_sample and greedy.temperature in (None, 1.0)
+
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_generation_stops_where_trained_answers_end_not_only_at_the_eos(tokenizer):
+    """A ChatML template ends answers with <|im_end|>, not the tokenizer's EOS: generate, chat, predict and the
+    samples ran on past it to max_new_tokens."""
+    chatml = copy.deepcopy(tokenizer)
+    chatml.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chatml.chat_template = CHATML
+    model = AutoModelForCausalLM.from_pretrained(resolve_asset(TINY_MODEL))
+    model.resize_token_embeddings(len(chatml))
+    forced = chatml("안녕하세요<|im_end|>\n더 말해요", add_special_tokens=False)["input_ids"]
+    steps = []
+
+    def say_forced(module, inputs, logits):  # each forward pass predicts the next token of `forced`
+        steps.append(None)
+        logits[..., :] = -1e9
+        logits[..., forced[len(steps) - 1]] = 0.0
+
+    model.lm_head.register_forward_hook(say_forced)
+    assert greedy_answers(model, chatml, ["안녕?"], len(forced), prompt_format="chat") == ["안녕하세요"]
+    steps.clear()
+    prompt_format = PromptFormat.named("chat", chatml)
+    assert prompt_format.stop_token_ids == [chatml.convert_tokens_to_ids("<|im_end|>")] != [chatml.eos_token_id]
+    batch = left_pad(chatml, prompt_format.prompt_ids([(Message("user", "안녕?"),)]))
+    args = GenerationArgs(do_sample=False, max_new_tokens=len(forced))
+    assert generate_texts(model, chatml, batch, args, stop_token_ids=prompt_format.stop_token_ids) == ["안녕하세요"]
 
 
 def test_prompt_format_comes_from_the_training_config(adapter, tmp_path, capsys):

@@ -9,7 +9,15 @@ import pytest
 from conftest import SAMPLE_DATA, TINY_MODEL
 
 from qlora_lit.data import KoAlpacaDataModule
-from qlora_lit.data.inference import PromptCollator, encode_prompts, format_prompt, left_pad, read_prompts_file
+from qlora_lit.data.conversations import Message
+from qlora_lit.data.inference import (
+    PromptCollator,
+    encode_prompts,
+    format_prompt,
+    left_pad,
+    prompt_messages,
+    read_prompts_file,
+)
 from qlora_lit.data.prompts import build_prompt
 from qlora_lit.errors import ConfigError
 
@@ -37,6 +45,7 @@ def test_prompts_file_keeps_extra_keys_and_skips_blank_lines(tmp_path):
         ('{"question": "안녕?"}', "needs a non-empty \"instruction\" string; the keys are ['question']"),
         ('{"instruction": "  "}', 'needs a non-empty "instruction"'),
         ('{"instruction": "안녕?", "input": 3}', '"input" must be a string'),
+        ('{"instruction": "안녕?", "system": ["짧게."]}', '"system" (the row\'s system prompt) must be a string'),
     ],
 )
 def test_bad_prompts_line_names_file_and_line(tmp_path, bad_line, message):
@@ -51,6 +60,21 @@ def test_missing_or_empty_prompts_file(tmp_path):
         read_prompts_file(tmp_path / "missing.jsonl")
     with pytest.raises(ConfigError, match="holds no prompts"):
         read_prompts_file(write_lines(tmp_path / "empty.jsonl", "", "  "))
+
+
+def test_prompts_file_is_read_as_training_data_is(tmp_path):
+    """A byte-order mark was refused, U+2028 inside a string split the line, CP949 raised UnicodeDecodeError."""
+    row = '{"instruction": "요약해줘.", "input": "첫 문장.\u2028둘째 문장."}\n'
+    (tmp_path / "bom.jsonl").write_text(row, encoding="utf-8-sig")
+    expected = [{"instruction": "요약해줘.", "input": "첫 문장.\u2028둘째 문장."}]
+    assert read_prompts_file(tmp_path / "bom.jsonl") == expected
+    (tmp_path / "cp949.jsonl").write_bytes('{"instruction": "김치찌개 끓이는 법"}\n'.encode("cp949"))
+    with pytest.raises(ConfigError, match=r"cp949.jsonl' is not utf-8 text.*It reads as CP949.*--data.encoding cp949"):
+        read_prompts_file(tmp_path / "cp949.jsonl")
+    assert read_prompts_file(tmp_path / "cp949.jsonl", "cp949") == [{"instruction": "김치찌개 끓이는 법"}]
+    data = KoAlpacaDataModule(SAMPLE_DATA, TINY_MODEL, predict_path=str(tmp_path / "cp949.jsonl"), encoding="cp949")
+    data.setup("predict")  # predict reads its prompts in data.encoding
+    assert data.predict_rows == [{"instruction": "김치찌개 끓이는 법"}]
 
 
 def test_koalpaca_prompts_are_encoded_as_in_training(tokenizer):
@@ -68,6 +92,20 @@ def test_chat_format_uses_the_tokenizers_chat_template(tokenizer):
     chat = copy.deepcopy(tokenizer)
     chat.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
     assert format_prompt(chat, "요약해줘.", "긴 글", prompt_format="chat") == "<user>요약해줘.\n\n긴 글<assistant>"
+
+
+def test_a_rows_own_system_prompt_is_used_as_training_uses_it(tokenizer):
+    """Training rows' `system` column is their system prompt; prompt rows' was ignored for data.system_prompt."""
+    rows = [
+        {"instruction": "안녕?", "system": "짧게 답하세요."},
+        {"instruction": "안녕?", "system": " "},  # blank: the configured one
+        {"messages": [{"role": "user", "content": "안녕?"}], "system": "짧게 답하세요."},
+    ]
+    assert [prompt_messages(row, "친절하게.")[0] for row in rows] == [
+        Message("system", "짧게 답하세요."),
+        Message("system", "친절하게."),
+        Message("system", "짧게 답하세요."),
+    ]
 
 
 def test_left_padding_ends_every_prompt_at_the_last_column(tokenizer):

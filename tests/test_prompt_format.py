@@ -50,10 +50,16 @@ QWEN_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
+# Vicuna-like: turns end in plain text, with no special token.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m.role.upper() }}: {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 # name -> (template, the special tokens it needs, the end of an assistant turn that the loss covers)
 TEMPLATES = {
     "llama3": (LLAMA3_TEMPLATE, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
     "qwen": (QWEN_TEMPLATE, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    "plain": (PLAIN_TEMPLATE, [], "<|end_of_text|>"),  # the tokenizer's EOS, which the template never writes
 }
 CONVERSATION = (
     Message("system", "당신은 친절한 한국어 도우미입니다."),
@@ -171,7 +177,7 @@ def test_the_loss_covers_every_answer_and_its_end_of_turn_and_nothing_else(name,
     assert all(message.content in rendered for message in CONVERSATION)
 
 
-@pytest.mark.parametrize("name", ["koalpaca", "chat", "llama3", "qwen"])
+@pytest.mark.parametrize("name", ["koalpaca", "chat", "llama3", "qwen", "plain"])
 def test_prompts_to_answer_are_the_training_text_up_to_the_answer(name, tokenizer):
     """At every turn, the prompt that generation continues is the training conversation's ids up to that answer."""
     prompt_format = format_for(name, tokenizer)
@@ -239,6 +245,35 @@ def test_templates_that_cannot_mark_the_turns_are_one_message(tokenizer):
     )
     with pytest.raises(ConfigError, match=r"cannot render a conversation of the roles \['system'.*System role not"):
         PromptFormat.named("chat", no_system).encode([CONVERSATION])
+
+
+@pytest.mark.parametrize(
+    ("name", "end"),
+    [
+        ("koalpaca", "<|end_of_text|>"),
+        ("chat", "<|end_of_text|>"),
+        ("llama3", "<|eot_id|>"),
+        ("qwen", "<|im_end|>"),
+        ("plain", "<|end_of_text|>"),
+    ],
+)
+def test_generation_stops_at_the_token_that_ends_trained_answers(name, end, tokenizer):
+    prompt_format = format_for(name, tokenizer)
+    assert prompt_format.tokenizer.convert_ids_to_tokens(prompt_format.stop_token_ids) == [end]
+
+
+def test_a_template_whose_turns_end_in_plain_text_trains_the_eos_after_each_answer(tokenizer):
+    """With no special token to end a turn, no answer's labels held an end: the model never learned to stop."""
+    prompt_format = format_for("plain", tokenizer)
+    [tokens] = prompt_format.encode([CONVERSATION])
+    trained = [tokenizer.decode(tokens.ids[start:end]) for start, end in tokens.trained]
+    assert trained == [f" {answer}{tokenizer.eos_token}" for answer in ANSWERS]
+    turns = [{"role": message.role, "content": message.content} for message in CONVERSATION]
+    rendered = prompt_format.tokenizer.apply_chat_template(turns, tokenize=False)
+    for answer in ANSWERS:  # the EOS goes before the template's newline, which the next turn's prompt keeps
+        rendered = rendered.replace(f"{answer}\n", f"{answer}{tokenizer.eos_token}\n")
+    assert tokenizer.decode(tokens.ids) == rendered
+    assert prompt_format.stop_token_ids == [tokenizer.eos_token_id]
 
 
 def test_each_format_names_itself_as_the_config_does():

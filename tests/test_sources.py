@@ -32,7 +32,7 @@ def test_each_local_format_loads_the_same_rows(tmp_path, suffix):
         datasets.DatasetDict({"train": datasets.Dataset.from_pandas(table)}).save_to_disk(str(path))
     conversations, _, stats = load_conversations(str(path))
     assert [user.content for user, _ in conversations] == [row["instruction"] for row in ROWS]
-    assert [user.input for user, _ in conversations] == ["", "오늘은 비가 온다."]
+    assert [user.input for user, _ in conversations] == [None, "오늘은 비가 온다."]
     assert [answer for _, answer in conversations] == [Message("assistant", row["output"]) for row in ROWS]
     assert stats["rows_kept"] == 2
 
@@ -90,11 +90,30 @@ def test_a_list_of_sources_is_concatenated_and_deduplicated_across_files(tmp_pat
     assert sources == [0, 0, 1]  # each row keeps the source it was first read from
 
 
+def test_a_question_and_answer_in_koalpaca_and_messages_rows_are_one_duplicate(tmp_path):
+    """A KoAlpaca row's input "" (or " ") and a conversation's user turn (no input) made two rows of the same ids."""
+    koalpaca = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"instruction": "김치찌개에 뭘 넣어요?", "output": "김치와 돼지고기요.", "input": input}
+            for input in ("", " ")
+        ],
+    )
+    turns = [
+        {"role": "user", "content": "김치찌개에 뭘 넣어요?"},
+        {"role": "assistant", "content": "김치와 돼지고기요."},
+    ]
+    messages = write_jsonl(tmp_path / "b.jsonl", [{"messages": turns}])
+    conversations, _, stats = load_conversations([koalpaca, messages])
+    assert stats["duplicates_dropped"] == 2
+    assert conversations == [(Message("user", "김치찌개에 뭘 넣어요?"), Message("assistant", "김치와 돼지고기요."))]
+
+
 def test_column_mapping_renames_and_ignores_extra_columns(tmp_path):
     rows = [{"question": "질문", "context": "배경", "answer": "답", "id": 7, "source": "web"}]
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
     [conversation], _, _ = load_conversations(path, {"instruction": "question", "output": "answer"})
-    assert conversation == (Message("user", "질문", ""), Message("assistant", "답"))
+    assert conversation == (Message("user", "질문"), Message("assistant", "답"))
     [mapped], _, _ = load_conversations(path, {"instruction": "question", "input": "context", "output": "answer"})
     assert mapped[0].input == "배경"
 
@@ -109,6 +128,16 @@ def test_mapped_column_that_is_missing_is_named(tmp_path):
         load_conversations(path, {"question": "instruction"})
 
 
+def test_a_mapped_system_column_that_is_missing_is_named_for_conversations_too(tmp_path):
+    """KoAlpaca rows refused it; conversation rows ignored it and trained without the system prompts."""
+    turns = [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "안녕하세요."}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns, "persona": "요리사"}])
+    with pytest.raises(ConfigError, match=r"chat.jsonl' has no column 'role_prompt'; its columns are \['messages', 'p"):
+        load_conversations(path, {"system": "role_prompt"})
+    [conversation], _, _ = load_conversations(path, {"system": "persona"})
+    assert conversation[0] == Message("system", "요리사")
+
+
 def test_broken_json_line_names_the_file_and_line(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": "d"\n', encoding="utf-8")
@@ -118,9 +147,12 @@ def test_broken_json_line_names_the_file_and_line(tmp_path):
     listed.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]')
     with pytest.raises(ConfigError, match=r"broken.json', line 3: not valid JSON"):
         load_table(str(listed))
-    (tmp_path / "scalars.json").write_text("[1, 2]")
-    with pytest.raises(ConfigError, match=r"expected JSON objects"):
+    (tmp_path / "scalars.json").write_text('[{"instruction": "a", "output": "b"}, 1, 2]')
+    with pytest.raises(ConfigError, match=r"scalars.json', item 2: int 1 is not an object \(1 more items like it\)"):
         load_table(str(tmp_path / "scalars.json"))
+    (tmp_path / "lists.jsonl").write_text('{"instruction": "a", "output": "b"}\n\n["c", "d"]\n')
+    with pytest.raises(ConfigError, match=r"lists.jsonl', line 3: not a JSON object .*must be: '\[\"c\", \"d\"\]'"):
+        load_table(str(tmp_path / "lists.jsonl"))
 
 
 @pytest.mark.parametrize(("name", "content"), [("a.jsonl", ""), ("b.json", "  \n"), ("c.csv", ""), ("d.csv", "a,b\n")])
@@ -243,3 +275,30 @@ def test_utf16_files_read_with_a_byte_order_mark_and_are_named_without(tmp_path)
     assert load_sources(str(tmp_path / "nobom.jsonl"), encoding="utf-16-le")["instruction"].tolist() == [
         "김치찌개 끓이는 법을 알려줘."
     ]
+
+
+def test_a_csv_row_with_a_trailing_separator_keeps_its_columns(tmp_path):
+    """pandas took the first column of such rows as an index: each value moved one column left."""
+    content = "instruction,output,category\n김치찌개 끓이는 법,볶고 끓여요,요리,\n지하철 노선 수,20개가 넘어요,교통,\n"
+    rows = read_rows(tmp_path, "trailing.csv", content)
+    assert [(row["instruction"], row["output"]) for row in rows] == [
+        ("김치찌개 끓이는 법", "볶고 끓여요"),
+        ("지하철 노선 수", "20개가 넘어요"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rows", "wrong"),
+    [
+        ("요약해줘,원문\n\n번역해줘,hello,안녕\n", "row 1 \\(line 2\\) has 2 fields"),  # filled with blanks before
+        ('"a",b,c\n김치, 찌개,x,요리\n', "row 2 \\(line 3\\) has 4 fields"),  # an unquoted comma in a value
+    ],
+    ids=["short", "unquoted separator"],
+)
+def test_a_csv_row_whose_field_count_differs_from_the_header_is_refused(tmp_path, rows, wrong):
+    with pytest.raises(ConfigError) as error:
+        read_rows(tmp_path, "rows.csv", "instruction,input,output\n" + rows)
+    assert re.search(
+        rf"rows.csv', {wrong} but the header has 3 \(\['instruction', 'input', 'output'\]\)", str(error.value)
+    )
+    assert "Quote values that contain the separator ','" in str(error.value)

@@ -67,9 +67,10 @@ class BadRow(ValueError):
 def row_messages(
     instruction: str, input: str | None = None, output: str | None = None, system: str | None = None
 ) -> Conversation:
-    """A KoAlpaca row as a conversation: its system prompt (when given), one user turn and, to train on, its answer."""
+    """A KoAlpaca row as a conversation: its system prompt (when given), one user turn and, to train on, its answer.
+    A blank `input` is none, as a conversation row's user turn has: the same question deduplicates across shapes."""
     head = (Message("system", system),) if system and system.strip() else ()
-    user = Message("user", instruction, input)
+    user = Message("user", instruction, input if input and input.strip() else None)
     return (*head, user) if output is None else (*head, user, Message("assistant", output))
 
 
@@ -180,8 +181,10 @@ def as_list(value: object) -> list:
 
 
 def message_keys(item: Mapping, number: int) -> tuple[str, str]:
+    """A message's role and text keys: OpenAI's or ShareGPT's, whichever it has. A key whose value is None counts as
+    absent: Arrow (Parquet, datasets) gives the messages of a column that mixes both every key of both."""
     for role_key, text_key in MESSAGE_KEYS:
-        if role_key in item:
+        if item.get(role_key) is not None:
             return role_key, text_key
     raise BadRow(
         f"message {number} has neither a 'role' nor a 'from' key (its keys: {sorted(map(str, item))}); name the "

@@ -278,7 +278,7 @@ class KoAlpacaDataModule(L.LightningDataModule):
                 'predict needs data.predict_path: a JSONL file with an "instruction" (or "messages") per line'
             )
         self.load_tokenizer()
-        self.predict_rows = read_prompts_file(self.predict_path)
+        self.predict_rows = read_prompts_file(self.predict_path, self.encoding)
 
     def _split(self, examples: list[tuple[int, dict]]) -> tuple[list[dict], list[dict]]:
         """Training and validation examples: each source split on its own, then the training rows mixed by the

@@ -18,21 +18,24 @@ from qlora_lit.data.conversations import (
     with_system,
 )
 from qlora_lit.data.prompts import DEFAULT_FORMAT, PromptFormat
+from qlora_lit.data.sources import read_text
 from qlora_lit.errors import ConfigError
 
 
-def read_prompts_file(path: str | Path) -> list[dict]:
+def read_prompts_file(path: str | Path, encoding: str = "utf-8") -> list[dict]:
     """Rows of a JSONL file: one JSON object per line with a non-empty "instruction" (and an optional "input"), or a
     conversation to continue (`messages` or ShareGPT `conversations`, ending with the user's turn: the one answered).
 
     Other keys (a reference "output", an id) are kept, so they come back beside the answers. Blank lines are skipped;
-    any other bad line is an error that names the file and the line.
+    any other bad line is an error that names the file and the line. The text is read as training data is
+    (`sources.read_text`: `encoding`, data.encoding for predict; a byte-order mark), and split at newlines only.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"prompts file {str(path)!r} does not exist")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # not splitlines(): U+2028 and other line separators may sit inside JSON strings
+    for number, line in enumerate(read_text(path, encoding).split("\n"), start=1):
         if line.strip():
             rows.append(_parse_prompt_line(line, f"{path}, line {number}"))
     if not rows:
@@ -47,6 +50,8 @@ def _parse_prompt_line(line: str, where: str) -> dict:
         raise ConfigError(f"{where}: not valid JSON ({err.msg}): {line[:80]!r}") from None
     if not isinstance(row, dict):
         raise ConfigError(f'{where}: expected a JSON object like {{"instruction": "...", "input": "..."}}')
+    if row.get("system") is not None and not isinstance(row["system"], str):
+        raise ConfigError(f'{where}: "system" (the row\'s system prompt) must be a string when present')
     if any(key in row for key in CONVERSATION_COLUMNS):
         try:
             if prompt_messages(row):
@@ -64,7 +69,10 @@ def _parse_prompt_line(line: str, where: str) -> dict:
 
 def prompt_messages(row: dict, system_prompt: str | None = None) -> Conversation:
     """A prompts-file row as the conversation to answer: its messages, or its instruction (and input) as one user
-    turn; `system_prompt` (the one training used) where the row has none."""
+    turn; its own system prompt (a `system` text, as training rows have), else `system_prompt` (the one training
+    used)."""
+    own = row.get("system")
+    system_prompt = own if own and own.strip() else system_prompt
     column = next((key for key in CONVERSATION_COLUMNS if key in row), None)
     if column is not None:
         return with_system(parse_messages(row[column], answered=False), system_prompt)

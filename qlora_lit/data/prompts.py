@@ -61,6 +61,10 @@ PROMPT_NO_INPUT = OPENING_NO_INPUT + INSTRUCTION_SECTION + ANSWER_HEADER
 """The walkthrough's two single-turn templates."""
 
 
+PROBE = (Message("user", "안녕?"), Message("assistant", "안녕하세요."))
+"""A conversation rendered to find what the format writes around an answer."""
+
+
 def build_prompt(instruction: str, input: str | None = None) -> str:
     """The walkthrough's prompt for one instruction; a missing or blank `input` selects the no-input template."""
     return KoAlpacaFormat.first_turn(Message("user", instruction, input))
@@ -77,7 +81,8 @@ class Segment:
     special_tokens: bool = False
     """Tokenized with the tokenizer's own special tokens added (its BOS, before a koalpaca conversation)."""
     eos: bool = False
-    """Followed by the tokenizer's EOS (after a koalpaca answer; a chat template writes its own end of turn)."""
+    """Followed by the tokenizer's EOS (after a koalpaca answer, and a chat answer whose template ends turns with no
+    special token; other chat templates write their own end of turn)."""
 
 
 class Tokens(NamedTuple):
@@ -156,6 +161,13 @@ class PromptFormat:
         """Token ids of the prompts that answer the last (user) turn of each conversation, as training tokenized them."""
         return [tokens.ids for tokens in self.encode(conversations)]
 
+    @cached_property
+    def stop_token_ids(self) -> list[int]:
+        """The token a trained answer ends with (the EOS after a koalpaca answer, the template's end of turn after a
+        chat one, e.g. `<|im_end|>`): where generation stops, found as the last trained token of a probe answer."""
+        [probe] = self.encode([PROBE])
+        return [probe.ids[probe.trained[-1][1] - 1]]
+
 
 class KoAlpacaFormat(PromptFormat):
     """The walkthrough's Korean template (### 지시사항 / ### 입력 / ### 응답) extended to conversations (the module's
@@ -204,11 +216,12 @@ class ChatTemplateFormat(PromptFormat):
 
     Each assistant turn is found by rendering the conversation up to it twice: with the generation prompt (the text
     before the answer) and with the answer (the text after it). The trained segment is the answer with the template's
-    own end of turn (e.g. `<|eot_id|>`, `<|im_end|>`: the last special token of the turn), so the model learns to stop
-    where the template says a turn ends; what the template writes after that token (ChatML's newline) belongs to the
-    next turn's prompt. transformers' `return_assistant_tokens_mask` would find the same spans, but only in templates
-    marked with `{% generation %}`, which few models ship; rendering prefixes works for any template whose earlier
-    turns render the same whatever follows them, and the others are refused with a message.
+    own end of turn (e.g. `<|eot_id|>`, `<|im_end|>`: the last special token of the turn; the tokenizer's EOS after a
+    template that ends turns with plain text), so the model learns to stop where the template says a turn ends; what
+    the template writes after that token (ChatML's newline) belongs to the next turn's prompt. transformers'
+    `return_assistant_tokens_mask` would find the same spans, but only in templates marked with `{% generation %}`,
+    which few models ship; rendering prefixes works for any template whose earlier turns render the same whatever
+    follows them, and the others are refused with a message.
     """
 
     name = "chat"
@@ -223,12 +236,12 @@ class ChatTemplateFormat(PromptFormat):
             if message.role == "assistant":
                 prompt = self.render(messages[:index], add_generation_prompt=True)
                 full = self.render(messages[: index + 1])
-                answer, _ = self.turn_end(self.after(prompt, full))
-                segments += [Segment(self.after(done, prompt), trained=False), Segment(answer, trained=True)]
-                done = prompt + answer
+                answer = self.answer_segment(self.after(prompt, full))
+                segments += [Segment(self.after(done, prompt), trained=False), answer]
+                done = prompt + answer.text
         end = self.render(messages, add_generation_prompt=messages[-1].role == "user")
         segments.append(Segment(self.after(done, end), trained=False))
-        return [segment for segment in segments if segment.text]
+        return [segment for segment in segments if segment.text or segment.eos]
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         turns = [{"role": message.role, "content": message.text()} for message in messages]
@@ -254,12 +267,15 @@ class ChatTemplateFormat(PromptFormat):
             )
         return text[len(prefix) :]
 
-    def turn_end(self, answer: str) -> tuple[str, str]:
-        """An assistant turn as rendered, split after its last special token (the end of turn): the trained part, and
-        what follows (whitespace before the next turn). A turn with no special token is trained whole."""
-        ends = [answer.rfind(token) + len(token) for token in self.special_tokens if token in answer]
-        end = max(ends, default=len(answer))
-        return answer[:end], answer[end:]
+    def answer_segment(self, turn: str) -> Segment:
+        """An assistant turn as rendered, as the trained segment: up to its last special token (the end of turn); what
+        follows (whitespace before the next turn) belongs to the next prompt. A template that ends turns with no
+        special token (plain `USER: ...` / `ASSISTANT: ...` text) gets the tokenizer's EOS after the answer's text, as
+        the koalpaca format does, or the model would never learn to stop."""
+        ends = [turn.rfind(token) + len(token) for token in self.special_tokens if token in turn]
+        if ends:
+            return Segment(turn[: max(ends)], trained=True)
+        return Segment(turn.rstrip(), trained=True, eos=True)
 
     @cached_property
     def special_tokens(self) -> set[str]:

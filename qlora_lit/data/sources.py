@@ -10,6 +10,7 @@ import io
 import json
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -113,10 +114,14 @@ def table_conversations(
         text = select_columns(table, columns, source)
         rows = text[list(FIELDS)].itertuples(index=False, name=None)
         return [row_messages(*row) if row[0].strip() and row[2].strip() else () for row in rows]
-    if column not in table.columns:
-        raise ConfigError(f"{source} has no column {column!r}; its columns are {list(table.columns)} ({MAPPING_HINT})")
+    system_column = (columns or {}).get("system")
+    for name in (column, system_column):  # a mapped system column must be there, as for KoAlpaca rows
+        if name is not None and name not in table.columns:
+            raise ConfigError(
+                f"{source} has no column {name!r}; its columns are {list(table.columns)} ({MAPPING_HINT})"
+            )
     keys = (columns["role"], columns["content"]) if columns and "role" in columns else None
-    system = _as_text(table, (columns or {}).get("system", "system"), source)
+    system = _as_text(table, system_column or "system", source)
     return [_parsed(value, keys, own_system) for value, own_system in zip(table[column].tolist(), system, strict=True)]
 
 
@@ -187,6 +192,7 @@ def read_file(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
             if isinstance(rows, dict):
                 check_not_by_columns(rows, path)
                 rows = [rows]
+            check_items_are_objects(rows, path, text)
             return numbered(_records(rows, path), "item")
     elif text.lstrip().startswith("["):
         check_not_a_json_array(text, path)
@@ -266,11 +272,37 @@ def read_csv(path: Path, text: str) -> pd.DataFrame:
             f"data file {str(path)!r} has more than one column named {twice} (its columns: {names}): "
             "only one could be read. Rename the others"
         )
+    check_field_counts(path, text, delimiter, names)
     try:
-        table = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False)
+        with warnings.catch_warnings():  # a trailing empty field, checked above, is all that index_col=False drops
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            # index_col=False: pandas would otherwise take the first column of rows one field longer than the header
+            # as an index, shifting every value one column left.
+            table = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False, index_col=False)
     except pd.errors.ParserError as err:
         raise ConfigError(f"data file {str(path)!r} is not valid CSV ({delimiter!r}-separated): {err}") from err
     return numbered(table, "row")
+
+
+def check_field_counts(path: Path, text: str, delimiter: str, names: list[str]) -> None:
+    """Every row has as many fields as the header (one more, empty, is a trailing delimiter): pandas would fill a
+    short row with blanks and drop or shift the values of a long one, without a word."""
+    records = csv.reader(io.StringIO(text), delimiter=delimiter)
+    next(records)  # the header
+    rows = (fields for fields in records if len(fields) > 1 or (fields and fields[0].strip()))  # pandas skips blanks
+    wrong = [
+        (number, records.line_num, len(fields))
+        for number, fields in enumerate(rows, start=1)
+        if len(fields) != len(names) and not (len(fields) == len(names) + 1 and fields[-1] == "")
+    ]
+    if wrong:
+        number, line, count = wrong[0]
+        more = f" ({len(wrong) - 1} more rows like it)" if len(wrong) > 1 else ""
+        raise ConfigError(
+            f"data file {str(path)!r}, row {number} (line {line}) has {count} fields but the header has "
+            f"{len(names)} ({names}){more}: its values cannot be matched to the columns. Quote values that contain "
+            f'the separator {delimiter!r} ("a{delimiter} b"), or give the row as many fields as the header'
+        )
 
 
 def check_not_by_columns(value: dict, path: Path) -> None:
@@ -306,8 +338,26 @@ def _json_lines(text: str, path: Path) -> tuple[list[int], list]:
                 raise ConfigError(f"{str(path)!r}, line {number}: not valid JSON ({err.msg}): {line[:80]!r}") from err
             except DuplicateKey as err:
                 raise ConfigError(f"{str(path)!r}, line {number}: {err}") from err
+            if not isinstance(rows[-1], dict):
+                raise ConfigError(
+                    f"{str(path)!r}, line {number}: not a JSON object ({{...}}), which each line must be: {line[:80]!r}"
+                )
             lines.append(number)
     return lines, rows
+
+
+def check_items_are_objects(rows: object, path: Path, text: str) -> None:
+    """Each item of a JSON list is an object (a row); the first that is not is named, as the file writes it."""
+    if not isinstance(rows, list):
+        return  # one value that is no object or list: _records says so
+    bad = [number for number, row in enumerate(rows, start=1) if not isinstance(row, dict)]
+    if bad:
+        value = json.loads(text)[bad[0] - 1]  # as written: parse_json keeps numbers as text
+        more = f" ({len(bad) - 1} more items like it)" if len(bad) > 1 else ""
+        raise ConfigError(
+            f"{str(path)!r}, item {bad[0]}: {describe(value)} is not an object{more}; expected JSON objects ({{...}}), "
+            "as a list or one per line"
+        )
 
 
 def _records(rows: object, path: Path) -> pd.DataFrame:

@@ -53,15 +53,19 @@ def config_files(argv: list[str]) -> list[str]:
     return files
 
 
+MODEL_LINKS = {"model_name_or_path": "tokenizer", "trust_remote_code": "trust_remote_code"}
+"""model settings -> the data settings that `fit` links them to (cli.QLoRACLI.add_arguments_to_parser)."""
+
+
 def fit_data_settings(configs: list[str]) -> dict:
-    """The `data:` settings of fit configs (later files win), with the tokenizer linked to the model as `fit` does."""
+    """The `data:` settings of fit configs (later files win), with the tokenizer and trust_remote_code linked to the
+    model's as `fit` does."""
     data: dict = {}
     for config in configs:
         settings = read_config(config)
         data.update(_init_args(settings.get("data")))
-        model_name = _init_args(settings.get("model")).get("model_name_or_path")
-        if model_name:
-            data["tokenizer"] = model_name
+        model = _init_args(settings.get("model"))
+        data.update({linked: model[setting] for setting, linked in MODEL_LINKS.items() if model.get(setting)})
     unknown = sorted(set(data) - set(inspect.signature(KoAlpacaDataModule).parameters))
     if unknown:
         raise ConfigError(f"{', '.join(configs)}: unknown data settings {unknown}")
