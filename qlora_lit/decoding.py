@@ -11,6 +11,8 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from qlora_lit.errors import ConfigError
 
+SAMPLING_PENALTY = 1.2  # the walkthrough's repetition penalty, with its sampling settings
+
 
 @dataclass
 class GenerationArgs:
@@ -27,14 +29,25 @@ class GenerationArgs:
     """Sample among the k most likely tokens."""
     top_p: float = 0.95
     """Sample among the most likely tokens whose probabilities add up to p."""
-    repetition_penalty: float = 1.2
-    """Penalty on tokens already in the text (1.0: none)."""
+    repetition_penalty: float | None = None
+    """Penalty on tokens already in the text (1.0: none); unset: the walkthrough's 1.2 when sampling, none when
+    decoding greedily (then the answer is plain greedy decoding's, as in-training samples and plain PEFT give)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise ConfigError(f"generation.repetition_penalty must be > 0 (1.0: none), got {self.repetition_penalty}")
+        if self.top_k < 0:
+            raise ConfigError(f"generation.top_k must be >= 0 (0: no top-k limit), got {self.top_k}")
         if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ConfigError("generation.temperature must be > 0 and generation.top_p in (0, 1] when sampling")
+
+    @property
+    def penalty(self) -> float:
+        if self.repetition_penalty is not None:
+            return self.repetition_penalty
+        return SAMPLING_PENALTY if self.do_sample else 1.0
 
     def to_generation_config(
         self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, stop_token_ids: Sequence[int] = ()
@@ -45,7 +58,7 @@ class GenerationArgs:
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             do_sample=self.do_sample,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=self.penalty,
             eos_token_id=eos_token_ids(tokenizer, model, stop_token_ids),
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import sys
 
@@ -21,6 +22,7 @@ from qlora_lit.data.conversations import Message
 from qlora_lit.data.inference import encode_prompts, left_pad
 from qlora_lit.data.prompts import PromptFormat
 from qlora_lit.decoding import generate_texts
+from qlora_lit.errors import ConfigError
 from qlora_lit.generate import GenerationArgs, load_for_generation
 from qlora_lit.model import QuantizationArgs
 from qlora_lit.samples import greedy_answers
@@ -98,6 +100,21 @@ def test_sampling_defaults_are_the_walkthroughs_and_stop_at_the_tokenizers_eos(t
     assert config.eos_token_id[0] == tokenizer.eos_token_id and config.pad_token_id == tokenizer.pad_token_id
     greedy = GenerationArgs(do_sample=False).to_generation_config(tokenizer, model)
     assert not greedy.do_sample and greedy.temperature in (None, 1.0)
+    assert greedy.repetition_penalty == 1.0  # plain greedy, as plain PEFT and the in-training samples decode
+    chosen = GenerationArgs(do_sample=False, repetition_penalty=1.3).to_generation_config(tokenizer, model)
+    assert chosen.repetition_penalty == 1.3
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"repetition_penalty": 0.0}, "generation.repetition_penalty must be > 0 (1.0: none), got 0.0"),
+        ({"top_k": -5}, "generation.top_k must be >= 0 (0: no top-k limit), got -5"),
+    ],
+)
+def test_decoding_settings_out_of_range_are_named_before_loading(settings, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        GenerationArgs(**settings)
 
 
 CHATML = (
