@@ -55,6 +55,11 @@ class ChatSession:
         history = [m for asked, answer in turns for m in (Message("user", asked), Message("assistant", answer))]
         return with_system((*history, Message("user", question)), self.system)
 
+    def check_system(self, system: str | None) -> None:
+        """Raise ConfigError if the prompt format cannot render a conversation with `system` (templates without a
+        system role refuse one)."""
+        self.prompt_format.prompt_ids([with_system((Message("user", "?"),), system)])
+
     def prompt_ids(self, question: str) -> tuple[list[int] | None, int]:
         """Token ids of the prompt that answers `question`, after forgetting as few of the earliest turns as it takes
         to fit the budget, and how many were forgotten; None (and nothing forgotten) when `question` alone does not
@@ -114,6 +119,7 @@ def chat(
         trained_system_prompt(run_config) if system is None else system or None,
         context - generation.max_new_tokens,
     )
+    session.check_system(session.system)  # a template without a system role: said before the first message
     if seed is not None:
         torch.manual_seed(seed)
     print(f"{HELP}\n(system prompt: {session.system!r}, context {context} tokens)", flush=True)
@@ -156,6 +162,10 @@ def command(session: ChatSession, line: str) -> str:
         session.turns.clear()
         return "(a new conversation)"
     if name == "/system":
+        try:
+            session.check_system(argument.strip() or None)
+        except ConfigError as err:
+            return f"({err}; the system prompt stays {session.system!r})"
         session.system, session.turns = argument.strip() or None, []
         return f"(system prompt: {session.system!r}; a new conversation)"
     return f"(unknown command {name}) {HELP}"

@@ -18,11 +18,12 @@ from transformers import TextStreamer
 import qlora_lit.chat
 import qlora_lit.generate
 from qlora_lit.assets import resolve_asset
-from qlora_lit.chat import ChatSession, reply
+from qlora_lit.chat import ChatSession, command, reply
 from qlora_lit.cli import cli_main
 from qlora_lit.data.conversations import Message, with_system
 from qlora_lit.data.inference import prompt_messages
 from qlora_lit.data.prompts import PromptFormat
+from qlora_lit.errors import ConfigError
 from qlora_lit.tokenizer import load_tokenizer
 
 GREEDY = ["--generation.do_sample", "false", "--generation.max_new_tokens", "6", "--dtype", "fp32"]
@@ -208,3 +209,22 @@ def test_generate_answers_the_last_user_turn_of_conversation_rows(chat_run, tmp_
     expected = [prompt_messages(row, "친절하게.") for row in rows]
     assert expected[1][0] == Message("system", "짧게.")  # a row's own system prompt stays
     assert asked == koalpaca(adapter).prompt_ids(expected)
+
+
+def test_a_system_prompt_the_template_cannot_take_is_refused_and_the_session_goes_on(tokenizer):
+    """`/system ...` with a template without a system role (Mistral's, Gemma's): the next message ended the session."""
+    inst = tokenizer.__class__.from_pretrained(resolve_asset("builtin:tiny-llama"))
+    inst.chat_template = (
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]{% else %}{{ m.content + eos_token }}"
+        "{% endif %}{% endfor %}"
+    )
+    session = ChatSession(PromptFormat.named("chat", inst), None, budget=1000)
+    session.turns.append(("안녕", "안녕하세요"))
+    said = command(session, "/system 짧게 답하세요.")
+    assert "System role not supported" in said and "the system prompt stays None" in said
+    assert session.system is None and session.turns == [("안녕", "안녕하세요")]
+    ids, forgotten = session.prompt_ids("김치찌개 끓이는 법?")
+    assert ids is not None and forgotten == 0
+    with pytest.raises(ConfigError, match="System role not supported"):
+        session.check_system("짧게 답하세요.")  # what `chat --system ...` checks before the first message
