@@ -12,6 +12,7 @@ from conftest import SAMPLE_DATA, TINY_MODEL
 from qlora_lit.data import KoAlpacaDataModule
 from qlora_lit.data.collate import IGNORE_INDEX, PaddingCollator
 from qlora_lit.data.datamodule import rank_share
+from qlora_lit.data.sampler import EpochBatchSampler, batch_count
 from qlora_lit.errors import ConfigError
 
 CHAT_TEMPLATE = (
@@ -164,3 +165,22 @@ def test_each_validation_row_is_on_one_rank_and_every_rank_runs_as_many_batches(
     fillers = [example for share in shares for example in share if example.get("filler")]
     collated = PaddingCollator(pad_id=0)(fillers) if fillers else None
     assert collated is None or bool((collated["labels"] == IGNORE_INDEX).all())
+
+
+def test_batches_left_out_so_that_ranks_get_as_many_are_said(caplog):
+    """The sampler drops the last batches of an epoch that do not split evenly over the ranks; it counted them, and
+    nothing said so."""
+    data = KoAlpacaDataModule(SAMPLE_DATA, tokenizer=TINY_MODEL, max_length=96, val_size=8)
+    data.setup()
+    batch_size = next(size for size in range(1, 9) if batch_count(len(data.train_set), size) % 2)
+    data.batch_size = batch_size
+    with mock.patch.object(EpochBatchSampler, "world", return_value=(0, 2)), caplog.at_level("INFO"):
+        data.train_dataloader()
+    total = batch_count(len(data.train_set), batch_size)
+    assert f"each epoch leaves out its last 1 of {total} batches (of up to {batch_size} examples), so that" in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        data.train_dataloader()  # one rank: nothing left out
+    assert "leaves out" not in caplog.text

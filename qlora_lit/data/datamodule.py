@@ -318,6 +318,13 @@ class KoAlpacaDataModule(L.LightningDataModule):
             accumulate=self.trainer.accumulate_grad_batches if self.trainer is not None else 1,
             progress=self.training_progress if self.trainer is not None else None,
         )
+        if self.train_sampler.dropped_batches:
+            rank_zero_info(
+                f"data: each epoch leaves out its last {self.train_sampler.dropped_batches} of "
+                f"{batch_count(len(lengths), self.batch_size)} batches (of up to {self.batch_size} "
+                f"{'packed rows' if self.pack_length else 'examples'}), so that the "
+                f"{EpochBatchSampler.world()[1]} ranks get as many; the order is shuffled each epoch"
+            )
         if self.resume_position and self.trainer is not None:
             self.report_resume_position(self.train_sampler, self.resume_position)
             self.resume_position = {}

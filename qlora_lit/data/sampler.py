@@ -116,7 +116,7 @@ class EpochBatchSampler(torch.utils.data.Sampler[list]):
 
     @property
     def dropped_batches(self) -> int:
-        return len(self.all_batches()) % self.world()[1]
+        return batch_count(len(self.lengths), self.batch_size) % self.world()[1]
 
     def __iter__(self) -> Iterator[list]:
         if self.progress is None:
