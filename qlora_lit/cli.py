@@ -33,7 +33,13 @@ from qlora_lit.preemption import PreemptionCheckpoint
 from qlora_lit.progress import LoggedMetricsBar
 from qlora_lit.rank_watch import RankWatch, wait_for_verdict
 from qlora_lit.ranks import rank_layout
-from qlora_lit.resume import ResumedRun, checkpoint_to_resume, continue_newest_run, newest_last_checkpoint
+from qlora_lit.resume import (
+    ResumedRun,
+    checkpoint_to_resume,
+    continue_newest_run,
+    newest_last_checkpoint,
+    refuse_a_used_run_folder,
+)
 from qlora_lit.run_folder import release_runs, take_new_run_folder
 from qlora_lit.samples import SampleGenerations
 from qlora_lit.text_log import SaveAndLogConfig
@@ -116,6 +122,8 @@ class QLoRACLI(LightningCLI):
         resumes = config.ckpt_path in ("last", "best") if config else False
         if self.subcommand == "fit" and resumes and config.checkpoint.dirpath is None:
             continue_newest_run(config.trainer.logger, config.ckpt_path)  # before the logger exists: it names the run
+        if self.subcommand == "fit" and config.ckpt_path is None:
+            refuse_a_used_run_folder(config.trainer.logger)
 
     def before_fit(self) -> None:
         layout = rank_layout(self.trainer)
