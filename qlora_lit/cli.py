@@ -145,6 +145,12 @@ class QLoRACLI(LightningCLI):
 
     def before_predict(self) -> None:
         writers = [callback for callback in self.trainer.callbacks if isinstance(callback, PredictionWriter)]
+        output = writers[0].output if writers else None
+        if output and Path(output).is_dir():  # it was found at the end, after every prompt had been answered
+            raise ConfigError(
+                f"predictions.output {output} is a folder; give the path of a JSONL file for the answers, e.g. "
+                f"--predictions.output {Path(output) / 'predictions.jsonl'}"
+            )
         if self.trainer.is_global_zero and writers:  # before the model loads
             ensure_writable(writers[0].output_path(self.trainer).parent, "the predictions", "predictions.output")
         self.check_ckpt_path()
