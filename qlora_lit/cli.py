@@ -117,7 +117,10 @@ class QLoRACLI(LightningCLI):
         if self.subcommand == "fit":
             checkpoint = config.get("checkpoint") or {}
             check_run_settings(
-                config.trainer.get("val_check_interval"), checkpoint.get("save_top_k"), checkpoint.get("monitor")
+                config.trainer.get("val_check_interval"),
+                checkpoint.get("save_top_k"),
+                checkpoint.get("monitor"),
+                config.data.get("path"),
             )
         resumes = config.ckpt_path in ("last", "best") if config else False
         if self.subcommand == "fit" and resumes and config.checkpoint.dirpath is None:
