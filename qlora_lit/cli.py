@@ -126,7 +126,7 @@ class QLoRACLI(LightningCLI):
         if self.subcommand == "fit" and resumes and config.checkpoint.dirpath is None:
             continue_newest_run(config.trainer.logger, config.ckpt_path)  # before the logger exists: it names the run
         if self.subcommand == "fit" and config.ckpt_path is None:
-            refuse_a_used_run_folder(config.trainer.logger)
+            refuse_a_used_run_folder(config.trainer.logger, config.trainer.get("default_root_dir"))
 
     def before_fit(self) -> None:
         layout = rank_layout(self.trainer)
@@ -199,6 +199,11 @@ class QLoRACLI(LightningCLI):
             trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
         if self.subcommand:  # before Lightning numbers the run's folder: two runs started together, two folders
             take_new_run_folder(trainer_config.get("logger"))
+        if not trainer_config.get("logger"):  # Lightning stops a LearningRateMonitor without a logger at the start
+            defaults = self.trainer_defaults["callbacks"]
+            self.trainer_defaults["callbacks"] = [
+                item for item in defaults if not isinstance(item, LearningRateMonitor)
+            ]
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:  # Lightning's word on other settings, no traceback

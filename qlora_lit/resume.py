@@ -61,19 +61,22 @@ def continue_newest_run(logger: Any, ckpt_path: str = "last") -> None:
         )
 
 
-def refuse_a_used_run_folder(logger: Any) -> None:
+def refuse_a_used_run_folder(logger: Any, default_root_dir: str | None = None) -> None:
     """For `fit` without `--ckpt_path`: a fixed version whose folder already holds a run (a checkpoint, an adapter)
     would train from step 0 in it, overwrite its adapter, config.yaml and data_stats.json, mix its checkpoints with
     the new ones (last-v1.ckpt, ...) and hide its TensorBoard curves behind the new run's restart. Refused before
-    anything is written; a folder a killed fit left without a checkpoint or adapter is reused."""
+    anything is written; a folder a killed fit left without a checkpoint or adapter is reused. Without a logger the
+    run's folder is trainer.default_root_dir (the current folder unless set), fixed too."""
     args = getattr(logger, "init_args", None)
-    if args is None or args.get("version") is None or "save_dir" not in args:
+    if not logger:
+        folder, setting = Path(default_root_dir or "."), "trainer.default_root_dir"
+    elif args is not None and args.get("version") is not None and "save_dir" in args:
+        folder, setting = fixed_run_folder(args), "trainer.logger.init_args.version"
+    else:
         return
-    folder = fixed_run_folder(args)
     if any((folder / "checkpoints").glob("*.ckpt")) or (folder / "adapter").is_dir():
         raise ConfigError(
-            f"{folder} already holds a run: continue it with --ckpt_path last, or choose another "
-            "trainer.logger.init_args.version"
+            f"{folder} already holds a run: continue it with --ckpt_path last, or choose another {setting}"
         )
 
 

@@ -249,6 +249,29 @@ def test_a_sources_validation_loss_can_rank_the_checkpoints(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_fit_without_a_logger_trains_saves_and_resumes_in_default_root_dir(tmp_path, capsys, monkeypatch):
+    """`--trainer.logger false` ended in Lightning's "Cannot use `LearningRateMonitor` callback with `Trainer` that has
+    no logger" once the model had loaded."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    args = ["fit", "--config", DEMO_CONFIG, "--trainer.logger", "false", "--trainer.default_root_dir", str(run)]
+    args += ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--samples.prompts", "[]"]
+    cli_main([*args, "--trainer.enable_progress_bar", "false"])
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert not list(tmp_path.rglob("events.out.tfevents.*")) and list(tmp_path.iterdir()) == [run]
+    with pytest.raises(SystemExit) as exit_info:  # a second fit there would overwrite it
+        cli_main(args)
+    assert exit_info.value.code == 2
+    message = (
+        f"{run} already holds a run: continue it with --ckpt_path last, or choose another trainer.default_root_dir"
+    )
+    assert message in capsys.readouterr().err
+    cli = cli_main([*args, "--trainer.max_steps", "4", "--ckpt_path", "last", "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.global_step == 4
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+@pytest.mark.slow
 def test_demo_fit_end_to_end(tmp_path):
     result = run_cli("fit", "--config", "configs/demo.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
