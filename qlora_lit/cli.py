@@ -33,7 +33,13 @@ from qlora_lit.preemption import PreemptionCheckpoint
 from qlora_lit.progress import LoggedMetricsBar
 from qlora_lit.rank_watch import RankWatch, wait_for_verdict
 from qlora_lit.ranks import rank_layout
-from qlora_lit.resume import ResumedRun, checkpoint_to_resume, continue_newest_run, newest_last_checkpoint
+from qlora_lit.resume import (
+    ResumedRun,
+    checkpoint_to_resume,
+    continue_newest_run,
+    newest_last_checkpoint,
+    refuse_a_used_run_folder,
+)
 from qlora_lit.run_folder import release_runs, take_new_run_folder
 from qlora_lit.samples import SampleGenerations
 from qlora_lit.text_log import SaveAndLogConfig
@@ -111,11 +117,16 @@ class QLoRACLI(LightningCLI):
         if self.subcommand == "fit":
             checkpoint = config.get("checkpoint") or {}
             check_run_settings(
-                config.trainer.get("val_check_interval"), checkpoint.get("save_top_k"), checkpoint.get("monitor")
+                config.trainer.get("val_check_interval"),
+                checkpoint.get("save_top_k"),
+                checkpoint.get("monitor"),
+                config.data.get("path"),
             )
         resumes = config.ckpt_path in ("last", "best") if config else False
         if self.subcommand == "fit" and resumes and config.checkpoint.dirpath is None:
             continue_newest_run(config.trainer.logger, config.ckpt_path)  # before the logger exists: it names the run
+        if self.subcommand == "fit" and config.ckpt_path is None:
+            refuse_a_used_run_folder(config.trainer.logger, config.trainer.get("default_root_dir"))
 
     def before_fit(self) -> None:
         layout = rank_layout(self.trainer)
@@ -137,6 +148,12 @@ class QLoRACLI(LightningCLI):
 
     def before_predict(self) -> None:
         writers = [callback for callback in self.trainer.callbacks if isinstance(callback, PredictionWriter)]
+        output = writers[0].output if writers else None
+        if output and Path(output).is_dir():  # it was found at the end, after every prompt had been answered
+            raise ConfigError(
+                f"predictions.output {output} is a folder; give the path of a JSONL file for the answers, e.g. "
+                f"--predictions.output {Path(output) / 'predictions.jsonl'}"
+            )
         if self.trainer.is_global_zero and writers:  # before the model loads
             ensure_writable(writers[0].output_path(self.trainer).parent, "the predictions", "predictions.output")
         self.check_ckpt_path()
@@ -182,6 +199,11 @@ class QLoRACLI(LightningCLI):
             trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
         if self.subcommand:  # before Lightning numbers the run's folder: two runs started together, two folders
             take_new_run_folder(trainer_config.get("logger"))
+        if not trainer_config.get("logger"):  # Lightning stops a LearningRateMonitor without a logger at the start
+            defaults = self.trainer_defaults["callbacks"]
+            self.trainer_defaults["callbacks"] = [
+                item for item in defaults if not isinstance(item, LearningRateMonitor)
+            ]
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:  # Lightning's word on other settings, no traceback

@@ -53,13 +53,37 @@ def continue_newest_run(logger: Any, ckpt_path: str = "last") -> None:
         args.version = newest.parent.parent.name
         rank_zero_info(f"--ckpt_path {ckpt_path}: continuing {newest.parent.parent}")
         return
-    version = args.version if isinstance(args.version, str) else f"version_{args.version}"
-    own = runs / version / "checkpoints"
+    own = fixed_run_folder(args) / "checkpoints"
     if newest is not None and not any(own.glob("last*.ckpt")):
         rank_zero_warn(
             f"--ckpt_path {ckpt_path}: {own} has no last.ckpt, so training starts at step 0 in {own.parent}; "
             f"to continue the newest earlier run instead, pass --ckpt_path {newest}"
         )
+
+
+def refuse_a_used_run_folder(logger: Any, default_root_dir: str | None = None) -> None:
+    """For `fit` without `--ckpt_path`: a fixed version whose folder already holds a run (a checkpoint, an adapter)
+    would train from step 0 in it, overwrite its adapter, config.yaml and data_stats.json, mix its checkpoints with
+    the new ones (last-v1.ckpt, ...) and hide its TensorBoard curves behind the new run's restart. Refused before
+    anything is written; a folder a killed fit left without a checkpoint or adapter is reused. Without a logger the
+    run's folder is trainer.default_root_dir (the current folder unless set), fixed too."""
+    args = getattr(logger, "init_args", None)
+    if not logger:
+        folder, setting = Path(default_root_dir or "."), "trainer.default_root_dir"
+    elif args is not None and args.get("version") is not None and "save_dir" in args:
+        folder, setting = fixed_run_folder(args), "trainer.logger.init_args.version"
+    else:
+        return
+    if any((folder / "checkpoints").glob("*.ckpt")) or (folder / "adapter").is_dir():
+        raise ConfigError(
+            f"{folder} already holds a run: continue it with --ckpt_path last, or choose another {setting}"
+        )
+
+
+def fixed_run_folder(args: Any) -> Path:
+    """The folder of a logger's fixed version (`init_args` of trainer.logger): a number is Lightning's version_N."""
+    version = args.version if isinstance(args.version, str) else f"version_{args.version}"
+    return Path(args.save_dir) / (args.get("name") or "") / version
 
 
 def checkpoint_to_resume(

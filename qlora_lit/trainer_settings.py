@@ -10,6 +10,7 @@ from typing import Any
 
 from lightning.fabric.accelerators import cuda
 
+from qlora_lit.data.mixing import parse_sources, source_names
 from qlora_lit.errors import ConfigError
 
 GPU_ACCELERATORS = ("gpu", "cuda")
@@ -54,25 +55,20 @@ def requested_devices(devices: Any) -> int | None:
     return None
 
 
-# What a fit logs (QLoRAModule, TrainingMonitor): the metrics checkpoint.monitor can watch.
-MONITORABLE = (
-    "val_loss",
-    "val_ppl",
-    "train_loss",
-    "train/grad_norm",
-    "train/padding_fraction",
-    "throughput/tokens_per_s",
-    "throughput/label_tokens_per_s",
-    "throughput/samples_per_s",
-    "throughput/step_time_s",
-    "throughput/mfu",
-)
+# What a fit logs at every validation (QLoRAModule), so ModelCheckpoint finds it whenever it saves: the metrics
+# checkpoint.monitor can watch, with `val_loss/<source>` for each of several data sources. TrainingMonitor's series
+# (train/grad_norm, throughput/*, memory/*) are logged every trainer.log_every_n_steps optimizer steps only, some on
+# GPUs only: a validation before the first log stopped the run at its checkpoint (Lightning's "could not find the
+# monitored key").
+MONITORABLE = ("val_loss", "val_ppl", "train_loss")
+WINDOW_SERIES = ("train/", "throughput/", "memory/")
 
 
-def check_run_settings(val_check_interval: Any, save_top_k: Any, monitor: Any) -> None:
+def check_run_settings(val_check_interval: Any, save_top_k: Any, monitor: Any, data_path: Any = None) -> None:
     """Validation and checkpoint settings that would fail only later: Lightning divides by a validation interval of
-    0, refuses a save_top_k below -1 with a traceback, and finds a misspelt monitor only at the first validation,
-    after the model loaded and trained."""
+    0, refuses a save_top_k below -1 with a traceback, and finds a misspelt monitor, or one not logged at every
+    validation, only at a checkpoint, after the model loaded and trained. `data_path`: data.path, which names the
+    sources of `val_loss/<source>`."""
     if isinstance(val_check_interval, (int, float)) and val_check_interval <= 0:
         raise ConfigError(
             f"trainer.val_check_interval must be > 0 (training batches between validations, or a fraction of an "
@@ -85,5 +81,22 @@ def check_run_settings(val_check_interval: Any, save_top_k: Any, monitor: Any) -
             f"checkpoint.save_top_k={save_top_k} keeps the best checkpoints by checkpoint.monitor, which is null: name "
             f"a metric ({', '.join(MONITORABLE[:2])}, ...), or keep the newest (save_top_k 1) or all (-1)"
         )
-    if monitor is not None and monitor not in MONITORABLE:
-        raise ConfigError(f"checkpoint.monitor {monitor!r} is not a metric this run logs; choose one of {MONITORABLE}")
+    if monitor is not None:
+        check_monitor(monitor, data_path)
+
+
+def check_monitor(monitor: str, data_path: Any) -> None:
+    if monitor in MONITORABLE:
+        return
+    names = source_names(parse_sources(data_path)) if data_path else []
+    per_source = [f"val_loss/{name}" for name in names] if len(names) > 1 else []
+    if monitor in per_source:
+        return
+    why = "is not a metric this run logs at every validation"
+    if monitor.startswith(WINDOW_SERIES):
+        why = (
+            "is logged only every trainer.log_every_n_steps optimizer steps (throughput/mfu only where the GPU's peak "
+            "is known, memory/* only on GPUs), so a validation can come before it and its checkpoint finds no value"
+        )
+    choices = [*MONITORABLE, *(per_source or ["val_loss/<source> (with several data.path entries)"])]
+    raise ConfigError(f"checkpoint.monitor {monitor!r} {why}; choose one of {', '.join(choices)}")

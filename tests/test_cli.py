@@ -204,10 +204,72 @@ SERIES = [
 GPU_SERIES = ["throughput/mfu", "memory/peak_allocated_gib", "memory/peak_reserved_gib"]
 
 
-def test_every_metric_checkpoint_monitor_accepts_is_one_the_run_logs():
+def test_every_metric_checkpoint_monitor_accepts_is_one_the_run_logs_at_every_validation():
     from qlora_lit.trainer_settings import MONITORABLE
 
-    assert set(MONITORABLE) <= set(SERIES + GPU_SERIES)
+    assert set(MONITORABLE) == {"train_loss", "val_loss", "val_ppl"}  # TrainingMonitor's series: see below
+
+
+@pytest.mark.parametrize(
+    "metric", ["throughput/mfu", "train/grad_norm", "throughput/tokens_per_s", "memory/peak_reserved_gib"]
+)
+def test_a_monitor_not_logged_at_every_validation_is_refused_before_loading(metric, tmp_path, capsys, monkeypatch):
+    """They are logged every log_every_n_steps optimizer steps (mfu only where the GPU's peak is known): a validation
+    before the first log stopped the run at its checkpoint with Lightning's MisconfigurationException."""
+    monkeypatch.setattr("qlora_lit.module.load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(
+            [
+                "fit",
+                "--config",
+                DEMO_CONFIG,
+                "--checkpoint.monitor",
+                metric,
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path),
+            ]
+        )
+    assert exit_info.value.code == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert f"checkpoint.monitor '{metric}' is logged only every trainer.log_every_n_steps optimizer steps" in error
+    assert "choose one of val_loss, val_ppl, train_loss, val_loss/<source> (with several data.path entries)" in error
+
+
+@pytest.mark.slow
+def test_a_sources_validation_loss_can_rank_the_checkpoints(tmp_path):
+    """README "Monitoring": with several data.path entries each source's `val_loss/<name>` is logged; it was refused."""
+    args = ["--config", str(ROOT / "configs/demo_chat.yaml"), "--trainer.max_steps", "2"]
+    args += ["--trainer.val_check_interval", "2", "--samples.prompts", "[]", "--trainer.enable_progress_bar", "false"]
+    args += ["--trainer.logger.init_args.save_dir", str(tmp_path), "--checkpoint.monitor", "val_loss/ko_chat_sample"]
+    cli = cli_main(["fit", *args])
+    checkpoint = cli.trainer.checkpoint_callback
+    assert Path(checkpoint.best_model_path).is_file()
+    assert checkpoint.best_model_score == cli.trainer.callback_metrics["val_loss/ko_chat_sample"]
+    with pytest.raises(SystemExit):  # a source the run does not have
+        cli_main(["fit", *args, "--checkpoint.monitor", "val_loss/ko_chat"])
+
+
+@pytest.mark.slow
+def test_a_fit_without_a_logger_trains_saves_and_resumes_in_default_root_dir(tmp_path, capsys, monkeypatch):
+    """`--trainer.logger false` ended in Lightning's "Cannot use `LearningRateMonitor` callback with `Trainer` that has
+    no logger" once the model had loaded."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    args = ["fit", "--config", DEMO_CONFIG, "--trainer.logger", "false", "--trainer.default_root_dir", str(run)]
+    args += ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--samples.prompts", "[]"]
+    cli_main([*args, "--trainer.enable_progress_bar", "false"])
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert not list(tmp_path.rglob("events.out.tfevents.*")) and list(tmp_path.iterdir()) == [run]
+    with pytest.raises(SystemExit) as exit_info:  # a second fit there would overwrite it
+        cli_main(args)
+    assert exit_info.value.code == 2
+    message = (
+        f"{run} already holds a run: continue it with --ckpt_path last, or choose another trainer.default_root_dir"
+    )
+    assert message in capsys.readouterr().err
+    cli = cli_main([*args, "--trainer.max_steps", "4", "--ckpt_path", "last", "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.global_step == 4
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
 @pytest.mark.slow

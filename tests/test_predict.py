@@ -76,6 +76,20 @@ def test_an_unwritable_output_is_one_message_before_loading(trained_run, prompts
     assert f"cannot write the predictions to {tmp_path / 'a-file'}" in error and "Point predictions.output at" in error
 
 
+def test_an_output_that_is_a_folder_is_one_message_before_loading(trained_run, prompts, tmp_path, capsys, monkeypatch):
+    """It failed with IsADirectoryError after every prompt had been answered, leaving hidden part files beside it."""
+    monkeypatch.setattr("qlora_lit.module.load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "answers").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(predict_args(trained_run[0], prompts, tmp_path / "answers"))
+    assert exit_info.value.code == 2
+    assert (
+        f"predictions.output {tmp_path / 'answers'} is a folder; give the path of a JSONL file for the answers, e.g. "
+        f"--predictions.output {tmp_path / 'answers' / 'predictions.jsonl'}" in capsys.readouterr().err
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["answers"]
+
+
 @pytest.mark.slow
 def test_predict_on_two_processes(trained_run, prompts, generated, tmp_path):
     output = tmp_path / "predictions.jsonl"

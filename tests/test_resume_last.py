@@ -11,7 +11,8 @@ from conftest import DEMO_CONFIG
 from jsonargparse import Namespace
 
 from qlora_lit.cli import cli_main
-from qlora_lit.resume import continue_newest_run
+from qlora_lit.errors import ConfigError
+from qlora_lit.resume import continue_newest_run, refuse_a_used_run_folder
 
 
 def logger_config(save_dir: Path, version=None) -> Namespace:
@@ -67,6 +68,35 @@ def test_a_fixed_version_with_its_own_checkpoint_says_nothing(tmp_path, recwarn)
 def test_loggers_without_a_folder_layout_are_left_alone():
     for logger in (None, False, [logger_config(Path("runs"))]):
         continue_newest_run(logger)
+
+
+def test_a_fixed_version_that_holds_a_run_is_refused_without_ckpt_path(tmp_path):
+    """A second fit into `--trainer.logger.init_args.version myrun` started at step 0 in the first run's folder and
+    overwrote its adapter, config and checkpoints."""
+    run = tmp_path / "demo" / "myrun"
+    save_last(run, 1_000, name="step000002-val_loss3.9960.ckpt")
+    (tmp_path / "demo" / "version_3" / "adapter").mkdir(parents=True)
+    (tmp_path / "demo" / "killed" / "checkpoints").mkdir(parents=True)  # killed before its first checkpoint
+    (tmp_path / "demo" / "killed" / "events.out.tfevents.1").write_bytes(b"")
+    for version in ("myrun", 3):
+        folder = tmp_path / "demo" / ("myrun" if version == "myrun" else "version_3")
+        message = f"{folder} already holds a run: continue it with --ckpt_path last, or choose another trainer.logger"
+        with pytest.raises(ConfigError, match=message):
+            refuse_a_used_run_folder(logger_config(tmp_path, version=version))
+    for version in ("killed", "new", None):  # nothing to lose there, or a new version_N
+        refuse_a_used_run_folder(logger_config(tmp_path, version=version))
+
+
+def test_fit_refuses_a_fixed_version_that_holds_a_run_before_writing_anything(tmp_path, capsys):
+    run = tmp_path / "demo" / "myrun"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("the first run's")
+    with pytest.raises(SystemExit) as exit_info:
+        demo_fit(tmp_path, 2, "--trainer.logger.init_args.version", "myrun")
+    assert exit_info.value.code == 2
+    assert f"{run} already holds a run: continue it with --ckpt_path last" in capsys.readouterr().err
+    assert sorted(path.name for path in run.iterdir()) == ["adapter", "config.yaml"]
+    assert (run / "config.yaml").read_text() == "the first run's"
 
 
 def demo_fit(save_dir: Path, max_steps: int, *args: str):
