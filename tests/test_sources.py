@@ -229,6 +229,27 @@ def test_numbers_in_text_fields_are_taken_as_written_and_nulls_are_blank(tmp_pat
         load_sources(str(tmp_path / "lists.parquet"))
 
 
+def test_bad_rows_skip_leaves_out_rows_whose_text_field_is_no_text_and_counts_them(tmp_path):
+    """`data.bad_rows: skip` skipped conversation rows with a list as a message, yet a KoAlpaca row with a list as
+    its output (or a true/false system) still stopped the run."""
+    lines = '{"instruction": "a", "output": "x"}\n{"instruction": "b", "output": ["p", "q"]}\n'
+    lines += '{"instruction": "c", "output": "z", "system": true}\n{"instruction": "d", "output": "w"}\n'
+    (tmp_path / "mixed.jsonl").write_text(lines, encoding="utf-8")
+    conversations, _, stats = load_conversations(str(tmp_path / "mixed.jsonl"), bad_rows="skip")
+    assert [conversation[0].content for conversation in conversations] == ["a", "d"]
+    assert (stats["rows_read"], stats["bad_rows_skipped"], stats["rows_kept"]) == (4, 2, 2)
+    assert stats["bad_row_examples"][0].endswith('line 2: \'output\' is a list ["p", "q"], not text')
+    with pytest.raises(ConfigError, match=r"mixed.jsonl', line 2: 'output' is a list .*, not text\. Text fields"):
+        load_conversations(str(tmp_path / "mixed.jsonl"))  # error (the default): stops, naming the first and the rest
+    messages = (
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "system": [1]}\n'
+    )
+    messages += '{"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}\n'
+    (tmp_path / "chat.jsonl").write_text(messages, encoding="utf-8")
+    conversations, _, stats = load_conversations(str(tmp_path / "chat.jsonl"), bad_rows="skip")
+    assert len(conversations) == 1 and stats["bad_rows_skipped"] == 1
+
+
 def test_other_columns_may_hold_anything(tmp_path):
     rows = read_rows(tmp_path, "meta.jsonl", '{"instruction": "a", "output": "b", "meta": {"tags": [1, true]}}\n')
     assert rows == [{"instruction": "a", "input": "", "output": "b"}]

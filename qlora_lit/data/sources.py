@@ -71,7 +71,8 @@ def load_conversations(
     for number, path in enumerate(paths):
         table = load_table(path, encoding)
         stats["rows_read"] += len(table)
-        for label, row in zip(row_labels(table), table_conversations(table, columns, repr(path)), strict=True):
+        rows = table_conversations(table, columns, repr(path), skip_bad=bad_rows == "skip")
+        for label, row in zip(row_labels(table), rows, strict=True):
             if isinstance(row, BadRow):
                 if bad_rows == "error":
                     raise ConfigError(
@@ -105,15 +106,16 @@ def finish_stats(stats: dict, conversations: list[Conversation], bad_examples: l
 
 
 def table_conversations(
-    table: pd.DataFrame, columns: Mapping[str, str] | None = None, source: str = "data"
+    table: pd.DataFrame, columns: Mapping[str, str] | None = None, source: str = "data", skip_bad: bool = False
 ) -> list[Conversation | BadRow]:
-    """Each row of one source as a conversation (empty: an empty row), or the BadRow saying why it is none."""
+    """Each row of one source as a conversation (empty: an empty row), or the BadRow saying why it is none.
+    `skip_bad`: a field that is not text (a list, true/false) makes its row a BadRow too, instead of stopping here."""
     check_columns(columns)
     column = conversation_column(list(table.columns), columns)
     if column is None:
-        text = select_columns(table, columns, source)
+        text = select_columns(table, columns, source, skip_bad)
         rows = text[list(FIELDS)].itertuples(index=False, name=None)
-        return [row_messages(*row) if row[0].strip() and row[2].strip() else () for row in rows]
+        return [_koalpaca_row(row) for row in rows]
     system_column = (columns or {}).get("system")
     for name in (column, system_column):  # a mapped system column must be there, as for KoAlpaca rows
         if name is not None and name not in table.columns:
@@ -121,8 +123,19 @@ def table_conversations(
                 f"{source} has no column {name!r}; its columns are {list(table.columns)} ({MAPPING_HINT})"
             )
     keys = (columns["role"], columns["content"]) if columns and "role" in columns else None
-    system = _as_text(table, system_column or "system", source)
-    return [_parsed(value, keys, own_system) for value, own_system in zip(table[column].tolist(), system, strict=True)]
+    system = _as_text(table, system_column or "system", source, skip_bad)
+    return [
+        own_system if isinstance(own_system, BadRow) else _parsed(value, keys, own_system)
+        for value, own_system in zip(table[column].tolist(), system, strict=True)
+    ]
+
+
+def _koalpaca_row(fields: tuple) -> Conversation | BadRow:
+    """instruction, input, output, system as a conversation; empty without an instruction or an output."""
+    bad = next((field for field in fields if isinstance(field, BadRow)), None)
+    if bad is not None:
+        return bad
+    return row_messages(*fields) if fields[0].strip() and fields[2].strip() else ()
 
 
 def _parsed(value: object, keys: tuple[str, str] | None, system: str) -> Conversation | BadRow:
@@ -386,7 +399,9 @@ def check_columns(columns: Mapping[str, str] | None) -> None:
         )
 
 
-def select_columns(table: pd.DataFrame, columns: Mapping[str, str] | None = None, source: str = "data") -> pd.DataFrame:
+def select_columns(
+    table: pd.DataFrame, columns: Mapping[str, str] | None = None, source: str = "data", skip_bad: bool = False
+) -> pd.DataFrame:
     """instruction/input/output/system as text, taken from the source's columns named by `columns`; other columns
     dropped.
 
@@ -399,19 +414,22 @@ def select_columns(table: pd.DataFrame, columns: Mapping[str, str] | None = None
     missing = [name for name in needed if name not in table.columns]
     if missing:
         raise ConfigError(f"{source} has no column {missing}; its columns are {list(table.columns)} ({MAPPING_HINT})")
-    return pd.DataFrame({field: _as_text(table, names[field], source) for field in FIELDS})
+    return pd.DataFrame({field: _as_text(table, names[field], source, skip_bad) for field in FIELDS})
 
 
-def _as_text(table: pd.DataFrame, column: str, source: str = "data") -> pd.Series:
+def _as_text(table: pd.DataFrame, column: str, source: str = "data", skip_bad: bool = False) -> pd.Series:
     """A column as text: strings as they are, numbers as written, missing values blank. Anything else (a list, an
     object, true/false, an infinite number) would become Python's rendering of it ("['a', 'b']", "True"), which no
-    one meant as training text: refused, naming where."""
+    one meant as training text: refused, naming where; with `skip_bad`, a BadRow in its place (data.bad_rows: skip)."""
     if column not in table.columns:
         return pd.Series([""] * len(table), index=table.index, dtype=str)
     values = table[column].tolist()
     texts = [as_text(value) for value in values]
     bad = [position for position, text in enumerate(texts) if text is None]
-    if bad:
+    if bad and skip_bad:
+        for position in bad:
+            texts[position] = BadRow(f"{column!r} is {describe(values[position])}, not text")
+    elif bad:
         first = bad[0]
         unit = table.index.name or "row"
         more = f" ({len(bad) - 1} more rows like it)" if len(bad) > 1 else ""
