@@ -50,6 +50,10 @@ QWEN_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
+# ChatML as some fine-tuned models ship it: no add_generation_prompt branch, the header written only with an answer.
+NO_GENERATION_PROMPT_TEMPLATE = QWEN_TEMPLATE.removesuffix(
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
 # Vicuna-like: turns end in plain text, with no special token.
 PLAIN_TEMPLATE = (
     "{% for m in messages %}{{ m.role.upper() }}: {{ m.content }}\n{% endfor %}"
@@ -60,6 +64,7 @@ TEMPLATES = {
     "llama3": (LLAMA3_TEMPLATE, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
     "qwen": (QWEN_TEMPLATE, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
     "plain": (PLAIN_TEMPLATE, [], "<|end_of_text|>"),  # the tokenizer's EOS, which the template never writes
+    "no-generation-prompt": (NO_GENERATION_PROMPT_TEMPLATE, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
 }
 CONVERSATION = (
     Message("system", "당신은 친절한 한국어 도우미입니다."),
@@ -148,7 +153,7 @@ KOALPACA_RENDERED = (
 )
 
 
-@pytest.mark.parametrize("name", ["koalpaca", "llama3", "qwen"])
+@pytest.mark.parametrize("name", ["koalpaca", "llama3", "qwen", "no-generation-prompt"])
 def test_the_loss_covers_every_answer_and_its_end_of_turn_and_nothing_else(name, tokenizer):
     """Turn by turn against the rendered text: each trained span is one answer and the end of its turn (the EOS for
     koalpaca, the template's end-of-turn token), in order; what is left untrained is the rendered conversation with
@@ -177,7 +182,7 @@ def test_the_loss_covers_every_answer_and_its_end_of_turn_and_nothing_else(name,
     assert all(message.content in rendered for message in CONVERSATION)
 
 
-@pytest.mark.parametrize("name", ["koalpaca", "chat", "llama3", "qwen", "plain"])
+@pytest.mark.parametrize("name", ["koalpaca", "chat", "llama3", "qwen", "plain", "no-generation-prompt"])
 def test_prompts_to_answer_are_the_training_text_up_to_the_answer(name, tokenizer):
     """At every turn, the prompt that generation continues is the training conversation's ids up to that answer."""
     prompt_format = format_for(name, tokenizer)

@@ -234,12 +234,13 @@ class ChatTemplateFormat(PromptFormat):
         segments, done = [], ""
         for index, message in enumerate(messages):
             if message.role == "assistant":
-                prompt = self.render(messages[:index], add_generation_prompt=True)
+                prompt = self.render(messages[:index], add_generation_prompt=True) + self.unwritten_header
                 full = self.render(messages[: index + 1])
                 answer = self.answer_segment(self.after(prompt, full))
                 segments += [Segment(self.after(done, prompt), trained=False), answer]
                 done = prompt + answer.text
-        end = self.render(messages, add_generation_prompt=messages[-1].role == "user")
+        asking = messages[-1].role == "user"
+        end = self.render(messages, add_generation_prompt=asking) + (self.unwritten_header if asking else "")
         segments.append(Segment(self.after(done, end), trained=False))
         return [segment for segment in segments if segment.text or segment.eos]
 
@@ -276,6 +277,20 @@ class ChatTemplateFormat(PromptFormat):
         if ends:
             return Segment(turn[: max(ends)], trained=True)
         return Segment(turn.rstrip(), trained=True, eos=True)
+
+    @cached_property
+    def unwritten_header(self) -> str:
+        """The assistant's role header (e.g. `<|im_start|>assistant\n`) of a template that has no
+        `add_generation_prompt` branch, which writes it only together with an answer: without it here the header
+        would be trained as part of the answer and missing from prompts. Empty for other templates, and for those
+        whose answer follows the user's turn directly (`[INST] ... [/INST]`)."""
+        user, answer = PROBE
+        asked = self.render([user], add_generation_prompt=True)
+        if asked != self.render([user]):
+            return ""
+        turn = self.after(asked, self.render([user, answer]))
+        header = turn[: turn.find(answer.content)] if answer.content in turn else ""
+        return header if header.strip() else ""
 
     @cached_property
     def special_tokens(self) -> set[str]:

@@ -23,9 +23,10 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora_lit.data.prompts import Tokens
 
-CACHE_VERSION = 5  # bump when what is cached changes (2: numbers in text columns as written, "4" not "4.0";
+CACHE_VERSION = 6  # bump when what is cached changes (2: numbers in text columns as written, "4" not "4.0";
 # 3: conversations: ids with trained spans, sources, turns, messages; 4: a trained EOS after chat answers whose
-# template ends turns with no special token; 5: a KoAlpaca row's blank input is None, not "")
+# template ends turns with no special token; 5: a KoAlpaca row's blank input is None, not ""; 6: the assistant header
+# of a template without an add_generation_prompt branch is untrained)
 
 
 class CachedRow(NamedTuple):
