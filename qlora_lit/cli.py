@@ -38,6 +38,7 @@ from qlora_lit.resume import (
     checkpoint_to_resume,
     continue_newest_run,
     newest_last_checkpoint,
+    no_logger,
     refuse_a_used_run_folder,
 )
 from qlora_lit.run_folder import release_runs, take_new_run_folder
@@ -199,7 +200,7 @@ class QLoRACLI(LightningCLI):
             trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
         if self.subcommand:  # before Lightning numbers the run's folder: two runs started together, two folders
             take_new_run_folder(trainer_config.get("logger"))
-        if not trainer_config.get("logger"):  # Lightning stops a LearningRateMonitor without a logger at the start
+        if no_logger(trainer_config.get("logger")):  # Lightning stops a LearningRateMonitor without a logger
             defaults = self.trainer_defaults["callbacks"]
             self.trainer_defaults["callbacks"] = [
                 item for item in defaults if not isinstance(item, LearningRateMonitor)

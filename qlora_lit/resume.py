@@ -68,7 +68,7 @@ def refuse_a_used_run_folder(logger: Any, default_root_dir: str | None = None) -
     anything is written; a folder a killed fit left without a checkpoint or adapter is reused. Without a logger the
     run's folder is trainer.default_root_dir (the current folder unless set), fixed too."""
     args = getattr(logger, "init_args", None)
-    if not logger:
+    if no_logger(logger):
         folder, setting = Path(default_root_dir or "."), "trainer.default_root_dir"
     elif args is not None and args.get("version") is not None and "save_dir" in args:
         folder, setting = fixed_run_folder(args), "trainer.logger.init_args.version"
@@ -78,6 +78,11 @@ def refuse_a_used_run_folder(logger: Any, default_root_dir: str | None = None) -
         raise ConfigError(
             f"{folder} already holds a run: continue it with --ckpt_path last, or choose another {setting}"
         )
+
+
+def no_logger(logger: Any) -> bool:
+    """Whether trainer.logger turns logging off (false, or an empty list); null is Lightning's default logger."""
+    return logger is False or (isinstance(logger, list) and not logger)
 
 
 def fixed_run_folder(args: Any) -> Path:

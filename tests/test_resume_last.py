@@ -85,6 +85,10 @@ def test_a_fixed_version_that_holds_a_run_is_refused_without_ckpt_path(tmp_path)
             refuse_a_used_run_folder(logger_config(tmp_path, version=version))
     for version in ("killed", "new", None):  # nothing to lose there, or a new version_N
         refuse_a_used_run_folder(logger_config(tmp_path, version=version))
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(ConfigError, match="already holds a run: .* or choose another trainer.default_root_dir"):
+        refuse_a_used_run_folder(False, str(tmp_path))  # --trainer.logger false: the run's folder is default_root_dir
+    refuse_a_used_run_folder(None, str(tmp_path))  # null: Lightning's own logger, which numbers its versions
 
 
 def test_fit_refuses_a_fixed_version_that_holds_a_run_before_writing_anything(tmp_path, capsys):
