@@ -122,6 +122,7 @@ class QLoRACLI(LightningCLI):
                 checkpoint.get("save_top_k"),
                 checkpoint.get("monitor"),
                 config.data.get("path"),
+                config.trainer.get("accumulate_grad_batches"),
             )
         resumes = config.ckpt_path in ("last", "best") if config else False
         if self.subcommand == "fit" and resumes and config.checkpoint.dirpath is None:

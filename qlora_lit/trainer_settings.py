@@ -64,7 +64,9 @@ MONITORABLE = ("val_loss", "val_ppl", "train_loss")
 WINDOW_SERIES = ("train/", "throughput/", "memory/")
 
 
-def check_run_settings(val_check_interval: Any, save_top_k: Any, monitor: Any, data_path: Any = None) -> None:
+def check_run_settings(
+    val_check_interval: Any, save_top_k: Any, monitor: Any, data_path: Any = None, accumulate: Any = 1
+) -> None:
     """Validation and checkpoint settings that would fail only later: Lightning divides by a validation interval of
     0, refuses a save_top_k below -1 with a traceback, and finds a misspelt monitor, or one not logged at every
     validation, only at a checkpoint, after the model loaded and trained. `data_path`: data.path, which names the
@@ -74,6 +76,7 @@ def check_run_settings(val_check_interval: Any, save_top_k: Any, monitor: Any, d
             f"trainer.val_check_interval must be > 0 (training batches between validations, or a fraction of an "
             f"epoch), got {val_check_interval}"
         )
+    check_validation_at_step_boundaries(val_check_interval, accumulate)
     if isinstance(save_top_k, int) and save_top_k < -1:
         raise ConfigError(f"checkpoint.save_top_k must be -1 (keep all), 0 (none) or more, got {save_top_k}")
     if monitor is None and isinstance(save_top_k, int) and save_top_k > 1:  # Lightning: a traceback
@@ -83,6 +86,29 @@ def check_run_settings(val_check_interval: Any, save_top_k: Any, monitor: Any, d
         )
     if monitor is not None:
         check_monitor(monitor, data_path)
+
+
+def check_validation_at_step_boundaries(val_check_interval: Any, accumulate: Any) -> None:
+    """A validation inside an optimizer step (after some of its accumulated micro-batches) saves checkpoints without
+    the gradients accumulated so far: a run resumed from one finishes that step without them (adapters 0.003-0.014
+    apart from the uninterrupted run's on the demo). Validations must fall where optimizer steps end."""
+    if not isinstance(accumulate, int) or accumulate <= 1 or isinstance(val_check_interval, bool):
+        return
+    if isinstance(val_check_interval, int) and val_check_interval % accumulate:
+        below = val_check_interval - val_check_interval % accumulate
+        raise ConfigError(
+            f"trainer.val_check_interval={val_check_interval} training batches is not a multiple of "
+            f"trainer.accumulate_grad_batches={accumulate}: its validations (and their checkpoints) would fall inside "
+            "an optimizer step, whose accumulated gradients no checkpoint keeps, so a resumed run would differ. Use "
+            f"{below or accumulate} or {below + accumulate} (optimizer steps x {accumulate})"
+        )
+    if isinstance(val_check_interval, float) and val_check_interval < 1:
+        raise ConfigError(
+            f"trainer.val_check_interval={val_check_interval} (a fraction of an epoch) with "
+            f"trainer.accumulate_grad_batches={accumulate} puts validations (and their checkpoints) inside optimizer "
+            "steps, whose accumulated gradients no checkpoint keeps: give it in training batches, a multiple of "
+            f"{accumulate}"
+        )
 
 
 def check_monitor(monitor: str, data_path: Any) -> None:

@@ -94,6 +94,17 @@ def test_overrides_reach_the_resolved_config(capsys):
         (["--trainer.devices", "-3"], "trainer.devices must be >= 1, -1 (every GPU) or auto, got -3"),
         (["--trainer.num_nodes", "0"], "trainer.num_nodes must be >= 1, got 0"),
         (["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be > 0 (training batches"),
+        # a validation inside an optimizer step saved checkpoints without its accumulated gradients: inexact resumes
+        (
+            ["--trainer.accumulate_grad_batches", "3", "--trainer.val_check_interval", "20"],
+            "trainer.val_check_interval=20 training batches is not a multiple of trainer.accumulate_grad_batches=3: "
+            "its validations (and their checkpoints) would fall inside an optimizer step, whose accumulated gradients "
+            "no checkpoint keeps, so a resumed run would differ. Use 18 or 21",
+        ),
+        (
+            ["--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", "0.5"],
+            "trainer.val_check_interval=0.5 (a fraction of an epoch) with trainer.accumulate_grad_batches=2",
+        ),
         (["--checkpoint.save_top_k=-5"], "checkpoint.save_top_k must be -1 (keep all), 0 (none) or more, got -5"),
         (["--checkpoint.monitor", "val_los"], "checkpoint.monitor 'val_los' is not a metric this run logs"),
         (["--model.lora.target_modules", "foo_proj"], "lora settings cannot be applied to 'builtin:tiny-llama'"),
