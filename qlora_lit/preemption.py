@@ -50,8 +50,15 @@ class PreemptionCheckpoint(Callback):
             self.active = True
             self.install_handlers()
 
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's own handlers, set just before the sanity check, would end the fit after its first batch with
+        # exit status 0 and nothing saved: ours keep the signal for the first optimizer-step boundary.
+        self.install_handlers()
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.install_handlers()  # again: Lightning set its own just before training
+        if not self.stopping:  # a signal its handlers saw (the sanity check's end) is ours to act on, at a step's end
+            trainer._signal_connector.received_sigterm = False
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning restores the handlers it found, which were ours: the process's own come back here.
@@ -103,6 +110,11 @@ class PreemptionCheckpoint(Callback):
         self.saved_step = trainer.global_step
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not self.stopping and isinstance(exception, SIGTERMException):  # Lightning's handlers took it, early
+            rank_zero_warn(
+                f"a stop signal arrived before the first optimizer step (at step {trainer.global_step}): stopped "
+                "without a checkpoint; run the same command again"
+            )
         if not self.stopping or not isinstance(exception, SIGTERMException):
             self.teardown(trainer, pl_module, "fit")
             return

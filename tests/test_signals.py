@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import SHORT_FIT, TINY_MODEL, NoHostWaits
+from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,3 +126,27 @@ def test_the_processs_own_signal_handlers_come_back_after_a_fit():
         assert got == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, own)
+
+
+class SignalAtSanityCheck(Callback):
+    """Sends SIGTERM to this process at the sanity check's first batch (the fit's validation batches before
+    training)."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.sanity_checking and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_the_sanity_check_stops_at_the_first_step_with_a_checkpoint(tmp_path, caplog, monkeypatch):
+    """Lightning's handlers, set just before the sanity check, took it: the fit ended after one sanity batch, exit
+    status 0, no checkpoint, no adapter, no word (a `fit && export` script went on)."""
+    from qlora_lit.cli import cli_main
+
+    monkeypatch.setattr(sys, "argv", ["qlora_lit"])
+    args = [*SHORT_FIT, "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info, caplog.at_level("INFO"):
+        cli_main([*args, "--trainer.callbacks+=test_signals.SignalAtSanityCheck"])
+    assert exit_info.value.code in (0, None)
+    assert "received SIGTERM: stopped at step 1, saved (--ckpt_path last resumes)" in caplog.text
+    checkpoint = tmp_path / "demo" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 1
