@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -115,9 +116,15 @@ def test_fit_with_ckpt_path_last_continues_the_run_in_its_own_folder(tmp_path):
     demo_fit(tmp_path, 2)
     last = tmp_path / "demo" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 2
-    cli = demo_fit(tmp_path, 4, "--ckpt_path", "last")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = demo_fit(tmp_path, 4, "--ckpt_path", "last")
     assert cli.trainer.ckpt_path == str(last)  # what Lightning restored from
     assert Path(cli.trainer.log_dir) == last.parent.parent
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["version_0"]
+    assert not [w for w in caught if "data settings changed" in str(w.message)]
     assert sorted(p.name for p in last.parent.glob("last*")) == ["last.ckpt"]
     assert cli.trainer.global_step == 4 and torch.load(last, weights_only=True)["global_step"] == 4
+    # another seed splits and orders the rows otherwise: trained rows could become validation rows, silently before
+    with pytest.warns(UserWarning, match=r"data settings changed since the checkpoint \(data.seed 42 -> 43\)"):
+        demo_fit(tmp_path, 5, "--ckpt_path", "last", "--data.seed", "43")

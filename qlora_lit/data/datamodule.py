@@ -4,6 +4,7 @@ split and mix per source -> batches."""
 from __future__ import annotations
 
 import codecs
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,11 @@ OverlongPolicy = Literal["truncate", "drop"]
 OVERLONG_POLICIES = get_args(OverlongPolicy)
 BadRowPolicy = Literal["error", "skip"]
 BAD_ROW_POLICIES = get_args(BadRowPolicy)
+
+
+# The data settings that decide which rows are trained and validated and in which order: a resumed run that changes
+# one continues another split and order (said on resume).
+ORDER_SETTINGS = ("path", "columns", "val_size", "seed", "max_length", "overlong", "pack_length", "group_by_length")
 
 
 @dataclass(eq=False, repr=False)
@@ -377,12 +383,19 @@ class KoAlpacaDataModule(L.LightningDataModule):
         # the loader's iterator while estimating the steps): the checkpoint's own count stands in.
         return max(progress.total.processed, self.restored_batches), progress.current.ready
 
-    def state_dict(self) -> dict[str, int]:
-        """The data position, saved in checkpoints to be shown on resume and to tell when the batches changed."""
+    def state_dict(self) -> dict[str, Any]:
+        """The data position, saved in checkpoints to be shown on resume and to tell when the batches changed, and the
+        settings that decide the split and the order (`ORDER_SETTINGS`), to tell when those changed."""
         if self.trainer is None or self.train_sampler is None:
             return {}
         epoch, done = self.train_sampler.position(self.training_progress()[0])
-        return {"epoch": epoch, "batches_done": done, "batches_per_epoch": len(self.train_sampler)}
+        settings = self.order_settings()
+        return {
+            "epoch": epoch,
+            "batches_done": done,
+            "batches_per_epoch": len(self.train_sampler),
+            "settings": settings,
+        }
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.resume_position = dict(state_dict)
@@ -392,9 +405,28 @@ class KoAlpacaDataModule(L.LightningDataModule):
     def teardown(self, stage: str) -> None:
         self.restored_batches = 0  # a later fit starts from its own checkpoint or from the beginning
 
-    def report_resume_position(self, sampler: EpochBatchSampler, saved: dict[str, int]) -> None:
+    def order_settings(self) -> dict[str, Any]:
+        """ORDER_SETTINGS as given, as JSON values: checkpoints load with torch.load(weights_only=True), which takes
+        plain containers only."""
+        return json.loads(json.dumps({name: self.hparams.get(name) for name in ORDER_SETTINGS}, default=str))
+
+    def report_resume_position(self, sampler: EpochBatchSampler, saved: dict[str, Any]) -> None:
         epoch, done = sampler.position(self.training_progress()[0])
         rank_zero_info(f"resuming the data at epoch {epoch} after {done} batches")
+        before = saved.get("settings") or {}  # checkpoints before 2026-12-08 have none
+        now = self.order_settings()
+        changed = [
+            f"data.{name} {before[name]!r} -> {now[name]!r}"
+            for name in ORDER_SETTINGS
+            if name in before and before[name] != now[name]
+        ]
+        if changed:
+            rank_zero_warn(
+                f"data settings changed since the checkpoint ({'; '.join(changed)}): the train/validation split and "
+                "the order of the examples are not the checkpoint's run's, so rows it trained on may now be "
+                "validation rows, and rows of this epoch may be trained twice or not at all. Resume with the run's "
+                "settings to continue it exactly"
+            )
         if saved.get("batches_per_epoch", len(sampler)) != len(sampler):
             rank_zero_warn(
                 f"the checkpoint's run had {saved['batches_per_epoch']} batches per epoch on each device, this one has "
