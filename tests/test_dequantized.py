@@ -102,7 +102,8 @@ def test_auto_keeps_the_weights_where_they_fit_beside_the_activations(gpu_gib, t
 
 def test_fsdp_refuses_keeping_the_weights_before_loading(monkeypatch):
     monkeypatch.setattr("qlora_lit.module.load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    module = QLoRAModule(TINY_MODEL, keep_dequantized=True, upcast_to_fp32=False)
+    fsdp_storage = QuantizationArgs(quant_storage="bfloat16")  # as fsdp.yaml stores the 4-bit weights
+    module = QLoRAModule(TINY_MODEL, fsdp_storage, keep_dequantized=True, upcast_to_fp32=False)
     strategy = QLoRAFSDPStrategy(parallel_devices=[torch.device("cpu")] * 2)
     module._trainer = SimpleNamespace(strategy=strategy, precision="32-true", datamodule=None)
     with pytest.raises(ConfigError, match="keep_dequantized: true cannot be used under FSDP"):
