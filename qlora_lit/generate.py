@@ -224,6 +224,14 @@ def generate(
     if output is not None:
         if Path(output).expanduser().is_dir():
             raise ConfigError(f"--output {output!r} is a folder; give the path of the JSONL file to write")
+        if (
+            prompts_file is not None
+            and Path(output).expanduser().resolve() == Path(prompts_file).expanduser().resolve()
+        ):
+            raise ConfigError(
+                f"--output {output!r} is the --prompts_file: the answers would replace it (an interrupted run would "
+                "leave the finished batches' rows only); give another file"
+            )
         ensure_writable(Path(output).expanduser().parent, "the answers", "--output")
     loaded, tokenizer, run_config = load_for_generation(adapter, model, quantize, dtype, device, trust_remote_code)
     prompt_format = prompt_format or trained_format_name(run_config)

@@ -287,3 +287,13 @@ def test_a_plain_peft_adapter_that_names_no_base_asks_for_model(adapter, tmp_pat
     assert "names no base model (base_model_name_or_path): give the base it was trained on with --model" in (
         capsys.readouterr().err
     )
+
+
+def test_answers_are_never_written_over_the_prompts_file(tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    before = (tmp_path / "prompts.jsonl").read_text(encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["generate", "--model", TINY_MODEL, "--prompts_file", prompts, "--output", prompts, *UNQUANTIZED])
+    assert exit_info.value.code == 2
+    assert "is the --prompts_file: the answers would replace it" in capsys.readouterr().err
+    assert (tmp_path / "prompts.jsonl").read_text(encoding="utf-8") == before
