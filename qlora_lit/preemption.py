@@ -105,6 +105,11 @@ class PreemptionCheckpoint(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.stopping:
             trainer._signal_connector.received_sigterm = True
+            checkpoint = trainer.checkpoint_callback
+            if checkpoint is None or not checkpoint.save_last:  # else ModelCheckpoint saves last.ckpt right after this
+                # Saved here, inside the step's validation, as ModelCheckpoint saves: a checkpoint saved after it (in
+                # on_exception) resumed with every later TensorBoard point one step late.
+                self.save(trainer)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self.saved_step = trainer.global_step
@@ -118,16 +123,19 @@ class PreemptionCheckpoint(Callback):
         if not self.stopping or not isinstance(exception, SIGTERMException):
             self.teardown(trainer, pl_module, "fit")
             return
-        path = self.checkpoint_path(trainer)
         if self.saved_step != trainer.global_step:  # else the step's validation has just saved it
-            if trainer.checkpoint_callback is not None:  # before saving, as it is part of the saved state: a resumed
-                trainer.checkpoint_callback.last_model_path = str(path)  # run would write last-v1.ckpt beside it
-            trainer.save_checkpoint(path)
+            self.save(trainer)
         name = signal.Signals(self.stopping).name
         rank_zero_info(f"received {name}: stopped at step {trainer.global_step}, saved (--ckpt_path last resumes)")
         if self.stopping == signal.SIGUSR1 and self.requeue and trainer.is_global_zero and "SLURM_JOB_ID" in os.environ:
             self._requeue()
         self.teardown(trainer, pl_module, "fit")
+
+    def save(self, trainer: L.Trainer) -> None:
+        path = self.checkpoint_path(trainer)
+        if trainer.checkpoint_callback is not None:  # before saving, as it is part of the saved state: a resumed
+            trainer.checkpoint_callback.last_model_path = str(path)  # run would write last-v1.ckpt beside it
+        trainer.save_checkpoint(path)
 
     @staticmethod
     def checkpoint_path(trainer: L.Trainer) -> Path:

@@ -150,3 +150,38 @@ def test_sigterm_during_the_sanity_check_stops_at_the_first_step_with_a_checkpoi
     assert "received SIGTERM: stopped at step 1, saved (--ckpt_path last resumes)" in caplog.text
     checkpoint = tmp_path / "demo" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 1
+
+
+class SignalAtBatch(Callback):
+    """Sends SIGTERM to this process as training batch `batch` (counted from 0) starts."""
+
+    def __init__(self, batch: int = 3) -> None:
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.total.ready == self.batch + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_stop_at_a_validation_step_without_save_last_resumes_with_the_same_tensorboard_steps(tmp_path, monkeypatch):
+    """With checkpoint.save_last false and a validation that saves no top-k file, the stop's checkpoint was written
+    after the validation: the resumed run logged every later point one step late (a gap, points past max_steps)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from qlora_lit.cli import cli_main
+
+    monkeypatch.setattr(sys, "argv", ["qlora_lit"])
+    settings = [*SHORT_FIT, "--trainer.log_every_n_steps", "1", "--checkpoint.save_last", "false"]
+    settings += ["--checkpoint.save_top_k", "1", "--checkpoint.mode", "max"]  # the first validation stays the best
+
+    def steps(save_dir: Path) -> list[int]:
+        events = EventAccumulator(str(save_dir / "demo" / "version_0"), size_guidance={"scalars": 0})
+        events.Reload()
+        return [event.step for event in events.Scalars("train_loss")]
+
+    cli_main([*settings, "--trainer.logger.init_args.save_dir", str(tmp_path / "whole")])
+    stopped = [*settings, "--trainer.logger.init_args.save_dir", str(tmp_path / "stopped")]
+    with pytest.raises(SystemExit):
+        cli_main([*stopped, "--trainer.callbacks+=test_signals.SignalAtBatch"])  # stops at step 4, a validation step
+    cli_main([*stopped, "--ckpt_path", "last"])
+    assert steps(tmp_path / "stopped") == steps(tmp_path / "whole") == [0, 1, 2, 3, 4, 5]
