@@ -57,8 +57,8 @@ class TrainingMonitor(Callback):
         lengths = example_lengths(batch)
         labels = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the model predicts token t+1 from t
         # Device tensors, added up without waiting for the device; read once per log.
-        self._counts += torch.stack([lengths.sum(), labels, (lengths * (lengths + 1) // 2).sum()])
-        self._samples += batch["input_ids"].shape[0]
+        pairs = (lengths * (lengths + 1) // 2).sum()
+        self._counts += torch.stack([lengths.sum(), labels, pairs, (lengths > 0).sum()])  # examples, not packed rows
         self._slots += batch["input_ids"].numel()
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
@@ -93,8 +93,9 @@ class TrainingMonitor(Callback):
         return trainer.log_every_n_steps > 0 and step % trainer.log_every_n_steps == 0
 
     def _start_window(self, device: torch.device) -> None:
-        self._counts = torch.zeros(3, dtype=torch.long, device=device)  # real tokens, label tokens, causal pairs
-        self._samples = self._slots = self._steps = 0
+        # real tokens, label tokens, causal pairs, examples
+        self._counts = torch.zeros(4, dtype=torch.long, device=device)
+        self._slots = self._steps = 0
         self._elapsed = 0.0
         self._grad_norm = None
         if device.type == "cuda":
@@ -107,7 +108,7 @@ class TrainingMonitor(Callback):
         memory = [0, 0]
         if device.type == "cuda":
             memory = [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)]
-        local = [self._samples, self._slots, seconds, *memory]
+        local = [self._slots, seconds, *memory]
         stats = torch.cat([self._counts.double(), torch.tensor(local, dtype=torch.float64, device=device)])
         ranks = pl_module.all_gather(stats).reshape(-1, stats.numel())
         tokens, labels, pairs, samples, slots = ranks[:, :5].sum(dim=0).tolist()

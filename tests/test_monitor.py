@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
+import torch
 from conftest import SAMPLE_DATA, TINY_MODEL, NoHostWaits
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
@@ -154,3 +156,22 @@ def test_example_lengths_never_make_a_gpu_host_wait():
     with NoHostWaits():
         lengths = example_lengths(batch)
     assert lengths.sum() == 8 and (lengths * (lengths + 1) // 2).sum() == 12
+
+
+def test_samples_are_examples_also_in_packed_rows():
+    """`throughput/samples_per_s` counted packed rows (4 a step where 13-15 examples were trained on the demo)."""
+    from qlora_lit.data.packing import PackingCollator
+
+    rows = [
+        {
+            "input_ids": [1, 2, 3, 4, 5, 6, 7],
+            "labels": [-100, -100, 3, 4, -100, 6, 7],
+            "position_ids": [0, 1, 2, 3, 0, 1, 2],
+        },
+        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 1, 2]},
+    ]
+    monitor = TrainingMonitor()
+    monitor._start_window(torch.device("cpu"))
+    monitor.on_train_batch_start(None, SimpleNamespace(device=torch.device("cpu")), PackingCollator(pad_id=0)(rows), 0)
+    tokens, labels, pairs, examples = monitor._counts.tolist()
+    assert (tokens, examples) == (10, 3)
