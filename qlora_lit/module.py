@@ -30,7 +30,7 @@ from qlora_lit.fsdp import (
     clip_sharded_grad_norm,
 )
 from qlora_lit.loss import IGNORE_INDEX, label_positions, labelled_lm_loss_sum
-from qlora_lit.memory import activation_bytes, fits_dequantized, needs_checkpointing
+from qlora_lit.memory import MicroBatch, activation_bytes, fits_dequantized, needs_checkpointing
 from qlora_lit.model import (
     AttnImplementation,
     LoraArgs,
@@ -201,16 +201,16 @@ class QLoRAModule(L.LightningModule):
         base FSDP loads later), the GPU's memory and the largest micro-batch the data module makes."""
         if self.gradient_checkpointing != "auto":
             return bool(self.gradient_checkpointing)
-        tokens = self.micro_batch_tokens()
-        if device.type != "cuda" or tokens is None:
+        batch = self.micro_batch(base)
+        if device.type != "cuda" or batch is None:
             return device.type == "cuda"  # on a GPU without data settings to judge by: the safe choice
         weights = torch.cuda.memory_allocated(device) if weights is None else weights
         total = torch.cuda.get_device_properties(device).total_memory
-        chosen = needs_checkpointing(base.config, tokens, self.loss_chunk_tokens, weights, total)
-        estimate = (weights + activation_bytes(base.config, tokens, self.loss_chunk_tokens)) / 2**30
+        chosen = needs_checkpointing(base.config, batch, self.loss_chunk_tokens, weights, total)
+        estimate = (weights + activation_bytes(base.config, batch, self.loss_chunk_tokens)) / 2**30
         rank_zero_info(
             f"gradient_checkpointing auto: {'on' if chosen else 'off'} (about {estimate:.1f} GiB needed without it "
-            f"for {tokens} tokens per micro-batch, {total / 2**30:.1f} GiB on the GPU)"
+            f"for {batch.tokens} tokens per micro-batch, {total / 2**30:.1f} GiB on the GPU)"
         )
         return chosen
 
@@ -219,17 +219,29 @@ class QLoRAModule(L.LightningModule):
         checkpointing (memory is not short), when the dequantized weights fit beside the kept activations."""
         if self.keep_dequantized != "auto":
             return bool(self.keep_dequantized)
-        tokens = self.micro_batch_tokens()
-        if device.type != "cuda" or tokens is None or checkpointing or not dequantized.four_bit_layers(model):
+        batch = self.micro_batch(model.get_base_model())
+        if device.type != "cuda" or batch is None or checkpointing or not dequantized.four_bit_layers(model):
             return False  # on a CPU, short of memory, nothing to judge by, or no 4-bit layer (8-bit, unquantized)
         weights, extra = torch.cuda.memory_allocated(device), dequantized.extra_bytes(model)
         total = torch.cuda.get_device_properties(device).total_memory
-        chosen = fits_dequantized(model.config, tokens, self.loss_chunk_tokens, weights + extra, total)
+        chosen = fits_dequantized(model.config, batch, self.loss_chunk_tokens, weights + extra, total)
         rank_zero_info(
             f"keep_dequantized auto: {'on' if chosen else 'off'} (+{extra / 2**30:.1f} GiB of dequantized weights "
-            f"for {tokens} tokens per micro-batch, {total / 2**30:.1f} GiB on the GPU)"
+            f"for {batch.tokens} tokens per micro-batch, {total / 2**30:.1f} GiB on the GPU)"
         )
         return chosen
+
+    def micro_batch(self, causal_lm: torch.nn.Module) -> MicroBatch | None:
+        """The largest micro-batch as the memory estimate sees it: its rows and their width (packed rows, or examples
+        of max_length; one row when the data do not say), the attention that keeps whole score matrices (eager), and
+        whether the loss takes logits at labelled positions only."""
+        tokens = self.micro_batch_tokens()
+        if tokens is None:
+            return None
+        data = self.trainer.datamodule if self._trainer is not None else None
+        width = min(getattr(data, "pack_length", None) or getattr(data, "max_length", None) or tokens, tokens)
+        eager = self.attn_implementation == "eager"
+        return MicroBatch(tokens // width, width, eager, supports_labelled_loss(causal_lm))
 
     def micro_batch_tokens(self) -> int | None:
         """Tokens of the largest micro-batch: rows of `pack_length`, or examples of `max_length`, times `batch_size`."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import SHORT_FIT, TINY_MODEL
 from safetensors.torch import load_file
+from transformers import LlamaConfig
 
 from qlora_lit import dequantized
 from qlora_lit.cli import cli_main
@@ -18,7 +19,7 @@ from qlora_lit.dequantized import DequantizedLinear
 from qlora_lit.errors import ConfigError
 from qlora_lit.flops import matmul_weights
 from qlora_lit.fsdp import QLoRAFSDPStrategy
-from qlora_lit.memory import fits_dequantized
+from qlora_lit.memory import MicroBatch, fits_dequantized
 from qlora_lit.model import QuantizationArgs
 from qlora_lit.module import QLoRAModule
 
@@ -86,7 +87,9 @@ def test_auto_keeps_nothing_on_a_cpu():
     assert weight_bytes(module.model, DequantizedLinear) == 0 and weight_bytes(module.model, bnb.nn.Linear4bit) > 0
 
 
-LLAMA_8B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256)
+LLAMA_8B = LlamaConfig(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, vocab_size=128256
+)
 
 
 @pytest.mark.parametrize(
@@ -97,7 +100,7 @@ def test_auto_keeps_the_weights_where_they_fit_beside_the_activations(gpu_gib, t
     """The 8B shape: 5.7 GiB of 4-bit weights (measured) and 9.75 GiB more dequantized (its 6.98 B linear weights in
     bf16, less their 4-bit data); 4096 tokens of full logits kept need about 33 GiB."""
     weights = int((5.7 + 9.75) * 2**30)
-    assert fits_dequantized(LLAMA_8B, tokens, 0, weights, gpu_gib * 2**30) is kept
+    assert fits_dequantized(LLAMA_8B, MicroBatch(1, tokens), 0, weights, gpu_gib * 2**30) is kept
 
 
 def test_fsdp_refuses_keeping_the_weights_before_loading(monkeypatch):

@@ -100,6 +100,21 @@ def test_soft_capped_gemma2_takes_eager_attention_on_cpus_and_gpus(zoo, monkeypa
     assert choose_attention("auto", model_config(zoo("mistral")), torch.device("cuda", 0)) == "varlen"
 
 
+def test_the_memory_estimate_sees_gemma2s_eager_attention_and_its_own_loss(zoo, monkeypatch):
+    """What `gradient_checkpointing: auto` judges by: eager attention keeps whole score matrices, and a model that
+    soft-caps its logits keeps its own loss over every position."""
+    module = QLoRAModule(zoo("gemma2"), QuantizationArgs(compute_dtype="float32"), attn_implementation="auto")
+    module.configure_model()
+    monkeypatch.setattr(module, "micro_batch_tokens", lambda: 4096)
+    batch = module.micro_batch(module.model.get_base_model())
+    assert (batch.rows, batch.width, batch.eager_attention, batch.labelled_loss) == (1, 4096, True, False)
+    llama = QLoRAModule(TINY_MODEL, QuantizationArgs(compute_dtype="float32"), attn_implementation="sdpa")
+    llama.configure_model()
+    monkeypatch.setattr(llama, "micro_batch_tokens", lambda: 4096)
+    batch = llama.micro_batch(llama.model.get_base_model())
+    assert (batch.eager_attention, batch.labelled_loss) == (False, True)
+
+
 def test_a_tokenizer_larger_than_the_embeddings_stops_before_loading(zoo, tokenizer):
     """Qwen2's tokenizer class adds <|endoftext|> (id 2048) to the tiny Llama's 2048 tokens; it would be the pad
     token, and the first padded batch would index past the embeddings."""

@@ -9,9 +9,10 @@ import torch
 from conftest import TINY_MODEL
 from torch._dynamo.utils import counters
 from torch._inductor import config
+from transformers import Gemma2Config, LlamaConfig
 
 from qlora_lit import attention
-from qlora_lit.memory import activation_bytes, needs_checkpointing
+from qlora_lit.memory import MicroBatch, activation_bytes, needs_checkpointing
 from qlora_lit.model import LoraArgs, QuantizationArgs, compile_decoder_layers
 from qlora_lit.module import QLoRAModule
 
@@ -165,7 +166,9 @@ def test_varlen_attention_keeps_padded_batches_masked_as_sdpa_does():
     assert torch.equal(generated["varlen"], generated["sdpa"])
 
 
-LLAMA_8B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256)
+LLAMA_8B = LlamaConfig(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, vocab_size=128256
+)
 GIB = 2**30
 
 
@@ -195,9 +198,27 @@ def test_varlen_finds_the_sequence_starts_before_the_batch_moves_to_the_gpu(monk
 
 def test_the_activation_estimate_matches_the_measured_8b_peak():
     """docs/PERFORMANCE.md, `packed`: 4096-token rows, full logits, 5.7 GiB of weights, 38.6 GiB peak on an H200."""
-    estimate = (5.7 * GIB + activation_bytes(LLAMA_8B, 4096, loss_chunk_tokens=0)) / GIB
+    estimate = (5.7 * GIB + activation_bytes(LLAMA_8B, MicroBatch(1, 4096), loss_chunk_tokens=0)) / GIB
     assert 0.9 * 38.6 < estimate < 1.1 * 38.6
-    assert activation_bytes(LLAMA_8B, 4096, 1024) < activation_bytes(LLAMA_8B, 4096, 0)  # chunked logits
+    row = MicroBatch(1, 4096)
+    assert activation_bytes(LLAMA_8B, row, 1024) < activation_bytes(LLAMA_8B, row, 0)  # chunked logits
+
+
+def test_the_estimate_counts_eager_attentions_score_matrices_and_the_models_own_full_logits():
+    """Gemma 2 takes eager attention (soft-capping), which keeps every layer's heads x width x width weights, and its
+    own loss over every position: the estimate had neither, so `auto` left checkpointing off where a 9B at 4096
+    tokens needed some 84 GiB more than estimated (measured per entry on the zoo's Gemma 2: 8 bytes)."""
+    gemma2_9b = Gemma2Config(
+        hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16, vocab_size=256000
+    )
+    sdpa, eager = MicroBatch(1, 4096), MicroBatch(1, 4096, eager_attention=True)
+    extra = activation_bytes(gemma2_9b, eager, 0) - activation_bytes(gemma2_9b, sdpa, 0)
+    assert extra == 4096**2 * 16 * 42 * 8  # 84 GiB
+    assert not needs_checkpointing(gemma2_9b, sdpa, 0, 6 * GIB, 80 * GIB)
+    assert needs_checkpointing(gemma2_9b, eager, 0, 6 * GIB, 80 * GIB)
+    own_loss = MicroBatch(1, 4096, labelled_loss=False)
+    assert activation_bytes(gemma2_9b, own_loss, 1024) == activation_bytes(gemma2_9b, sdpa, 0)  # logits not chunked
+    assert activation_bytes(gemma2_9b, sdpa, 1024) < activation_bytes(gemma2_9b, sdpa, 0)
 
 
 @pytest.mark.parametrize(
@@ -205,7 +226,7 @@ def test_the_activation_estimate_matches_the_measured_8b_peak():
     [(4096, 141, False), (4096, 24, True), (8 * 512, 80, False), (4 * 4096, 80, True)],
 )
 def test_auto_checkpointing_recomputes_only_when_the_activations_would_not_fit(tokens, gpu_gib, expected):
-    assert needs_checkpointing(LLAMA_8B, tokens, 0, int(5.7 * GIB), gpu_gib * GIB) is expected
+    assert needs_checkpointing(LLAMA_8B, MicroBatch(1, tokens), 0, int(5.7 * GIB), gpu_gib * GIB) is expected
 
 
 def test_auto_checkpointing_asks_the_gpu_and_the_data_and_stays_off_on_a_cpu(monkeypatch):
