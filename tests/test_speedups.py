@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_MODEL
 from torch._dynamo.utils import counters
 from torch._inductor import config
-from transformers import Gemma2Config, LlamaConfig
+from transformers import Gemma2Config, Gemma3Config, LlamaConfig
 
 from qlora_lit import attention
 from qlora_lit.memory import MicroBatch, activation_bytes, needs_checkpointing
@@ -219,6 +219,8 @@ def test_the_estimate_counts_eager_attentions_score_matrices_and_the_models_own_
     own_loss = MicroBatch(1, 4096, labelled_loss=False)
     assert activation_bytes(gemma2_9b, own_loss, 1024) == activation_bytes(gemma2_9b, sdpa, 0)  # logits not chunked
     assert activation_bytes(gemma2_9b, sdpa, 1024) < activation_bytes(gemma2_9b, sdpa, 0)
+    gemma3_4b = Gemma3Config()  # beside a vision tower: the sizes are in its text config (AttributeError before)
+    assert activation_bytes(gemma3_4b, sdpa, 0) == activation_bytes(gemma3_4b.get_text_config(), sdpa, 0)
 
 
 @pytest.mark.parametrize(
