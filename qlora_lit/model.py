@@ -305,16 +305,24 @@ def attach_lora(
     return peft_model
 
 
+def language_model_modules(model: torch.nn.Module) -> set[torch.nn.Module] | None:
+    """The modules of a composite model's decoder and output head (Gemma 3 4B+: not its vision tower and projector);
+    None for a plain causal LM, all of which is the language model."""
+    if model.config.get_text_config() is model.config:
+        return None
+    kept = set(model.get_decoder().modules())
+    head = model.get_output_embeddings()
+    return kept | (set(head.modules()) if head is not None else set())
+
+
 def outside_the_language_model(model: torch.nn.Module) -> str | None:
     """For a model that is more than a language model (Gemma 3 from 4B up loads with its vision tower), a pattern of
     the modules outside its decoder and output head, which LoRA leaves out: their names (q_proj, fc1) match the
     targets, but text never reaches them, so their adapters would get no gradient (DDP stops at such parameters)
     and only grow the adapter. None for a plain causal LM."""
-    if model.config.get_text_config() is model.config:
+    kept = language_model_modules(model)
+    if kept is None:
         return None
-    kept = set(model.get_decoder().modules())
-    head = model.get_output_embeddings()
-    kept |= set(head.modules()) if head is not None else set()
     outside = []
 
     def walk(module: torch.nn.Module, prefix: str) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from zoo import gemma3_with_vision_config, zoo_config
 
 from qlora_lit.assets import resolve_asset
 from qlora_lit.flops import LoraFlops, matmul_weights, peak_tflops
@@ -69,3 +70,28 @@ def test_four_bit_layers_count_their_logical_size():
 )
 def test_peak_by_device_name(name, peak):
     assert peak_tflops(name) == peak
+
+
+def test_a_mixture_of_experts_counts_the_experts_each_token_is_routed_to_and_its_router():
+    """transformers 5 keeps experts in fused 3-D tensors and routes through a module that is no nn.Linear: MFU left
+    both out (Qwen3-30B-A3B: 1.2 B of the 3.0 B weights a token goes through, MFU 2.5x too low)."""
+    config = zoo_config("qwen3_moe")  # 4 experts, 2 per token, 2 layers
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config).requires_grad_(False)
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layers, hidden, moe = config.num_hidden_layers, config.hidden_size, config.moe_intermediate_size
+    experts = layers * config.num_experts_per_tok * (hidden * 2 * moe + moe * hidden)  # gate_up and down, per token
+    router = layers * config.num_experts * hidden
+    assert matmul_weights(model) == (linear + experts + router, 0)
+
+
+def test_a_vision_tower_beside_the_language_model_is_not_counted():
+    """Gemma 3 4B+ loads with its SigLIP tower and projector, which text training never runs (MFU 11-15% high)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(gemma3_with_vision_config()).requires_grad_(False)
+    language = [model.model.language_model, model.lm_head]
+    expected = sum(
+        m.in_features * m.out_features for part in language for m in part.modules() if isinstance(m, torch.nn.Linear)
+    )
+    everything = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert matmul_weights(model) == (expected, 0) and everything > expected

@@ -61,7 +61,7 @@ def build_zoo_model(name: str, folder: Path, seed: int = 0, dtype: torch.dtype =
     return folder
 
 
-def build_gemma3_with_vision(folder: Path, seed: int = 0) -> Path:
+def gemma3_with_vision_config():
     """Gemma 3 as its 4B, 12B and 27B checkpoints load for causal LM training: the language model beside a SigLIP
     vision tower and a projector (Gemma3ForConditionalGeneration; only the 1B is text alone)."""
     from transformers import Gemma3Config
@@ -69,8 +69,12 @@ def build_gemma3_with_vision(folder: Path, seed: int = 0) -> Path:
     text = {**COMMON, "sliding_window": 32}
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
     vision |= {"image_size": 28, "patch_size": 14}
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=2100)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=2100)
+
+
+def build_gemma3_with_vision(folder: Path, seed: int = 0) -> Path:
+    """`gemma3_with_vision_config`'s model, random-initialised, with the tiny Llama's tokenizer in `folder`."""
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(gemma3_with_vision_config(), dtype=torch.bfloat16).save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve_asset("builtin:tiny-llama")).save_pretrained(folder)
     return folder
