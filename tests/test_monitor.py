@@ -129,19 +129,22 @@ def test_validation_time_is_not_training_time(monitored_run):
     assert timed < wall_clock - VALIDATION_SLEEP
 
 
+# Two packed rows: examples of 4 and 3 tokens, then one of 3 (the collator pads the second row).
+PACKED_ROWS = [
+    {
+        "input_ids": [1, 2, 3, 4, 5, 6, 7],
+        "labels": [-100, -100, 3, 4, -100, 6, 7],
+        "position_ids": [0, 1, 2, 3, 0, 1, 2],
+    },
+    {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 1, 2]},
+]
+
+
 def test_example_lengths_of_packed_rows_leave_out_the_padding_segment():
     from qlora_lit.data.packing import PackingCollator
     from qlora_lit.monitor import example_lengths
 
-    rows = [
-        {
-            "input_ids": [1, 2, 3, 4, 5, 6, 7],
-            "labels": [-100, -100, 3, 4, -100, 6, 7],
-            "position_ids": [0, 1, 2, 3, 0, 1, 2],
-        },
-        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 1, 2]},
-    ]
-    lengths = example_lengths(PackingCollator(pad_id=0)(rows))
+    lengths = example_lengths(PackingCollator(pad_id=0)(PACKED_ROWS))
     assert sorted(length for length in lengths.tolist() if length) == [3, 3, 4]  # zeros hold the other slots
 
 
@@ -162,16 +165,10 @@ def test_samples_are_examples_also_in_packed_rows():
     """`throughput/samples_per_s` counted packed rows (4 a step where 13-15 examples were trained on the demo)."""
     from qlora_lit.data.packing import PackingCollator
 
-    rows = [
-        {
-            "input_ids": [1, 2, 3, 4, 5, 6, 7],
-            "labels": [-100, -100, 3, 4, -100, 6, 7],
-            "position_ids": [0, 1, 2, 3, 0, 1, 2],
-        },
-        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 1, 2]},
-    ]
     monitor = TrainingMonitor()
     monitor._start_window(torch.device("cpu"))
-    monitor.on_train_batch_start(None, SimpleNamespace(device=torch.device("cpu")), PackingCollator(pad_id=0)(rows), 0)
+    monitor.on_train_batch_start(
+        None, SimpleNamespace(device=torch.device("cpu")), PackingCollator(pad_id=0)(PACKED_ROWS), 0
+    )
     tokens, labels, pairs, examples = monitor._counts.tolist()
     assert (tokens, examples) == (10, 3)
